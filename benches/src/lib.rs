@@ -1,0 +1,1 @@
+//! Criterion benchmarks for livemount live in `benches/benches/`.

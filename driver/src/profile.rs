@@ -1,0 +1,1 @@
+//! Block-access profiles (format shared by `livemount-profiler` and the driver).

@@ -1,0 +1,1 @@
+//! Integration tests for livemount live in `tests/tests/`.

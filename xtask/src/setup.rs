@@ -1,0 +1,52 @@
+//! `cargo xtask setup`: install what is missing, idempotently, in seconds when
+//! everything is already there.
+
+use crate::util::{have, is_root, run};
+use anyhow::{bail, Result};
+use std::process::Command;
+
+/// Debian packages the host build, tests and demo need (binary they provide, package).
+const HOST_PACKAGES: &[(&str, &str)] = &[
+    ("mkfs.ext4", "e2fsprogs"),
+    ("e2fsck", "e2fsprogs"),
+    ("zstd", "zstd"),
+    ("debootstrap", "debootstrap"),
+];
+
+/// Install every Debian package in `pkgs` whose probe binary is missing.
+pub fn apt_install(pkgs: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = pkgs
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing packages; run as root: apt-get install -y {}",
+            missing.join(" ")
+        );
+    }
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing))
+}
+
+/// Everything: host packages, then the VM test kit, then the eBPF toolchain.
+pub fn run_all() -> Result<()> {
+    apt_install(HOST_PACKAGES)?;
+    crate::vm::setup()?;
+    crate::ebpf::setup()?;
+    Ok(())
+}
+
+/// Entry point of `cargo xtask setup`.
+pub fn run() -> Result<()> {
+    run_all()
+}
