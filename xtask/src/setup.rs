@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: install what is missing, idempotently, in seconds when
 //! everything is already there.
 
-use crate::util::{have, is_root, run};
+use crate::util::{have, is_root};
 use anyhow::{bail, Result};
 use std::process::Command;
 
@@ -31,22 +31,18 @@ pub fn apt_install(pkgs: &[(&str, &str)]) -> Result<()> {
             missing.join(" ")
         );
     }
-    run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
+    crate::util::run(Command::new("apt-get").args(["update", "-q"]))?;
+    crate::util::run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing))
 }
 
-/// Everything: host packages, then the VM test kit, then the eBPF toolchain.
-pub fn run_all() -> Result<()> {
+/// Entry point of `cargo xtask setup`: host packages, then the VM test kit, then
+/// the eBPF toolchain.
+pub fn run() -> Result<()> {
     apt_install(HOST_PACKAGES)?;
     crate::vm::setup()?;
     crate::ebpf::setup()?;
     Ok(())
-}
-
-/// Entry point of `cargo xtask setup`.
-pub fn run() -> Result<()> {
-    run_all()
 }
