@@ -4,4 +4,15 @@
 //! frontend (ublk) → overlay → snapshot index → read cache → chunk source.
 //! This crate holds the chunk store (backups), and the layers of the live mount.
 
+pub mod error;
 pub mod profile;
+pub mod store;
+
+pub use error::{Error, Result};
+pub mod backup;
+pub mod gc;
+pub mod info;
+pub mod progress;
+pub mod restore;
+pub mod verify;
+pub mod workers;

@@ -1,1 +1,402 @@
-fn main() {}
+//! The `livemount` command line. Errors are printed as one line and mapped to exit
+//! codes: 0 success, 1 error, 2 bad usage (clap), 3 `verify` found damage.
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use livemount::progress::StderrProgress;
+use livemount::store::{Access, Store};
+use livemount::{backup, gc, info, restore, verify, workers};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "livemount",
+    version,
+    about = "Boot virtual machines straight from their backups"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Arguments shared by every command that works on a store.
+#[derive(Args, Clone)]
+struct StoreArgs {
+    /// The store directory.
+    #[arg(long, value_name = "DIR", env = "LIVEMOUNT_STORE")]
+    store: PathBuf,
+}
+
+/// Output options shared by reporting commands.
+#[derive(Args, Clone, Copy)]
+struct OutputArgs {
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Back up a disk image or block device (incremental after the first).
+    Backup {
+        /// Raw image file or block device.
+        source: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Backup series name (one VM disk), e.g. web01.
+        #[arg(long)]
+        name: String,
+        /// Chunk size, e.g. 1M, 4M, 256K (default: the series' previous, else 1M).
+        #[arg(long, value_parser = parse_size)]
+        chunk_size: Option<u64>,
+        /// zstd compression level (1-22).
+        #[arg(long, default_value_t = 3)]
+        level: i32,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// List snapshots, all or of one series.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Only this series.
+        name: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Sizes, chunk counts and ratios of a snapshot.
+    Info {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// `series@time`, or `series` for its latest.
+        snapshot: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Read and check every chunk (of one snapshot, or the whole store).
+    Verify {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Only this snapshot.
+        snapshot: Option<String>,
+        /// Worker threads.
+        #[arg(long)]
+        threads: Option<usize>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Restore a snapshot to a file or block device.
+    Restore {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// `series@time`, or `series` for its latest.
+        snapshot: String,
+        /// Target file (created sparse) or block device.
+        target: PathBuf,
+        /// Overwrite an existing non-empty target file.
+        #[arg(long)]
+        force: bool,
+        /// Worker threads.
+        #[arg(long)]
+        threads: Option<usize>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Remove a snapshot (its chunks are freed by the next gc).
+    Forget {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// `series@time` (a bare series name is refused, to forget one snapshot at a time).
+        snapshot: String,
+    },
+    /// Remove chunks that no snapshot references.
+    Gc {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+/// Parse sizes such as `4096`, `64K`, `1M`, `2G` (binary units).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_uppercase();
+            let mult = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1u64 << 40,
+                _ => return Err(format!("unknown size unit in {s:?} (use K, M, G, T)")),
+            };
+            (&s[..i], mult)
+        }
+        None => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid size {s:?}"))
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / 1048576.0
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Backup {
+            source,
+            store,
+            name,
+            chunk_size,
+            level,
+            threads,
+            out,
+        } => {
+            let st = Store::open(&store.store, Access::Write)?;
+            let (_, size) = backup::open_source(&source)?;
+            let chunk_size = chunk_size
+                .map(|c| u32::try_from(c).map_err(|_| anyhow::anyhow!("invalid chunk size {c}")))
+                .transpose()?;
+            let opts = backup::BackupOptions {
+                series: name,
+                chunk_size,
+                level,
+                threads: threads.unwrap_or_else(workers::default_threads),
+            };
+            let progress = StderrProgress::boxed("backup", size, out.quiet || out.json);
+            let r = backup::backup(&st, &source, &opts, progress.as_ref())?;
+            if out.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "snapshot {}{}",
+                    r.snapshot,
+                    r.previous
+                        .as_ref()
+                        .map(|p| format!(" (incremental to {p})"))
+                        .unwrap_or_default()
+                );
+                println!(
+                    "read {:.1} MiB in {:.2} s ({:.1} MiB/s): new {:.1} MiB ({} chunks), reused {:.1} MiB ({}), zero {:.1} MiB ({})",
+                    mib(r.bytes_read), r.seconds, r.throughput_mib_s, mib(r.bytes_new), r.chunks_new,
+                    mib(r.bytes_reused), r.chunks_reused, mib(r.bytes_zero), r.chunks_zero
+                );
+                println!(
+                    "stored {:.1} MiB: compression {:.2}x, dedup {:.2}x",
+                    mib(r.bytes_stored),
+                    r.compression_ratio,
+                    r.dedup_ratio
+                );
+            }
+        }
+        Cmd::List { store, name, out } => {
+            let st = Store::open(&store.store, Access::ReadOnly)?;
+            let snaps = st.list(name.as_deref())?;
+            if let Some(n) = &name {
+                if snaps.is_empty() {
+                    anyhow::bail!(
+                        "no snapshots of series {n} in store {}",
+                        store.store.display()
+                    );
+                }
+            }
+            if out.json {
+                let infos = snaps
+                    .iter()
+                    .map(|s| info::info(&st, s))
+                    .collect::<livemount::Result<Vec<_>>>()?;
+                print_json(&infos)?;
+            } else {
+                for s in snaps {
+                    let i = info::info(&st, &s)?;
+                    println!(
+                        "{:<40} {:>10.1} MiB  {}",
+                        i.snapshot,
+                        mib(i.image_size),
+                        i.source
+                    );
+                }
+            }
+        }
+        Cmd::Info {
+            store,
+            snapshot,
+            out,
+        } => {
+            let st = Store::open(&store.store, Access::ReadOnly)?;
+            let snap = st.resolve(&snapshot)?;
+            let i = info::info(&st, &snap)?;
+            if out.json {
+                print_json(&i)?;
+            } else {
+                println!("snapshot      {}", i.snapshot);
+                println!("created       {}", i.created);
+                println!("source        {}", i.source);
+                println!(
+                    "image size    {} bytes ({:.1} MiB)",
+                    i.image_size,
+                    mib(i.image_size)
+                );
+                println!(
+                    "chunk size    {} KiB, frames of {} KiB",
+                    i.chunk_size / 1024,
+                    i.frame_size / 1024
+                );
+                println!(
+                    "chunks        {} ({} zero, {} distinct stored, {} missing)",
+                    i.chunks_total, i.chunks_zero, i.chunks_unique, i.chunks_missing
+                );
+                println!(
+                    "data          {:.1} MiB in {:.1} MiB stored",
+                    mib(i.data_bytes),
+                    mib(i.stored_bytes)
+                );
+                println!(
+                    "ratios        compression {:.2}x, dedup {:.2}x",
+                    i.compression_ratio, i.dedup_ratio
+                );
+            }
+        }
+        Cmd::Verify {
+            store,
+            snapshot,
+            threads,
+            out,
+        } => {
+            let st = Store::open(&store.store, Access::ReadOnly)?;
+            let snap = snapshot.map(|s| st.resolve(&s)).transpose()?;
+            let progress = StderrProgress::boxed("verify", 0, true);
+            let r = verify::verify(
+                &st,
+                snap.as_ref(),
+                threads.unwrap_or_else(workers::default_threads),
+                progress.as_ref(),
+            )?;
+            let ok = r.ok();
+            if out.json {
+                print_json(&r)?;
+            } else {
+                for (s, e) in &r.bad_indexes {
+                    println!("BAD index {s}: {e}");
+                }
+                for b in &r.bad_chunks {
+                    let users = if b.snapshots.is_empty() {
+                        "unreferenced".to_string()
+                    } else {
+                        b.snapshots.join(", ")
+                    };
+                    println!("BAD chunk {}: {} (used by {users})", b.id, b.error);
+                }
+                println!(
+                    "{}: {} snapshot(s), {} chunk(s), {:.1} MiB checked, {} bad chunk(s), {} bad index(es)",
+                    if ok { "OK" } else { "DAMAGED" },
+                    r.snapshots.len(), r.chunks_checked, mib(r.bytes_checked), r.bad_chunks.len(), r.bad_indexes.len()
+                );
+            }
+            if !ok {
+                return Ok(ExitCode::from(3));
+            }
+        }
+        Cmd::Restore {
+            store,
+            snapshot,
+            target,
+            force,
+            threads,
+            out,
+        } => {
+            let st = Store::open(&store.store, Access::ReadOnly)?;
+            let snap = st.resolve(&snapshot)?;
+            let size = st.load_index(&snap)?.image_size;
+            let progress = StderrProgress::boxed("restore", size, out.quiet || out.json);
+            let r = restore::restore(
+                &st,
+                &snap,
+                &target,
+                force,
+                threads.unwrap_or_else(workers::default_threads),
+                progress.as_ref(),
+            )?;
+            if out.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "restored {} to {}: {:.1} MiB ({:.1} MiB written) in {:.2} s, {:.1} MiB/s",
+                    r.snapshot,
+                    r.target.display(),
+                    mib(r.image_size),
+                    mib(r.bytes_written),
+                    r.seconds,
+                    r.throughput_mib_s
+                );
+            }
+        }
+        Cmd::Forget { store, snapshot } => {
+            if !snapshot.contains('@') {
+                anyhow::bail!("forget needs a full snapshot name series@time (see `livemount list`), got {snapshot:?}");
+            }
+            let st = Store::open(&store.store, Access::ReadOnly)?;
+            let snap = st.resolve(&snapshot)?;
+            st.forget(&snap)?;
+            println!("forgot {snap}; run `livemount gc` to free its chunks");
+        }
+        Cmd::Gc { store, out } => {
+            let st = Store::open(&store.store, Access::Exclusive)?;
+            let r = gc::gc(&st)?;
+            if out.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "gc: {} snapshot(s), kept {} chunk(s), removed {} chunk(s) ({:.1} MiB) and {} temp file(s)",
+                    r.snapshots, r.chunks_kept, r.chunks_removed, mib(r.bytes_removed), r.temp_files_removed
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: library errors name the thing (path, chunk, snapshot) themselves.
+            eprintln!("livemount: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("abc").is_err());
+    }
+}

@@ -1,0 +1,72 @@
+//! Crash-safe file creation: temp file, fsync, rename, fsync the directory.
+
+use crate::error::{IoContext, Result};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A unique temp file name in `tmp_dir` (pid + sequence, so concurrent writers in
+/// one store never collide).
+pub fn temp_path(tmp_dir: &Path, tag: &str) -> PathBuf {
+    let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+    tmp_dir.join(format!("{tag}.{}.{n}.tmp", std::process::id()))
+}
+
+/// fsync a directory so that a rename or create inside it is durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+/// Write `bytes` to `tmp` (mode 0600 or 0644 per `mode`), fsync it and rename it to
+/// `dest`. The caller fsyncs `dest`'s directory (batched when writing many files).
+/// On error the temp file is removed, so a full disk leaves nothing behind.
+pub fn write_atomic_nosync_dir(tmp: &Path, dest: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(tmp)
+            .at(tmp)?;
+        f.write_all(bytes).at(tmp)?;
+        f.sync_all().at(tmp)?;
+        fs::rename(tmp, dest).at(dest)
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    res
+}
+
+/// [`write_atomic_nosync_dir`] followed by an fsync of `dest`'s directory.
+pub fn write_atomic(tmp: &Path, dest: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    write_atomic_nosync_dir(tmp, dest, bytes, mode)?;
+    if let Some(dir) = dest.parent() {
+        fsync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// `flock(2)` on an open file; released when the file is closed.
+pub fn flock(file: &File, exclusive: bool, wait: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    if !wait {
+        op |= libc::LOCK_NB;
+    }
+    // SAFETY: flock on a valid open descriptor owned by `file`; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
