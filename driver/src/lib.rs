@@ -10,8 +10,11 @@ pub mod store;
 
 pub use error::{Error, Result};
 pub mod backup;
+pub mod cache;
 pub mod gc;
+pub mod image;
 pub mod info;
+pub mod overlay;
 pub mod progress;
 pub mod restore;
 pub mod verify;

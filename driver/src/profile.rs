@@ -263,7 +263,9 @@ impl Profile {
                 )));
             }
             if e.offset % bs != 0 || (e.length % bs != 0 && end != self.disk_size) {
-                return Err(invalid(format!("{at} is not aligned to the block size {bs}")));
+                return Err(invalid(format!(
+                    "{at} is not aligned to the block size {bs}"
+                )));
             }
             if i > 0 && e.offset < prev_end {
                 return Err(invalid(format!("{at} overlaps the previous extent")));
@@ -320,8 +322,7 @@ impl Profile {
 
     /// Put the extents in access order: first access time, then offset.
     pub fn sort_access_order(&mut self) {
-        self.extents
-            .sort_by_key(|e| (e.first_access_ns, e.offset));
+        self.extents.sort_by_key(|e| (e.first_access_ns, e.offset));
     }
 
     /// The extents in the order the VM first read them (what pre-staging follows).
@@ -421,7 +422,12 @@ impl Profile {
             times.sort_unstable();
             let t = weighted_median(&times);
             match segments.last_mut() {
-                Some(l) if l.end() == a && l.first_access_ns == t && l.count == count && l.runs == runs => {
+                Some(l)
+                    if l.end() == a
+                        && l.first_access_ns == t
+                        && l.count == count
+                        && l.runs == runs =>
+                {
                     l.length += b - a;
                 }
                 _ => segments.push(Extent {
@@ -445,14 +451,22 @@ impl Profile {
             device: join(&|p| p.source.device.as_str()),
             kernel: join(&|p| p.source.kernel.as_str()),
             tracer: "merge".into(),
-            started_unix: inputs.iter().map(|p| p.source.started_unix).min().unwrap_or(0),
+            started_unix: inputs
+                .iter()
+                .map(|p| p.source.started_unix)
+                .min()
+                .unwrap_or(0),
             runs: total_runs,
         };
         let stats = Stats {
             events_seen: inputs.iter().map(|p| p.stats.events_seen).sum(),
             events_lost: inputs.iter().map(|p| p.stats.events_lost).sum(),
             events_outside: inputs.iter().map(|p| p.stats.events_outside).sum(),
-            duration_ns: inputs.iter().map(|p| p.stats.duration_ns).max().unwrap_or(0),
+            duration_ns: inputs
+                .iter()
+                .map(|p| p.stats.duration_ns)
+                .max()
+                .unwrap_or(0),
         };
         let mut out = Profile::new(first.disk_size, first.block_size, source);
         out.stats = stats;
@@ -540,6 +554,11 @@ impl ExtentBuilder {
         }
     }
 
+    /// The granularity extents are widened to.
+    pub fn block_size(&self) -> u32 {
+        self.block_size as u32
+    }
+
     /// Reads that fell (partly) beyond the end of the disk so far.
     pub fn clipped(&self) -> u64 {
         self.clipped
@@ -568,7 +587,14 @@ impl ExtentBuilder {
         let inside: Vec<u64> = self.pieces.range(a..b).map(|(k, _)| *k).collect();
         for k in inside {
             if k > cur {
-                self.pieces.insert(cur, Piece { end: k, first_ns: ts_ns, count: 1 });
+                self.pieces.insert(
+                    cur,
+                    Piece {
+                        end: k,
+                        first_ns: ts_ns,
+                        count: 1,
+                    },
+                );
             }
             if let Some(p) = self.pieces.get_mut(&k) {
                 p.count += 1;
@@ -576,30 +602,47 @@ impl ExtentBuilder {
             }
         }
         if cur < b {
-            self.pieces.insert(cur, Piece { end: b, first_ns: ts_ns, count: 1 });
+            self.pieces.insert(
+                cur,
+                Piece {
+                    end: b,
+                    first_ns: ts_ns,
+                    count: 1,
+                },
+            );
         }
     }
 
     /// Split the piece straddling `x` (if any) into two at `x`.
     fn split_at(&mut self, x: u64) {
-        let Some((&start, piece)) = self.pieces.range_mut(..x).next_back() else {
+        let Some((_, piece)) = self.pieces.range_mut(..x).next_back() else {
             return;
         };
         if piece.end > x {
-            let tail = Piece { end: piece.end, ..*piece };
+            let tail = Piece {
+                end: piece.end,
+                ..*piece
+            };
             piece.end = x;
-            let _ = start;
             self.pieces.insert(x, tail);
         }
     }
 
-    /// The coalesced extents, in access order.
+    /// Earliest first-access time recorded (the time base of [`ExtentBuilder::finish`]).
+    pub fn first_ns(&self) -> Option<u64> {
+        self.pieces.values().map(|p| p.first_ns).min()
+    }
+
+    /// The coalesced extents, in access order, with times made relative to the
+    /// earliest read (so the first extent starts at 0 ns, whatever clock `add` got).
     pub fn finish(&self) -> Vec<Extent> {
+        let base = self.first_ns().unwrap_or(0);
         let mut out: Vec<Extent> = Vec::new();
         let mut chain_last_ns = 0u64;
         for (&start, p) in &self.pieces {
             if let Some(l) = out.last_mut() {
-                let follows = p.first_ns >= chain_last_ns && p.first_ns - chain_last_ns <= self.coalesce_ns;
+                let follows =
+                    p.first_ns >= chain_last_ns && p.first_ns - chain_last_ns <= self.coalesce_ns;
                 if l.end() == start && l.count == p.count && follows {
                     l.length += p.end - start;
                     chain_last_ns = p.first_ns;
@@ -610,7 +653,7 @@ impl ExtentBuilder {
             out.push(Extent {
                 offset: start,
                 length: p.end - start,
-                first_access_ns: p.first_ns,
+                first_access_ns: p.first_ns - base,
                 count: p.count,
                 runs: 1,
             });
@@ -625,11 +668,24 @@ mod tests {
     use super::*;
 
     fn ext(offset: u64, length: u64, t: u64, count: u64) -> Extent {
-        Extent { offset, length, first_access_ns: t, count, runs: 1 }
+        Extent {
+            offset,
+            length,
+            first_access_ns: t,
+            count,
+            runs: 1,
+        }
     }
 
     fn profile(exts: &[Extent]) -> Profile {
-        let mut p = Profile::new(1 << 20, 4096, Source { runs: 1, ..Default::default() });
+        let mut p = Profile::new(
+            1 << 20,
+            4096,
+            Source {
+                runs: 1,
+                ..Default::default()
+            },
+        );
         p.extents = exts.to_vec();
         p
     }
@@ -646,11 +702,11 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                ext(0, 4096, 10, 1),
-                ext(4096, 4096, 10, 2),
-                ext(8192, 8192, 500, 1),
-                ext(98304, 4096, 20_000, 1),
-                ext((1 << 20) - 4096, 4096, 30_000, 1),
+                ext(0, 4096, 0, 1),
+                ext(4096, 4096, 0, 2),
+                ext(8192, 8192, 490, 1),
+                ext(98304, 4096, 19_990, 1),
+                ext((1 << 20) - 4096, 4096, 29_990, 1),
             ]
         );
         assert_eq!(b.clipped(), 1);
@@ -684,9 +740,18 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_str(&profile(&[]).to_json()).unwrap();
         v["version"] = 2.into();
         let e = Profile::from_json(&v.to_string()).unwrap_err();
-        assert!(matches!(e, ProfileError::UnsupportedVersion { found: 2, .. }), "{e}");
-        assert!(matches!(Profile::from_json("{"), Err(ProfileError::Malformed(_))));
-        assert!(matches!(Profile::from_json("{\"format\":\"x\"}"), Err(ProfileError::WrongFormat(_))));
+        assert!(
+            matches!(e, ProfileError::UnsupportedVersion { found: 2, .. }),
+            "{e}"
+        );
+        assert!(matches!(
+            Profile::from_json("{"),
+            Err(ProfileError::Malformed(_))
+        ));
+        assert!(matches!(
+            Profile::from_json("{\"format\":\"x\"}"),
+            Err(ProfileError::WrongFormat(_))
+        ));
     }
 
     #[test]
@@ -704,11 +769,18 @@ mod tests {
         let a = profile(&[ext(0, 8192, 10, 1)]);
         let b = profile(&[ext(0, 4096, 20, 1), ext(65536, 4096, 1, 1)]);
         let c = profile(&[ext(0, 4096, 1000, 1)]);
-        let m = Profile::merge(&[a.clone(), b.clone(), c.clone()], &MergeOptions::default()).unwrap();
+        let m =
+            Profile::merge(&[a.clone(), b.clone(), c.clone()], &MergeOptions::default()).unwrap();
         assert_eq!(m.source.runs, 3);
-        let got: Vec<(u64, u64, u64, u32)> =
-            m.extents.iter().map(|e| (e.offset, e.length, e.first_access_ns, e.runs)).collect();
-        assert_eq!(got, vec![(65536, 4096, 1, 1), (4096, 4096, 10, 1), (0, 4096, 20, 3)]);
+        let got: Vec<(u64, u64, u64, u32)> = m
+            .extents
+            .iter()
+            .map(|e| (e.offset, e.length, e.first_access_ns, e.runs))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(65536, 4096, 1, 1), (4096, 4096, 10, 1), (0, 4096, 20, 3)]
+        );
         let m2 = Profile::merge(&[a, b, c], &MergeOptions { min_runs: 2 }).unwrap();
         assert_eq!(m2.extents.len(), 1);
         assert_eq!(m2.extents[0].offset, 0);

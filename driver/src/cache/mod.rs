@@ -1,0 +1,361 @@
+//! The zstd-aware read cache between the snapshot index and the chunk source.
+//!
+//! A read of bytes `a..b` of a chunk fetches and decodes only the frames covering
+//! `a..b`; adjacent missing frames are fetched with one range read. Decoded frames
+//! live in the [memory tier](memory); the compressed bytes fetched from the store are
+//! kept in the optional [disk tier](disk). Everything read from the store or the disk
+//! tier is verified against the chunk id before use: a chunk that fails is an error
+//! naming it (EIO to the block layer), never wrong bytes. Concurrent misses on one
+//! frame fetch it once: later readers wait for the first.
+
+pub mod disk;
+pub mod memory;
+
+use crate::error::Result;
+use crate::store::chunk::{ChunkId, ChunkLayout};
+use crate::store::source::ChunkSource;
+use disk::DiskTier;
+use hashbrown::HashMap;
+use memory::{FrameBytes, TwoQueue};
+use serde::Serialize;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Counters of the read cache (all monotonic).
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Frame lookups served from memory.
+    pub mem_hits: AtomicU64,
+    /// Frame lookups that missed memory.
+    pub mem_misses: AtomicU64,
+    /// Range reads served by the disk tier (verified).
+    pub disk_hits: AtomicU64,
+    /// Range reads that went to the chunk source.
+    pub store_reads: AtomicU64,
+    /// Compressed bytes read from the chunk source.
+    pub store_bytes: AtomicU64,
+    /// Bytes decoded (uncompressed output of frames).
+    pub decoded_bytes: AtomicU64,
+    /// Chunks that failed verification (from the store).
+    pub corrupt: AtomicU64,
+}
+
+/// A snapshot of [`CacheStats`] plus sizes, for `status`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct CacheReport {
+    /// Memory-tier frame hits.
+    pub mem_hits: u64,
+    /// Memory-tier frame misses.
+    pub mem_misses: u64,
+    /// mem_hits / (hits + misses).
+    pub mem_hit_rate: f64,
+    /// Disk-tier hits.
+    pub disk_hits: u64,
+    /// Range reads from the store.
+    pub store_reads: u64,
+    /// Compressed bytes fetched from the store.
+    pub store_bytes: u64,
+    /// Bytes decoded.
+    pub decoded_bytes: u64,
+    /// Chunks that failed verification.
+    pub corrupt_chunks: u64,
+    /// Bytes held by the memory tier.
+    pub mem_bytes: u64,
+    /// Memory budget.
+    pub mem_budget: u64,
+    /// Bytes held by the disk tier.
+    pub disk_bytes: u64,
+    /// Disk budget.
+    pub disk_budget: u64,
+}
+
+type FrameKey = (ChunkId, u32);
+type Waiter = Arc<(Mutex<bool>, Condvar)>;
+
+/// The read cache.
+pub struct ReadCache {
+    origin: Arc<dyn ChunkSource>,
+    disk: Option<DiskTier>,
+    mem: Mutex<TwoQueue<FrameKey, FrameBytes>>,
+    mem_budget: u64,
+    layouts: Mutex<HashMap<ChunkId, Arc<ChunkLayout>>>,
+    inflight: Mutex<HashMap<FrameKey, Waiter>>,
+    frame_size: u32,
+    /// Counters.
+    pub stats: CacheStats,
+}
+
+impl ReadCache {
+    /// A cache over `origin` holding `mem_budget` bytes of decoded frames, with an
+    /// optional disk tier, for chunks with frames of `frame_size` bytes.
+    pub fn new(
+        origin: Arc<dyn ChunkSource>,
+        mem_budget: u64,
+        disk: Option<DiskTier>,
+        frame_size: u32,
+    ) -> Self {
+        ReadCache {
+            origin,
+            disk,
+            mem: Mutex::new(TwoQueue::new(mem_budget as usize)),
+            mem_budget,
+            layouts: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            frame_size,
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// The disk tier, if any.
+    pub fn disk(&self) -> Option<&DiskTier> {
+        self.disk.as_ref()
+    }
+
+    /// Counters and sizes now.
+    pub fn report(&self) -> CacheReport {
+        let s = &self.stats;
+        let (h, m) = (s.mem_hits.load(Relaxed), s.mem_misses.load(Relaxed));
+        CacheReport {
+            mem_hits: h,
+            mem_misses: m,
+            mem_hit_rate: if h + m == 0 {
+                0.0
+            } else {
+                h as f64 / (h + m) as f64
+            },
+            disk_hits: s.disk_hits.load(Relaxed),
+            store_reads: s.store_reads.load(Relaxed),
+            store_bytes: s.store_bytes.load(Relaxed),
+            decoded_bytes: s.decoded_bytes.load(Relaxed),
+            corrupt_chunks: s.corrupt.load(Relaxed),
+            mem_bytes: self.mem.lock().map(|m| m.bytes() as u64).unwrap_or(0),
+            mem_budget: self.mem_budget,
+            disk_bytes: self.disk.as_ref().map(|d| d.bytes()).unwrap_or(0),
+            disk_budget: self.disk.as_ref().map(|d| d.budget()).unwrap_or(0),
+        }
+    }
+
+    /// Fetch `range` of chunk `id`'s stored file: disk tier first (verified by
+    /// `check`), then the store (verified by `check`, then copied to the disk tier).
+    fn fetch<T>(
+        &self,
+        id: &ChunkId,
+        range: Range<u64>,
+        check: impl Fn(&[u8]) -> Result<T>,
+    ) -> Result<T> {
+        let len = (range.end - range.start) as usize;
+        if let Some(d) = &self.disk {
+            if let Some(bytes) = d.read(id, range.start, len) {
+                if let Ok(v) = check(&bytes) {
+                    self.stats.disk_hits.fetch_add(1, Relaxed);
+                    return Ok(v);
+                }
+                // A hole (never fetched) or damage: fetch again from the store below.
+            }
+        }
+        self.stats.store_reads.fetch_add(1, Relaxed);
+        let bytes = self.origin.read_range(id, range.start, len)?;
+        self.stats
+            .store_bytes
+            .fetch_add(bytes.len() as u64, Relaxed);
+        let v = check(&bytes).inspect_err(|_| {
+            self.stats.corrupt.fetch_add(1, Relaxed);
+        })?;
+        if let Some(d) = &self.disk {
+            // The cache is an optimisation: a full cache disk must not fail the read.
+            let _ = d.write(id, range.start, &bytes);
+        }
+        Ok(v)
+    }
+
+    /// The verified layout (header + seek table) of chunk `id`, `chunk_len` bytes long.
+    pub fn layout(&self, id: &ChunkId, chunk_len: u32) -> Result<Arc<ChunkLayout>> {
+        if let Some(l) = self.layouts.lock().ok().and_then(|m| m.get(id).cloned()) {
+            return Ok(l);
+        }
+        let prefix = ChunkLayout::prefix_len(chunk_len, self.frame_size) as u64;
+        let layout = Arc::new(self.fetch(id, 0..prefix, |b| ChunkLayout::parse(id, b))?);
+        if layout.content_len != chunk_len {
+            return Err(crate::error::Error::CorruptChunk {
+                id: id.to_hex(),
+                reason: format!(
+                    "holds {} bytes, the index expects {chunk_len}",
+                    layout.content_len
+                ),
+            });
+        }
+        if let Ok(mut m) = self.layouts.lock() {
+            m.insert(*id, layout.clone());
+        }
+        Ok(layout)
+    }
+
+    fn mem_get(&self, key: &FrameKey) -> Option<FrameBytes> {
+        let r = self.mem.lock().ok()?.get(key);
+        if r.is_some() {
+            self.stats.mem_hits.fetch_add(1, Relaxed);
+        }
+        r
+    }
+
+    /// Fetch, verify, decode and cache frames `frames` of a chunk (one range read).
+    fn load_frames(&self, layout: &ChunkLayout, frames: Range<usize>) -> Result<Vec<FrameBytes>> {
+        let file_range = layout.file_range(frames.clone());
+        let decoded = self.fetch(&layout.id, file_range, |b| {
+            layout.decode_frames(frames.clone(), b)
+        })?;
+        let mut out = Vec::with_capacity(decoded.len());
+        if let Ok(mut mem) = self.mem.lock() {
+            for (i, f) in frames.zip(decoded) {
+                self.stats.decoded_bytes.fetch_add(f.len() as u64, Relaxed);
+                let len = f.len();
+                let f = Arc::new(f);
+                mem.insert((layout.id, i as u32), f.clone(), len);
+                out.push(f);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Copy bytes `range` of chunk `id` into `out` only if every frame is in the
+    /// memory tier (no I/O, no decoding); false otherwise, with nothing counted.
+    pub fn read_if_cached(&self, id: &ChunkId, range: Range<u32>, out: &mut [u8]) -> bool {
+        let Some(layout) = self.layouts.lock().ok().and_then(|m| m.get(id).cloned()) else {
+            return false;
+        };
+        let Ok(mut mem) = self.mem.lock() else {
+            return false;
+        };
+        let frames = layout.frames_for(range.clone());
+        let mut got = Vec::with_capacity(frames.len());
+        for i in frames.clone() {
+            match mem.get(&(*id, i as u32)) {
+                Some(f) => got.push(f),
+                None => return false,
+            }
+        }
+        drop(mem);
+        self.stats.mem_hits.fetch_add(got.len() as u64, Relaxed);
+        copy_out(self.frame_size, frames.start, &got, range, out);
+        true
+    }
+
+    /// Copy bytes `range` of chunk `id` (whose content is `chunk_len` bytes) into `out`.
+    pub fn read(
+        &self,
+        id: &ChunkId,
+        chunk_len: u32,
+        range: Range<u32>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let layout = self.layout(id, chunk_len)?;
+        let frames = layout.frames_for(range.clone());
+        let mut have: HashMap<usize, FrameBytes> = HashMap::new();
+        loop {
+            let mut missing = Vec::new();
+            for i in frames.clone() {
+                if have.contains_key(&i) {
+                    continue;
+                }
+                match self.mem_get(&(*id, i as u32)) {
+                    Some(f) => {
+                        have.insert(i, f);
+                    }
+                    None => missing.push(i),
+                }
+            }
+            if missing.is_empty() {
+                break;
+            }
+            self.stats
+                .mem_misses
+                .fetch_add(missing.len() as u64, Relaxed);
+            // Claim the frames nobody is fetching; remember one we must wait for.
+            let mut mine = Vec::new();
+            let mut wait_for = None;
+            if let Ok(mut inflight) = self.inflight.lock() {
+                for &i in &missing {
+                    match inflight.get(&(*id, i as u32)) {
+                        Some(w) => wait_for = Some(w.clone()),
+                        None => {
+                            inflight.insert(
+                                (*id, i as u32),
+                                Arc::new((Mutex::new(false), Condvar::new())),
+                            );
+                            mine.push(i);
+                        }
+                    }
+                }
+            }
+            // Fetch our frames in runs of adjacent ones, one range read per run.
+            let mut result = Ok(());
+            let mut start = 0;
+            while start < mine.len() {
+                let mut end = start + 1;
+                while end < mine.len() && mine[end] == mine[end - 1] + 1 {
+                    end += 1;
+                }
+                match self.load_frames(&layout, mine[start]..mine[end - 1] + 1) {
+                    Ok(fs) => {
+                        for (k, f) in (mine[start]..).zip(fs) {
+                            have.insert(k, f);
+                        }
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                    }
+                }
+                start = end;
+            }
+            if let Ok(mut inflight) = self.inflight.lock() {
+                for &i in &mine {
+                    if let Some(w) = inflight.remove(&(*id, i as u32)) {
+                        if let Ok(mut done) = w.0.lock() {
+                            *done = true;
+                        }
+                        w.1.notify_all();
+                    }
+                }
+            }
+            result?;
+            if let Some(w) = wait_for {
+                let mut done = w.0.lock().map_err(|_| poisoned())?;
+                while !*done {
+                    done = w.1.wait(done).map_err(|_| poisoned())?;
+                }
+            }
+        }
+        let got = frames
+            .clone()
+            .map(|i| have.remove(&i).ok_or_else(poisoned))
+            .collect::<Result<Vec<_>>>()?;
+        copy_out(self.frame_size, frames.start, &got, range, out);
+        Ok(())
+    }
+}
+
+/// Copy `range` of a chunk out of its decoded frames `frames` (starting at frame
+/// number `first`).
+fn copy_out(
+    frame_size: u32,
+    first: usize,
+    frames: &[FrameBytes],
+    range: Range<u32>,
+    out: &mut [u8],
+) {
+    let mut pos = range.start;
+    let mut written = 0usize;
+    while pos < range.end {
+        let f = &frames[(pos / frame_size) as usize - first];
+        let in_frame = (pos % frame_size) as usize;
+        let n = ((range.end - pos) as usize).min(f.len() - in_frame);
+        out[written..written + n].copy_from_slice(&f[in_frame..in_frame + n]);
+        written += n;
+        pos += n as u32;
+    }
+}
+
+fn poisoned() -> crate::error::Error {
+    crate::error::Error::Invalid("read cache: internal lock poisoned".into())
+}
