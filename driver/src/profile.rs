@@ -262,7 +262,9 @@ impl Profile {
                     self.disk_size
                 )));
             }
-            if e.offset % bs != 0 || (e.length % bs != 0 && end != self.disk_size) {
+            if !e.offset.is_multiple_of(bs)
+                || (!e.length.is_multiple_of(bs) && end != self.disk_size)
+            {
                 return Err(invalid(format!(
                     "{at} is not aligned to the block size {bs}"
                 )));

@@ -134,13 +134,13 @@ fn run(cli: Cli) -> Result<()> {
             out,
             trace,
         } => {
+            require_privileges()?;
             let opts = options(&trace)?;
             let target = target::Target::resolve(&disk, trace.page_cache)?;
             let stop = record::StopWhen {
                 duration: secs(duration, "--duration")?,
                 until_idle: secs(until_idle, "--until-idle")?,
             };
-            require_privileges()?;
             record::install_signal_handlers();
             record::record(&target, &opts, stop, &out)?;
             Ok(())
@@ -154,6 +154,7 @@ fn run(cli: Cli) -> Result<()> {
             min_events,
             trace,
         } => {
+            require_privileges()?;
             let opts = options(&trace)?;
             let targets = disk
                 .iter()
@@ -166,7 +167,6 @@ fn run(cli: Cli) -> Result<()> {
                 keep,
                 min_events,
             };
-            require_privileges()?;
             record::install_signal_handlers();
             record::watch(&targets, &opts, &wopts)
         }

@@ -314,10 +314,15 @@ pub fn watch(targets: &[Target], opts: &Options, wopts: &WatchOptions) -> Result
 }
 
 fn write_rotated(profile: &Profile, target: &Target, wopts: &WatchOptions) -> Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    // Millisecond stamps: boots of one disk never collide, names sort by time.
     let name = format!(
-        "{}-{}.json",
+        "{}-{}.{:03}Z.json",
         target.name,
-        timestamp(profile.source.started_unix)
+        timestamp(now.as_secs()).trim_end_matches('Z'),
+        now.subsec_millis()
     );
     let path = wopts.dir.join(&name);
     profile
@@ -355,9 +360,8 @@ fn write_rotated(profile: &Profile, target: &Target, wopts: &WatchOptions) -> Re
 }
 
 fn is_stamp(s: &str) -> bool {
-    s.len() == 16
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || b == b'T' || b == b'Z')
+    // YYYYMMDDTHHMMSS.mmmZ
+    s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit() || b"TZ.".contains(&b))
 }
 
 /// `YYYYMMDDTHHMMSSZ` (UTC) without a date crate.
@@ -410,6 +414,7 @@ mod tests {
     fn timestamps_are_utc_and_sortable() {
         assert_eq!(timestamp(0), "19700101T000000Z");
         assert_eq!(timestamp(1_700_000_000), "20231114T221320Z");
-        assert!(is_stamp(&timestamp(1_700_000_000)));
+        assert!(is_stamp("20231114T221320.123Z"));
+        assert!(!is_stamp("20231114T221320Z"));
     }
 }

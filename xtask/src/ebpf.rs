@@ -17,6 +17,8 @@ const RUST_SRC_RUSTC: &str = "rustc 1.95.0 ";
 
 /// Install bpf-linker and rust-src when missing (idempotent, seconds when present).
 pub fn setup() -> Result<()> {
+    // fio drives the profiler benchmark; sfdisk partitions the test images.
+    crate::setup::apt_install(&[("fio", "fio"), ("sfdisk", "fdisk")])?;
     bpf_linker()?;
     rust_src()?;
     Ok(())
