@@ -117,6 +117,23 @@ enum Cmd {
         /// `series@time` (a bare series name is refused, to forget one snapshot at a time).
         snapshot: String,
     },
+    /// Expose a snapshot as a block device (/dev/ublkbN) with a copy-on-write overlay.
+    Mount(MountArgs),
+    /// Stop a live mount (flushes the overlay, removes the device).
+    Unmount {
+        /// The device, e.g. /dev/ublkb0.
+        device: String,
+        /// Seconds to wait for the daemon to stop.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// State, cache and I/O figures of live mounts.
+    Status {
+        /// Only this device.
+        device: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Remove chunks that no snapshot references.
     Gc {
         #[command(flatten)]
@@ -124,6 +141,174 @@ enum Cmd {
         #[command(flatten)]
         out: OutputArgs,
     },
+}
+
+/// Arguments of `livemount mount`.
+#[derive(Args, Clone)]
+struct MountArgs {
+    #[command(flatten)]
+    store: Option<StoreArgsOpt>,
+    /// `series@time`, or `series` for its latest (not needed with --recover).
+    snapshot: Option<String>,
+    /// Overlay file for writes (created if missing; default: a temporary one removed at unmount).
+    #[arg(long)]
+    overlay: Option<PathBuf>,
+    /// Memory tier of the read cache (decoded frames).
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    cache_mem: u64,
+    /// Directory of the disk tier of the read cache (compressed frames; kept across restarts).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Budget of the disk tier.
+    #[arg(long, value_parser = parse_size, default_value = "4G")]
+    cache_size: u64,
+    /// Hardware queues of the device.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Depth of each queue.
+    #[arg(long, default_value_t = 64)]
+    depth: u16,
+    /// Refuse writes (EROFS); no overlay.
+    #[arg(long)]
+    read_only: bool,
+    /// Return once the device is ready, leaving the daemon running.
+    #[arg(long)]
+    daemon: bool,
+    /// Log file of a --daemon mount.
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Re-attach a new daemon to DEV after its daemon died (same snapshot, overlay, cache).
+    #[arg(long, value_name = "DEV")]
+    recover: Option<String>,
+    /// Worker threads for store reads, decoding and fsync.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Seconds to wait for the kernel to create the device.
+    #[arg(long, default_value_t = 30)]
+    create_timeout: u64,
+}
+
+/// `--store` where it may come from elsewhere (mount --recover).
+#[derive(Args, Clone)]
+struct StoreArgsOpt {
+    /// The store directory.
+    #[arg(long = "store", value_name = "DIR", env = "LIVEMOUNT_STORE")]
+    store_dir: Option<PathBuf>,
+}
+
+fn mount_cmd(a: MountArgs) -> Result<()> {
+    use livemount::mount;
+    if a.daemon {
+        return daemonize(&a);
+    }
+    let recover = a.recover.as_deref().map(mount::parse_dev).transpose()?;
+    let config = match recover {
+        Some(_) => {
+            let st = mount::read_status(a.recover.as_deref().unwrap_or_default())?;
+            st.config
+        }
+        None => {
+            let store = a
+                .store
+                .as_ref()
+                .and_then(|s| s.store_dir.clone())
+                .ok_or_else(|| anyhow::anyhow!("mount needs --store DIR"))?;
+            let snapshot = a
+                .snapshot
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("mount needs a SNAPSHOT"))?;
+            let (overlay, temporary_overlay) = match (&a.overlay, a.read_only) {
+                (_, true) => (None, false),
+                (Some(p), false) => (Some(p.clone()), false),
+                (None, false) => {
+                    let dir = std::env::var_os("TMPDIR")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| "/var/tmp".into());
+                    (
+                        Some(dir.join(format!("livemount-overlay-{}.img", std::process::id()))),
+                        true,
+                    )
+                }
+            };
+            mount::MountConfig {
+                store,
+                snapshot,
+                overlay,
+                temporary_overlay,
+                cache_mem: a.cache_mem,
+                cache_dir: a.cache_dir.clone(),
+                cache_size: a.cache_size,
+                queues: a.queues,
+                depth: a.depth,
+                read_only: a.read_only,
+            }
+        }
+    };
+    mount::run(
+        config,
+        mount::RunOptions {
+            recover,
+            create_timeout: std::time::Duration::from_secs(a.create_timeout),
+            workers: a.workers,
+            max_io_bytes: 512 * 1024,
+        },
+    )?;
+    Ok(())
+}
+
+/// `--daemon`: run the mount as a detached child and return once it printed that the
+/// device is ready (or report why it failed).
+fn daemonize(a: &MountArgs) -> Result<()> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|x| x != "--daemon")
+        .collect();
+    let log = a.log.clone().unwrap_or_else(|| {
+        PathBuf::from(format!("/run/livemount/mount-{}.log", std::process::id()))
+    });
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
+    let mut child = std::process::Command::new(exe)
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(logf)
+        .process_group(0)
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no pipe to the daemon"))?;
+    let mut ready = false;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if line.starts_with("attach with libvirt") {
+            ready = true;
+            break;
+        }
+    }
+    if ready {
+        println!("daemon pid {} (log {})", child.id(), log.display());
+        return Ok(());
+    }
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let last = text
+        .lines()
+        .last()
+        .unwrap_or("unknown error")
+        .trim_start_matches("livemount: error: ")
+        .to_string();
+    anyhow::bail!("{last}")
 }
 
 /// Parse sizes such as `4096`, `64K`, `1M`, `2G` (binary units).
@@ -357,6 +542,52 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let snap = st.resolve(&snapshot)?;
             st.forget(&snap)?;
             println!("forgot {snap}; run `livemount gc` to free its chunks");
+        }
+        Cmd::Mount(a) => mount_cmd(a)?,
+        Cmd::Unmount { device, timeout } => {
+            livemount::mount::unmount(&device, std::time::Duration::from_secs(timeout))?;
+            println!("unmounted {device}");
+        }
+        Cmd::Status { device, out } => {
+            let all = match device {
+                Some(d) => vec![livemount::mount::read_status(&d)?],
+                None => livemount::mount::list_status(),
+            };
+            if out.json {
+                print_json(&all)?;
+            } else if all.is_empty() {
+                println!("no live mounts");
+            } else {
+                for s in all {
+                    println!(
+                        "{} {} pid {} snapshot {} ({:.1} MiB), overlay {:.1} MiB{}",
+                        s.device,
+                        s.state,
+                        s.pid,
+                        s.config.snapshot,
+                        mib(s.size),
+                        mib(s.overlay_bytes),
+                        s.config
+                            .overlay
+                            .as_ref()
+                            .map(|p| format!(" in {}", p.display()))
+                            .unwrap_or_else(|| " (read-only)".into())
+                    );
+                    if let Some(c) = &s.cache {
+                        let g = |k: &str| c.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+                        println!("  cache: hit rate {:.1}%, memory {:.1}/{:.1} MiB, disk {:.1}/{:.1} MiB, fetched {:.1} MiB in {} reads, decoded {:.1} MiB",
+                            100.0 * g("mem_hit_rate"), g("mem_bytes") / 1048576.0, g("mem_budget") / 1048576.0,
+                            g("disk_bytes") / 1048576.0, g("disk_budget") / 1048576.0, g("store_bytes") / 1048576.0,
+                            g("store_reads"), g("decoded_bytes") / 1048576.0);
+                    }
+                    if let Some(io) = &s.io {
+                        let g = |k: &str| io.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+                        println!("  io: {} reads ({:.1} MiB, p50 {} us, p99 {} us), {} writes ({:.1} MiB), {} flushes, {} discards, {} errors",
+                            g("reads"), g("read_bytes") / 1048576.0, g("read_p50_us"), g("read_p99_us"),
+                            g("writes"), g("write_bytes") / 1048576.0, g("flushes"), g("discards"), g("errors"));
+                    }
+                }
+            }
         }
         Cmd::Gc { store, out } => {
             let st = Store::open(&store.store, Access::Exclusive)?;

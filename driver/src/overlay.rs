@@ -232,8 +232,8 @@ impl Overlay {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
-        if offset % SECTOR != 0
-            || len % SECTOR != 0
+        if !offset.is_multiple_of(SECTOR)
+            || !len.is_multiple_of(SECTOR)
             || offset.checked_add(len).is_none_or(|e| e > self.device_size)
         {
             return Err(Error::Invalid(format!(

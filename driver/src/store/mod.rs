@@ -250,9 +250,30 @@ impl Store {
         Ok(config)
     }
 
+    /// True if `root` holds nothing but (part of) the skeleton [`init`](Self::init)
+    /// creates before it writes the config: what a backup killed while creating the
+    /// store leaves, or what a concurrent backup creating the same store has made so far.
+    fn is_skeleton(root: &Path) -> Result<bool> {
+        for e in fs::read_dir(root).at(root)? {
+            let e = e.at(root)?;
+            match e.file_name().to_str() {
+                Some("tmp" | "chunks" | ".lock") => {}
+                Some("snapshots") => {
+                    let dir = e.path();
+                    if fs::read_dir(&dir).at(&dir)?.next().is_some() {
+                        return Ok(false);
+                    }
+                }
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     /// Create the directory skeleton and, last, the config file that makes it a store.
+    /// Completes a skeleton left by an interrupted or concurrent `init`.
     fn init(root: &Path) -> Result<()> {
-        if root.exists() && fs::read_dir(root).at(root)?.next().is_some() {
+        if root.exists() && !Self::is_skeleton(root)? {
             return Err(Error::Invalid(format!(
                 "{} is not empty and not a livemount store (no {CONFIG_FILE})",
                 root.display()
@@ -551,6 +572,39 @@ mod tests {
         fs::write(&f, b"x").unwrap();
         let e = Store::open(&f, Access::Write).unwrap_err();
         assert!(e.to_string().contains("is not a directory"), "{e}");
+    }
+
+    #[test]
+    fn interrupted_init_is_completed_but_foreign_dirs_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        // A backup killed before the config was written leaves the skeleton.
+        let root = d.path().join("store");
+        for sub in ["tmp", "snapshots", "chunks/00"] {
+            fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        let st = Store::open(&root, Access::Write).unwrap();
+        assert_eq!(st.config().version, STORE_VERSION);
+        drop(st);
+        // Two writers creating one store at once: the second sees the first's skeleton.
+        let root2 = d.path().join("store2");
+        fs::create_dir_all(root2.join("chunks")).unwrap();
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| Store::open(&root2, Access::Write).map(|_| ()));
+            let b = s.spawn(|| Store::open(&root2, Access::Write).map(|_| ()));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        a.unwrap();
+        b.unwrap();
+        // Anything else in the directory is not ours: refused, left alone.
+        let other = d.path().join("other");
+        fs::create_dir_all(other.join("snapshots/web01")).unwrap();
+        let e = Store::open(&other, Access::Write).unwrap_err();
+        assert!(e.to_string().contains("not a livemount store"), "{e}");
+        let other2 = d.path().join("other2");
+        fs::create_dir_all(&other2).unwrap();
+        fs::write(other2.join("data"), b"x").unwrap();
+        assert!(Store::open(&other2, Access::Write).is_err());
+        assert!(!other2.join(CONFIG_FILE).exists());
     }
 
     #[test]

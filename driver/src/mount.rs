@@ -1,0 +1,477 @@
+//! `livemount mount`, `unmount` and `status`: a snapshot as a live block device.
+//!
+//! The layers, top to bottom: ublk frontend → overlay → snapshot image (index) → read
+//! cache → chunk source. The daemon runs in its own mount namespace (libublk's advice:
+//! a file system mounted on our own device must not be in the daemon's namespace) and
+//! keeps a status file `/run/livemount/ublkbN.json` (mode 0600) that `status`,
+//! `unmount` and `mount --recover` read.
+
+use crate::cache::disk::DiskTier;
+use crate::cache::ReadCache;
+use crate::error::{Error, IoContext, Result};
+use crate::image::{BlockRead, SnapshotImage};
+use crate::metrics::IoMetrics;
+use crate::overlay::{Overlay, OverlayIdentity};
+use crate::store::source::{ChunkSource, DirChunkSource};
+use crate::store::{Access, Store};
+use crate::ublk::{self, BlockBackend, DeviceOptions};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where status files live.
+pub const RUN_DIR: &str = "/run/livemount";
+
+/// Everything a mount needs; saved in the status file so `--recover` can reuse it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountConfig {
+    /// Store directory.
+    pub store: PathBuf,
+    /// Snapshot spec as resolved (`series@time`).
+    pub snapshot: String,
+    /// Overlay file (None: read-only).
+    pub overlay: Option<PathBuf>,
+    /// True when the overlay is temporary (removed at unmount).
+    pub temporary_overlay: bool,
+    /// Memory-tier budget, bytes.
+    pub cache_mem: u64,
+    /// Disk-tier directory.
+    pub cache_dir: Option<PathBuf>,
+    /// Disk-tier budget, bytes.
+    pub cache_size: u64,
+    /// Queues.
+    pub queues: u16,
+    /// Queue depth.
+    pub depth: u16,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+/// The status file's content.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountStatus {
+    /// Device path.
+    pub device: String,
+    /// Device id (N of ublkbN).
+    pub dev_id: u32,
+    /// Daemon pid.
+    pub pid: u32,
+    /// "running" or "stopped".
+    pub state: String,
+    /// Configuration.
+    pub config: MountConfig,
+    /// Device bytes.
+    pub size: u64,
+    /// Bytes mapped in the overlay.
+    pub overlay_bytes: u64,
+    /// Read cache figures.
+    #[serde(default)]
+    pub cache: Option<CacheReportSer>,
+    /// I/O figures.
+    #[serde(default)]
+    pub io: Option<IoReportSer>,
+    /// Seconds since the device became ready.
+    pub uptime_s: f64,
+}
+
+/// JSON form of [`CacheReport`](crate::cache::CacheReport).
+pub type CacheReportSer = serde_json::Value;
+/// JSON form of [`IoReport`](crate::metrics::IoReport).
+pub type IoReportSer = serde_json::Value;
+
+/// The snapshot image plus optional overlay, as seen by the frontend.
+pub struct MountBackend {
+    image: Arc<SnapshotImage>,
+    overlay: Option<Arc<Overlay>>,
+    size: u64,
+}
+
+impl BlockBackend for MountBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match &self.overlay {
+            Some(o) => o.read(offset, buf),
+            None => self.image.read_at(offset, buf),
+        }
+    }
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
+        match &self.overlay {
+            Some(o) if !o.untouched(offset, buf.len() as u64) => false,
+            _ => self.image.read_cached(offset, buf),
+        }
+    }
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.overlay()?.write(offset, buf)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.overlay()?.discard(offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        match &self.overlay {
+            Some(o) => o.flush(),
+            None => Ok(()),
+        }
+    }
+    fn read_only(&self) -> bool {
+        self.overlay.is_none()
+    }
+}
+
+impl MountBackend {
+    fn overlay(&self) -> Result<&Overlay> {
+        self.overlay
+            .as_deref()
+            .ok_or_else(|| Error::io("device", std::io::Error::from_raw_os_error(libc::EROFS)))
+    }
+}
+
+/// Identity of a snapshot for overlays: its index's trailing checksum.
+pub fn snapshot_identity(
+    store: &Store,
+    snap: &crate::store::SnapshotRef,
+    device_size: u64,
+) -> Result<OverlayIdentity> {
+    let path = store.index_path(snap);
+    let bytes = std::fs::read(&path).at(&path)?;
+    let mut sum = [0u8; 32];
+    if bytes.len() >= 32 {
+        sum.copy_from_slice(&bytes[bytes.len() - 32..]);
+    }
+    Ok(OverlayIdentity {
+        snapshot: snap.to_string(),
+        index_sum: sum,
+        device_size,
+    })
+}
+
+/// An opened mount: layers built, device not yet created.
+pub struct PreparedMount {
+    /// The configuration.
+    pub config: MountConfig,
+    /// The backend.
+    pub backend: Arc<MountBackend>,
+    /// The read cache (for status).
+    pub cache: Arc<ReadCache>,
+    _pin: std::fs::File,
+}
+
+/// Build the layers of a mount (store opened read-only).
+pub fn prepare(
+    config: &MountConfig,
+    origin_wrap: impl FnOnce(Arc<dyn ChunkSource>) -> Arc<dyn ChunkSource>,
+) -> Result<PreparedMount> {
+    let store = Store::open(&config.store, Access::ReadOnly)?;
+    let snap = store.resolve(&config.snapshot)?;
+    let pin = store.pin_snapshot(&snap)?;
+    let index = store.load_index(&snap)?;
+    let device_size = index.image_size.div_ceil(512) * 512;
+    let origin: Arc<dyn ChunkSource> =
+        origin_wrap(Arc::new(DirChunkSource::new(store.chunks().dir())));
+    let disk = match &config.cache_dir {
+        Some(d) => Some(DiskTier::open(d, config.cache_size)?),
+        None => None,
+    };
+    let cache = Arc::new(ReadCache::new(
+        origin,
+        config.cache_mem,
+        disk,
+        index.frame_size,
+    ));
+    let image = Arc::new(SnapshotImage::new(index, cache.clone()));
+    let overlay = match (&config.overlay, config.read_only) {
+        (Some(p), false) => {
+            let id = snapshot_identity(&store, &snap, device_size)?;
+            Some(Arc::new(Overlay::open(
+                p,
+                image.clone() as Arc<dyn BlockRead>,
+                &id,
+            )?))
+        }
+        _ => None,
+    };
+    let mut config = config.clone();
+    config.snapshot = snap.to_string();
+    Ok(PreparedMount {
+        config,
+        backend: Arc::new(MountBackend {
+            image,
+            overlay,
+            size: device_size,
+        }),
+        cache,
+        _pin: pin,
+    })
+}
+
+fn status_path(dev_id: u32) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("ublkb{dev_id}.json"))
+}
+
+/// Read the status file of device `dev` (`/dev/ublkbN`, `ublkbN` or `N`).
+pub fn read_status(dev: &str) -> Result<MountStatus> {
+    let id = parse_dev(dev)?;
+    let path = status_path(id);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Invalid(format!(
+                "/dev/ublkb{id} is not a livemount device (no {})",
+                path.display()
+            ))
+        } else {
+            Error::io(&path, e)
+        }
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: malformed status: {e}", path.display())))
+}
+
+/// Every status file.
+pub fn list_status() -> Vec<MountStatus> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(RUN_DIR) {
+        for e in rd.flatten() {
+            if let Some(s) = std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+            {
+                out.push(s);
+            }
+        }
+    }
+    out.sort_by_key(|s: &MountStatus| s.dev_id);
+    out
+}
+
+/// Parse `/dev/ublkbN`, `ublkbN` or `N`.
+pub fn parse_dev(dev: &str) -> Result<u32> {
+    let s = dev.trim_start_matches("/dev/").trim_start_matches("ublkb");
+    s.parse().map_err(|_| {
+        Error::Invalid(format!(
+            "{dev:?} is not a ublk device (expected /dev/ublkbN)"
+        ))
+    })
+}
+
+fn write_status(st: &MountStatus) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(RUN_DIR)
+        .at(RUN_DIR)?;
+    let path = status_path(st.dev_id);
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(st).map_err(|e| Error::Invalid(e.to_string()))?;
+    crate::store::fsutil::write_atomic_nosync_dir(&tmp, &path, &text, 0o600).or_else(|_| {
+        let _ = std::fs::remove_file(&tmp);
+        crate::store::fsutil::write_atomic_nosync_dir(&tmp, &path, &text, 0o600)
+    })
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+/// Put the daemon in its own mount namespace with private propagation, so a file
+/// system mounted on its device elsewhere can never deadlock its exit.
+fn private_mount_namespace() {
+    // SAFETY: unshare/mount with constant, valid arguments.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) == 0 {
+            let root = c"/";
+            libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            );
+        } else {
+            eprintln!("livemount: warning: cannot create a private mount namespace; do not mount the device in this process's namespace");
+        }
+    }
+}
+
+/// Options of the mount command beyond the configuration.
+pub struct RunOptions {
+    /// Recover this device id instead of creating one.
+    pub recover: Option<u32>,
+    /// Bounded wait for the kernel to create the device.
+    pub create_timeout: Duration,
+    /// Worker threads.
+    pub workers: usize,
+    /// Largest request.
+    pub max_io_bytes: u32,
+}
+
+/// Run a mount in the foreground until SIGTERM/SIGINT or `unmount`. Prints the device
+/// path (and how to attach it) on stdout once it is usable.
+pub fn run(config: MountConfig, opts: RunOptions) -> Result<()> {
+    private_mount_namespace();
+    let prepared = prepare(&config, |s| s)?;
+    let PreparedMount {
+        config,
+        backend,
+        cache,
+        _pin,
+    } = prepared;
+    let metrics = Arc::new(IoMetrics::default());
+    let dev_opts = DeviceOptions {
+        queues: config.queues,
+        depth: config.depth,
+        max_io_bytes: opts.max_io_bytes,
+        recover: opts.recover,
+        workers: opts.workers,
+    };
+    ublk::check_driver()?;
+    // Device creation can hang in a buggy kernel (ubiblk#480): a watchdog bounds the
+    // wait and exits with a clear error. The control ring of libublk is per thread,
+    // so the device itself stays on this thread.
+    let is_ready = Arc::new(AtomicBool::new(false));
+    {
+        let is_ready = is_ready.clone();
+        let timeout = opts.create_timeout;
+        std::thread::spawn(move || {
+            std::thread::sleep(timeout);
+            if !is_ready.load(Ordering::SeqCst) {
+                eprintln!(
+                    "livemount: error: the kernel did not answer ublk device creation within {} s; check dmesg",
+                    timeout.as_secs()
+                );
+                std::process::exit(1);
+            }
+        });
+    }
+    let ctrl = Arc::new(ublk::control(&dev_opts)?);
+    let dev_id = ctrl.dev_info().dev_id;
+    let device = ctrl.get_bdev_path();
+    let stopping = Arc::new(AtomicBool::new(false));
+
+    // SIGTERM / SIGINT: stop the device; run_target then returns and we clean up.
+    {
+        let ctrl = ctrl.clone();
+        let stopping = stopping.clone();
+        let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+            .map_err(|e| Error::io("signal handler", e))?;
+        std::thread::spawn(move || {
+            if signals.forever().next().is_some() {
+                stopping.store(true, Ordering::SeqCst);
+                // libublk's control ring is per thread: give this one its own.
+                let _ = libublk::ctrl::ublk_init_ctrl_task_ring(|r| {
+                    if r.is_none() {
+                        *r = Some(
+                            io_uring::IoUring::builder()
+                                .build(16)
+                                .map_err(libublk::UblkError::IOError)?,
+                        );
+                    }
+                    Ok(())
+                });
+                let _ = ctrl.kill_dev();
+            }
+        });
+    }
+
+    let started = Instant::now();
+    let make_status = {
+        let config = config.clone();
+        let backend = backend.clone();
+        let cache = cache.clone();
+        let metrics = metrics.clone();
+        let device = device.clone();
+        move |state: &str| MountStatus {
+            device: device.clone(),
+            dev_id,
+            pid: std::process::id(),
+            state: state.into(),
+            config: config.clone(),
+            size: backend.size,
+            overlay_bytes: backend
+                .overlay
+                .as_ref()
+                .map(|o| o.mapped_sectors.load(Ordering::Relaxed) * 512)
+                .unwrap_or(0),
+            cache: serde_json::to_value(cache.report()).ok(),
+            io: serde_json::to_value(metrics.report()).ok(),
+            uptime_s: started.elapsed().as_secs_f64(),
+        }
+    };
+    let ready_status = make_status.clone();
+    let ready = move |c: &libublk::ctrl::UblkCtrl| {
+        is_ready.store(true, Ordering::SeqCst);
+        let _ = write_status(&ready_status("running"));
+        let dev = c.get_bdev_path();
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "device {dev} ready");
+        let _ = writeln!(
+            out,
+            "attach with qemu:    -drive file={dev},format=raw,if=virtio,cache=none,aio=native"
+        );
+        let _ = writeln!(out, "attach with libvirt: <disk type='block' device='disk'><driver name='qemu' type='raw' cache='none' io='native'/><source dev='{dev}'/><target dev='vdb' bus='virtio'/></disk>");
+        let _ = out.flush();
+    };
+    // Refresh the status file every second while serving.
+    {
+        let make_status = make_status.clone();
+        let stopping = stopping.clone();
+        std::thread::spawn(move || {
+            while !stopping.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_secs(1));
+                if !stopping.load(Ordering::SeqCst) {
+                    let _ = write_status(&make_status("running"));
+                }
+            }
+        });
+    }
+    let result = ublk::serve(&ctrl, backend.clone(), metrics.clone(), opts.workers, ready);
+    stopping.store(true, Ordering::SeqCst);
+    // Clean stop: make every write durable, remove the device and our files.
+    let flushed = backend.flush();
+    let _ = ctrl.del_dev();
+    let _ = std::fs::remove_file(status_path(dev_id));
+    if config.temporary_overlay {
+        if let Some(p) = &config.overlay {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    result?;
+    flushed
+}
+
+/// Stop the daemon serving `dev` and wait for the device to go away.
+pub fn unmount(dev: &str, timeout: Duration) -> Result<()> {
+    let id = parse_dev(dev)?;
+    match read_status(dev) {
+        Ok(st) if pid_alive(st.pid) => {
+            // SAFETY: sending SIGTERM to the daemon's pid.
+            unsafe { libc::kill(st.pid as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            while pid_alive(st.pid) {
+                if start.elapsed() > timeout {
+                    return Err(Error::Busy(format!(
+                        "daemon {} of /dev/ublkb{id} did not stop within {} s (is the device still in use?)",
+                        st.pid,
+                        timeout.as_secs()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(())
+        }
+        _ => {
+            // The daemon is gone (crashed, killed): remove the device ourselves.
+            let ctrl = libublk::ctrl::UblkCtrl::new_simple(id as i32)
+                .map_err(|e| Error::Invalid(format!("/dev/ublkb{id}: {e}")))?;
+            ctrl.del_dev()
+                .map_err(|e| Error::Invalid(format!("cannot delete /dev/ublkb{id}: {e}")))?;
+            let _ = std::fs::remove_file(status_path(id));
+            Ok(())
+        }
+    }
+}
