@@ -126,9 +126,40 @@ pub fn backup(
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
+    let (mut file, image_size) = open_source(source)?;
+    let description = format!(
+        "{} ({} bytes) on {}",
+        std::fs::canonicalize(source)
+            .unwrap_or_else(|_| source.to_path_buf())
+            .display(),
+        image_size,
+        hostname()
+    );
+    backup_from(
+        store,
+        &mut file,
+        image_size,
+        source,
+        &description,
+        opts,
+        progress,
+    )
+}
+
+/// Back up `image_size` bytes read sequentially from `reader` (named `source` in
+/// errors, described as `description` in the index) as a new snapshot.
+pub fn backup_from(
+    store: &Store,
+    reader: &mut dyn Read,
+    image_size: u64,
+    source: &Path,
+    description: &str,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
     let start = Instant::now();
     crate::store::validate_series(&opts.series)?;
-    let (mut file, image_size) = open_source(source)?;
+    let file = reader;
     let previous = store.list(Some(&opts.series))?.pop();
     let prev_index = match &previous {
         Some(p) => Some(store.load_index(p)?),
@@ -290,14 +321,7 @@ pub fn backup(
         chunk_size,
         frame_size,
         created: crate::store::now_secs(),
-        source: format!(
-            "{} ({} bytes) on {}",
-            std::fs::canonicalize(source)
-                .unwrap_or_else(|_| source.to_path_buf())
-                .display(),
-            image_size,
-            hostname()
-        ),
+        source: description.to_string(),
         chunks: refs,
     };
     let snap: SnapshotRef = store.commit_index(&opts.series, &mut index)?;

@@ -11,6 +11,7 @@ pub mod store;
 pub use error::{Error, Result};
 pub mod backup;
 pub mod cache;
+pub mod commit;
 pub mod gc;
 pub mod image;
 pub mod info;

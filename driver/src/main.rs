@@ -134,6 +134,21 @@ enum Cmd {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Save a live mount's changes: base snapshot + overlay as a new snapshot.
+    Commit {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The overlay file of the mount (unmount first).
+        overlay: PathBuf,
+        /// Series of the new snapshot.
+        #[arg(long)]
+        name: String,
+        /// zstd compression level (1-22).
+        #[arg(long, default_value_t = 3)]
+        level: i32,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Remove chunks that no snapshot references.
     Gc {
         #[command(flatten)]
@@ -544,6 +559,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("forgot {snap}; run `livemount gc` to free its chunks");
         }
         Cmd::Mount(a) => mount_cmd(a)?,
+        Cmd::Commit {
+            store,
+            overlay,
+            name,
+            level,
+            out,
+        } => {
+            let opts = backup::BackupOptions {
+                series: name,
+                chunk_size: None,
+                level,
+                threads: workers::default_threads(),
+            };
+            let id = livemount::overlay::read_identity(&overlay)?;
+            let progress = StderrProgress::boxed("commit", 0, out.quiet || out.json);
+            let r = livemount::commit::commit(&store.store, &overlay, &opts, progress.as_ref())?;
+            if out.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "committed {} + {} as {}: new {:.1} MiB ({} chunks), reused {:.1} MiB",
+                    id.snapshot,
+                    overlay.display(),
+                    r.snapshot,
+                    mib(r.bytes_new),
+                    r.chunks_new,
+                    mib(r.bytes_reused)
+                );
+            }
+        }
         Cmd::Unmount { device, timeout } => {
             livemount::mount::unmount(&device, std::time::Duration::from_secs(timeout))?;
             println!("unmounted {device}");

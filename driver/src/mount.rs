@@ -124,6 +124,11 @@ impl BlockBackend for MountBackend {
 }
 
 impl MountBackend {
+    /// Bytes in the snapshot's image (the device may be rounded up to 512).
+    pub fn image_size(&self) -> u64 {
+        self.image.index().image_size
+    }
+
     fn overlay(&self) -> Result<&Overlay> {
         self.overlay
             .as_deref()

@@ -177,6 +177,18 @@ impl Overlay {
             .mode(0o600)
             .open(path)
             .at(path)?;
+        // One user at a time: two daemons (or a mount and a commit) writing one
+        // overlay would corrupt its map.
+        crate::store::fsutil::flock(&file, true, false).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                Error::Busy(format!(
+                    "overlay {} is in use by another livemount process",
+                    path.display()
+                ))
+            } else {
+                Error::io(path, e)
+            }
+        })?;
         if !exists || file.metadata().at(path)?.len() == 0 {
             let h = encode_header(id);
             file.write_all_at(&h, 0).at(path)?;

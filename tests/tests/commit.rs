@@ -1,0 +1,136 @@
+//! `livemount commit` through the library (no ublk needed): base snapshot + overlay
+//! writes become a new snapshot that restores to exactly what the device showed.
+
+use livemount::backup::{backup, BackupOptions};
+use livemount::commit::commit;
+use livemount::mount::{prepare, MountConfig};
+use livemount::progress::NoProgress;
+use livemount::restore::restore;
+use livemount::store::{Access, Store};
+use livemount::ublk::BlockBackend;
+
+fn image(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    (0..len)
+        .map(|i| {
+            if (i / 65536) % 3 == 0 {
+                0
+            } else {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 7) as u8
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn commit_keeps_overlay_writes_and_dedups() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("disk.img");
+    // Not a multiple of 512: the committed image keeps the exact size.
+    let mut data = image(5 * 1024 * 1024 + 1000);
+    std::fs::write(&src, &data).unwrap();
+    let store_dir = d.path().join("store");
+    let opts = |s: &str| BackupOptions {
+        series: s.into(),
+        chunk_size: None,
+        level: 3,
+        threads: 2,
+    };
+    {
+        let store = Store::open(&store_dir, Access::Write).unwrap();
+        backup(&store, &src, &opts("vm"), &NoProgress).unwrap();
+    }
+    let overlay = d.path().join("overlay");
+    let config = MountConfig {
+        store: store_dir.clone(),
+        snapshot: "vm".into(),
+        overlay: Some(overlay.clone()),
+        temporary_overlay: false,
+        cache_mem: 1 << 20,
+        cache_dir: None,
+        cache_size: 0,
+        queues: 1,
+        depth: 1,
+        read_only: false,
+    };
+    {
+        let m = prepare(&config, |s| s).unwrap();
+        // A second user of the overlay is refused while this one holds it.
+        let e = prepare(&config, |s| s)
+            .err()
+            .expect("second open must fail")
+            .to_string();
+        assert!(e.contains("in use"), "{e}");
+        m.backend.write(4096, &[0xab; 8192]).unwrap();
+        m.backend.write(3 * 1024 * 1024, &[0xcd; 512]).unwrap();
+        m.backend.discard(1024 * 1024 + 65536, 65536).unwrap();
+        m.backend.flush().unwrap();
+        data[4096..4096 + 8192].fill(0xab);
+        data[3 * 1024 * 1024..3 * 1024 * 1024 + 512].fill(0xcd);
+        data[1024 * 1024 + 65536..1024 * 1024 + 131072].fill(0);
+        let mut shown = vec![0u8; 5 * 1024 * 1024 + 1024];
+        m.backend.read(0, &mut shown).unwrap();
+        assert_eq!(&shown[..data.len()], &data[..]);
+    }
+    let r = commit(&store_dir, &overlay, &opts("vm-kept"), &NoProgress).unwrap();
+    assert_eq!(r.image_size, data.len() as u64);
+    // Only the three changed chunks are new; the rest deduplicate against the base.
+    assert!(r.chunks_new <= 3, "{r:?}");
+    assert!(r.chunks_reused >= 1, "{r:?}");
+    let store = Store::open(&store_dir, Access::ReadOnly).unwrap();
+    let snap = store.resolve("vm-kept").unwrap();
+    let out = d.path().join("out.img");
+    restore(&store, &snap, &out, false, 2, &NoProgress).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    // The base snapshot is untouched.
+    let base = store.resolve("vm").unwrap();
+    let out2 = d.path().join("base.img");
+    restore(&store, &base, &out2, false, 2, &NoProgress).unwrap();
+    assert_eq!(std::fs::read(&out2).unwrap(), image(5 * 1024 * 1024 + 1000));
+}
+
+#[test]
+fn overlay_of_another_snapshot_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let store_dir = d.path().join("store");
+    let store = Store::open(&store_dir, Access::Write).unwrap();
+    for (name, seed) in [("a", 1u8), ("b", 2u8)] {
+        let src = d.path().join(name);
+        std::fs::write(&src, vec![seed; 1 << 20]).unwrap();
+        backup(
+            &store,
+            &src,
+            &BackupOptions {
+                series: name.into(),
+                chunk_size: None,
+                level: 1,
+                threads: 1,
+            },
+            &NoProgress,
+        )
+        .unwrap();
+    }
+    let overlay = d.path().join("ov");
+    let mut config = MountConfig {
+        store: store_dir.clone(),
+        snapshot: "a".into(),
+        overlay: Some(overlay),
+        temporary_overlay: false,
+        cache_mem: 1 << 20,
+        cache_dir: None,
+        cache_size: 0,
+        queues: 1,
+        depth: 1,
+        read_only: false,
+    };
+    drop(prepare(&config, |s| s).unwrap());
+    config.snapshot = "b".into();
+    let e = prepare(&config, |s| s)
+        .err()
+        .expect("must refuse")
+        .to_string();
+    assert!(e.contains("belongs to snapshot a@"), "{e}");
+}
