@@ -30,6 +30,15 @@ enum Cmd {
     Test,
     /// Run the ublk tests inside a qemu VM with the backports kernel.
     VmTest,
+    /// Build the release binary and run `livemount mount` with these arguments
+    /// (e.g. `cargo xtask create-device web01 --store /srv/store --daemon`).
+    CreateDevice {
+        /// Arguments for `livemount mount`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
+    /// fio at max IOPS on a loop device with and without the eBPF profiler attached.
+    BenchProfiler,
 }
 
 fn main() -> Result<()> {
@@ -44,10 +53,20 @@ fn main() -> Result<()> {
             setup::run()?;
             test()
         }
+        Cmd::CreateDevice { args } => {
+            util::cargo(&["build", "--release", "-p", "livemount"])?;
+            let bin = util::root().join("target/release/livemount");
+            let status = std::process::Command::new(bin)
+                .arg("mount")
+                .args(&args)
+                .status()?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
         Cmd::VmTest => {
             setup::run()?;
             vm::test()
         }
+        Cmd::BenchProfiler => ebpf::bench(),
     }
 }
 
