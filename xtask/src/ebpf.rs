@@ -128,3 +128,190 @@ fn rustc_output(args: &[&str]) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Seconds of fio per phase.
+const BENCH_PHASE_SECS: u32 = 10;
+/// Baseline/traced pairs; alternating cancels slow drift of the host.
+const BENCH_ROUNDS: usize = 3;
+
+/// `cargo xtask bench-profiler`: fio 4 KiB random O_DIRECT reads at the highest
+/// IOPS a loop device reaches here, alternating phases without and with
+/// `livemount-profiler record` attached (default settings), in one run. Prints
+/// IOPS of both, the overhead, and events seen / lost per traced phase.
+pub fn bench() -> Result<()> {
+    setup()?;
+    if !crate::util::is_root() {
+        bail!("bench-profiler needs root (loop devices, eBPF)");
+    }
+    crate::util::cargo(&["build", "--release", "-p", "livemount-profiler"])?;
+    let bin = root().join("target/release/livemount-profiler");
+    let dir = crate::util::cache_dir().join("bench-profiler");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A sparse backing file: reads of holes cost the loop driver no host I/O,
+    // so fio measures the block layer + loop path at its fastest.
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(4 << 30))
+        .with_context(|| format!("creating {}", img.display()))?;
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&img)
+        .output()
+        .context("cannot run losetup")?;
+    if !out.status.success() {
+        bail!(
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let result = bench_on(&bin, &dev, &dir);
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    result
+}
+
+struct Phase {
+    traced: bool,
+    iops: f64,
+    ios: u64,
+    seen: u64,
+    lost: u64,
+}
+
+fn bench_on(bin: &Path, dev: &str, dir: &Path) -> Result<()> {
+    let mut phases = Vec::new();
+    // Warm-up (not counted): page tables, CPU frequency, loop worker threads.
+    fio(dev, 3)?;
+    for round in 0..BENCH_ROUNDS {
+        for traced in [false, true] {
+            let phase = if traced {
+                traced_phase(bin, dev, dir)?
+            } else {
+                let (iops, ios) = fio(dev, BENCH_PHASE_SECS)?;
+                Phase {
+                    traced,
+                    iops,
+                    ios,
+                    seen: 0,
+                    lost: 0,
+                }
+            };
+            eprintln!(
+                "round {} {:>8}: {:>9.0} IOPS, {} reads{}",
+                round + 1,
+                if traced { "traced" } else { "baseline" },
+                phase.iops,
+                phase.ios,
+                if traced {
+                    format!(", profiler saw {} events, lost {}", phase.seen, phase.lost)
+                } else {
+                    String::new()
+                }
+            );
+            phases.push(phase);
+        }
+    }
+    let mean = |t: bool| {
+        let v: Vec<f64> = phases
+            .iter()
+            .filter(|p| p.traced == t)
+            .map(|p| p.iops)
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let (base, traced) = (mean(false), mean(true));
+    let lost: u64 = phases.iter().map(|p| p.lost).sum();
+    let seen: u64 = phases.iter().map(|p| p.seen).sum();
+    let ios: u64 = phases.iter().filter(|p| p.traced).map(|p| p.ios).sum();
+    println!("profiler benchmark on {dev} (fio randread 4k, io_uring, iodepth 32, 2 jobs, {BENCH_PHASE_SECS} s x {BENCH_ROUNDS} rounds)");
+    println!("  baseline IOPS (mean)   {base:.0}");
+    println!("  traced IOPS (mean)     {traced:.0}");
+    println!(
+        "  overhead               {:.2}%",
+        (base - traced) / base * 100.0
+    );
+    println!("  reads issued (traced)  {ios}");
+    println!("  events seen / lost     {seen} / {lost}");
+    Ok(())
+}
+
+fn traced_phase(bin: &Path, dev: &str, dir: &Path) -> Result<Phase> {
+    use std::io::{BufRead, BufReader};
+    let out = dir.join("bench.json");
+    let mut child = Command::new(bin)
+        .args(["record", "--disk", dev, "--out"])
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let mut reader = BufReader::new(child.stderr.take().context("no stderr")?);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            let _ = child.wait();
+            bail!("profiler exited before attaching");
+        }
+        if line.starts_with("recording ") {
+            break;
+        }
+    }
+    let drain = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
+        rest
+    });
+    let fio_result = fio(dev, BENCH_PHASE_SECS);
+    // SIGINT: the profiler drains its ring buffer and writes the profile.
+    run(Command::new("kill").args(["-INT", &child.id().to_string()]))?;
+    let status = child.wait()?;
+    let log = drain.join().unwrap_or_default();
+    if !status.success() {
+        bail!("profiler failed: {}", log.trim());
+    }
+    let (iops, ios) = fio_result?;
+    let text =
+        std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).context("profile is not JSON")?;
+    Ok(Phase {
+        traced: true,
+        iops,
+        ios,
+        seen: v["stats"]["events_seen"].as_u64().unwrap_or(0),
+        lost: v["stats"]["events_lost"].as_u64().unwrap_or(0),
+    })
+}
+
+/// Run fio for `secs`; (IOPS, completed reads).
+fn fio(dev: &str, secs: u32) -> Result<(f64, u64)> {
+    let out = Command::new("fio")
+        .args([
+            "--name=bench",
+            &format!("--filename={dev}"),
+            "--rw=randread",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--iodepth=32",
+            "--numjobs=2",
+            "--group_reporting",
+            "--time_based",
+            &format!("--runtime={secs}"),
+            "--output-format=json",
+        ])
+        .output()
+        .context("cannot run fio")?;
+    if !out.status.success() {
+        bail!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("fio printed no JSON")?;
+    let read = &v["jobs"][0]["read"];
+    Ok((
+        read["iops"].as_f64().unwrap_or(0.0),
+        read["total_ios"].as_u64().unwrap_or(0),
+    ))
+}
