@@ -60,8 +60,9 @@ pub struct BackupReport {
     pub chunks_zero: u64,
     /// bytes_new / bytes_stored.
     pub compression_ratio: f64,
-    /// Non-zero bytes read / bytes_new (how much deduplication saved).
-    pub dedup_ratio: f64,
+    /// Non-zero bytes read / bytes_new (how much deduplication saved); absent when
+    /// nothing was new (every chunk was already stored).
+    pub dedup_ratio: Option<f64>,
     /// Wall time.
     pub seconds: f64,
     /// bytes_read / seconds, MiB/s.
@@ -161,10 +162,9 @@ pub fn backup_from(
     crate::store::validate_series(&opts.series)?;
     let file = reader;
     let previous = store.list(Some(&opts.series))?.pop();
-    let prev_index = match &previous {
-        Some(p) => Some(store.load_index(p)?),
-        None => None,
-    };
+    // The previous index only supplies the series' chunk size: a damaged one must not
+    // block new backups (verify reports it).
+    let prev_index = previous.as_ref().and_then(|p| store.load_index(p).ok());
     let frame_size = store.config().frame_size;
     let chunk_size = opts
         .chunk_size
@@ -199,7 +199,7 @@ pub fn backup_from(
         chunks_reused: 0,
         chunks_zero: 0,
         compression_ratio: 1.0,
-        dedup_ratio: 1.0,
+        dedup_ratio: None,
         seconds: 0.0,
         throughput_mib_s: 0.0,
     };
@@ -330,7 +330,8 @@ pub fn backup_from(
     report.seconds = secs;
     report.throughput_mib_s = report.bytes_read as f64 / 1048576.0 / secs.max(1e-9);
     report.compression_ratio = ratio(report.bytes_new, report.bytes_stored);
-    report.dedup_ratio = ratio(report.bytes_new + report.bytes_reused, report.bytes_new);
+    report.dedup_ratio = (report.bytes_new > 0)
+        .then(|| ratio(report.bytes_new + report.bytes_reused, report.bytes_new));
     Ok(report)
 }
 

@@ -370,8 +370,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             threads,
             out,
         } => {
-            let st = Store::open(&store.store, Access::Write)?;
+            // Check the source before touching the store, so a bad source leaves no
+            // empty store behind.
             let (_, size) = backup::open_source(&source)?;
+            let st = Store::open(&store.store, Access::Write)?;
             let chunk_size = chunk_size
                 .map(|c| u32::try_from(c).map_err(|_| anyhow::anyhow!("invalid chunk size {c}")))
                 .transpose()?;
@@ -400,10 +402,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     mib(r.bytes_reused), r.chunks_reused, mib(r.bytes_zero), r.chunks_zero
                 );
                 println!(
-                    "stored {:.1} MiB: compression {:.2}x, dedup {:.2}x",
+                    "stored {:.1} MiB: compression {:.2}x, {}",
                     mib(r.bytes_stored),
                     r.compression_ratio,
                     r.dedup_ratio
+                        .map(|d| format!("dedup {d:.2}x"))
+                        .unwrap_or_else(|| "nothing new (every chunk was already stored)".into())
                 );
             }
         }
@@ -425,14 +429,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .collect::<livemount::Result<Vec<_>>>()?;
                 print_json(&infos)?;
             } else {
+                // One damaged index must not hide the others: list them all, then
+                // fail naming the first damage.
+                let mut damage = None;
                 for s in snaps {
-                    let i = info::info(&st, &s)?;
-                    println!(
-                        "{:<40} {:>10.1} MiB  {}",
-                        i.snapshot,
-                        mib(i.image_size),
-                        i.source
-                    );
+                    match info::info(&st, &s) {
+                        Ok(i) => println!(
+                            "{:<40} {:>10.1} MiB  {}",
+                            i.snapshot,
+                            mib(i.image_size),
+                            i.source
+                        ),
+                        Err(e) => {
+                            println!("{:<40} DAMAGED (run `livemount verify`)", s.to_string());
+                            damage.get_or_insert(e);
+                        }
+                    }
+                }
+                if let Some(e) = damage {
+                    return Err(e.into());
                 }
             }
         }

@@ -41,6 +41,11 @@ pub const CHUNK_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 64;
 /// Size of one seek-table entry on disk.
 pub const ENTRY_LEN: usize = 40;
+thread_local! {
+    static DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Domain separator of the chunk id hash.
 const ID_DOMAIN: &[u8] = b"livemount chunk v1";
 
@@ -313,10 +318,21 @@ impl ChunkLayout {
         let raw = if loc.stored_len == loc.raw_len {
             stored.to_vec()
         } else {
-            let mut out = Vec::with_capacity(loc.raw_len as usize);
-            zstd::stream::copy_decode(stored, &mut out)
-                .map_err(|e| corrupt(&self.id, format!("frame {index}: zstd: {e}")))?;
-            out
+            // One reusable decoder context per thread (creating one per frame costs
+            // more than decoding 64 KiB), and output capped at the frame's raw length
+            // so a damaged frame cannot make us allocate more.
+            DECODER.with(|d| {
+                let mut d = d.borrow_mut();
+                let dec = match d.as_mut() {
+                    Some(dec) => dec,
+                    None => d.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|e| corrupt(&self.id, format!("zstd: {e}")))?,
+                    ),
+                };
+                dec.decompress(stored, loc.raw_len as usize)
+                    .map_err(|e| corrupt(&self.id, format!("frame {index}: zstd: {e}")))
+            })?
         };
         if raw.len() != loc.raw_len as usize || *blake3::hash(&raw).as_bytes() != loc.hash {
             return Err(corrupt(&self.id, format!("frame {index} hash mismatch")));
