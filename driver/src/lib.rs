@@ -18,6 +18,7 @@ pub mod info;
 pub mod metrics;
 pub mod mount;
 pub mod overlay;
+pub mod prestage;
 pub mod progress;
 pub mod restore;
 pub mod ublk;

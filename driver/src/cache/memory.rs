@@ -108,6 +108,42 @@ impl<K: Hash + Eq + Clone, V: Clone> TwoQueue<K, V> {
         self.evict();
     }
 
+    /// True if `key` is cached (no access is counted, nothing moves).
+    pub fn contains(&self, key: &K) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// Room left in the protected segment, bytes.
+    pub fn protected_room(&self) -> usize {
+        (self.capacity - self.capacity / 4).saturating_sub(self.protected_bytes)
+    }
+
+    /// Insert straight into the protected segment (pre-staged frames: the profile
+    /// says they are hot). Refused (false) when it would evict protected entries:
+    /// pre-staging stops at the budget rather than evicting the hot set.
+    pub fn insert_protected(&mut self, key: K, value: V, bytes: usize) -> bool {
+        if self.map.contains_key(&key) {
+            return true;
+        }
+        if bytes > self.protected_room() {
+            return false;
+        }
+        self.tick += 1;
+        self.protected.insert(self.tick, key.clone());
+        self.protected_bytes += bytes;
+        self.map.insert(
+            key,
+            Entry {
+                value,
+                bytes,
+                segment: Segment::Protected,
+                tick: self.tick,
+            },
+        );
+        self.evict();
+        true
+    }
+
     /// Remove `key`.
     pub fn remove(&mut self, key: &K) {
         if let Some(e) = self.map.remove(key) {

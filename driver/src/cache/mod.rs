@@ -18,8 +18,9 @@ use disk::DiskTier;
 use hashbrown::HashMap;
 use memory::{FrameBytes, TwoQueue};
 use serde::Serialize;
+use std::collections::HashSet;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Counters of the read cache (all monotonic).
@@ -39,6 +40,8 @@ pub struct CacheStats {
     pub decoded_bytes: AtomicU64,
     /// Chunks that failed verification (from the store).
     pub corrupt: AtomicU64,
+    /// Demand reads of frames that pre-staging had brought in.
+    pub prestage_saved: AtomicU64,
 }
 
 /// A snapshot of [`CacheStats`] plus sizes, for `status`.
@@ -60,6 +63,8 @@ pub struct CacheReport {
     pub decoded_bytes: u64,
     /// Chunks that failed verification.
     pub corrupt_chunks: u64,
+    /// Demand frame reads served from pre-staged frames.
+    pub prestage_saved_reads: u64,
     /// Bytes held by the memory tier.
     pub mem_bytes: u64,
     /// Memory budget.
@@ -82,8 +87,28 @@ pub struct ReadCache {
     layouts: Mutex<HashMap<ChunkId, Arc<ChunkLayout>>>,
     inflight: Mutex<HashMap<FrameKey, Waiter>>,
     frame_size: u32,
+    /// Demand fetches in progress: pre-staging yields to them.
+    demand_inflight: AtomicUsize,
+    /// Frames brought in by pre-staging and not yet read (for "reads saved").
+    prestaged: Mutex<HashSet<FrameKey>>,
     /// Counters.
     pub stats: CacheStats,
+}
+
+/// What one pre-staging step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetched {
+    /// Frames fetched: compressed bytes read, decoded bytes staged.
+    Fetched {
+        /// Bytes read from the store or disk tier.
+        stored: u64,
+        /// Uncompressed bytes staged.
+        raw: u64,
+    },
+    /// Everything was already cached.
+    Present,
+    /// The cache budget is reached: pre-staging stops here.
+    BudgetReached,
 }
 
 impl ReadCache {
@@ -103,8 +128,77 @@ impl ReadCache {
             layouts: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             frame_size,
+            demand_inflight: AtomicUsize::new(0),
+            prestaged: Mutex::new(HashSet::new()),
             stats: CacheStats::default(),
         }
+    }
+
+    /// Demand fetches in flight now.
+    pub fn demand_inflight(&self) -> usize {
+        self.demand_inflight.load(Relaxed)
+    }
+
+    fn note_hit(&self, key: &FrameKey) {
+        if let Ok(mut p) = self.prestaged.lock() {
+            if !p.is_empty() && p.remove(key) {
+                self.stats.prestage_saved.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Pre-stage frames `frames` of chunk `id`: fetch the missing ones with one range
+    /// read per run, verify them, keep them in the disk tier and (with `to_memory`)
+    /// decoded in the protected memory segment. Never evicts hot data: returns
+    /// [`Prefetched::BudgetReached`] instead.
+    pub fn prefetch(
+        &self,
+        id: &ChunkId,
+        chunk_len: u32,
+        frames: Range<usize>,
+        to_memory: bool,
+    ) -> Result<Prefetched> {
+        let layout = self.layout(id, chunk_len)?;
+        let frames = frames.start.min(layout.frames.len())..frames.end.min(layout.frames.len());
+        let missing: Vec<usize> = match self.mem.lock() {
+            Ok(m) => frames
+                .clone()
+                .filter(|&i| !m.contains(&(*id, i as u32)))
+                .collect(),
+            Err(_) => return Err(poisoned()),
+        };
+        if missing.is_empty() || (!to_memory && self.disk.is_none()) {
+            return Ok(Prefetched::Present);
+        }
+        let (first, last) = (missing[0], missing[missing.len() - 1]);
+        let run = first..last + 1;
+        let raw: u64 = run.clone().map(|i| layout.frames[i].raw_len as u64).sum();
+        let stored_range = layout.file_range(run.clone());
+        let stored = stored_range.end - stored_range.start;
+        if to_memory {
+            let room = self.mem.lock().map(|m| m.protected_room()).unwrap_or(0) as u64;
+            if raw > room {
+                return Ok(Prefetched::BudgetReached);
+            }
+        } else if let Some(d) = &self.disk {
+            if d.would_exceed(stored) {
+                return Ok(Prefetched::BudgetReached);
+            }
+        }
+        let decoded = self.fetch(id, stored_range, |b| layout.decode_frames(run.clone(), b))?;
+        if to_memory {
+            let mut mem = self.mem.lock().map_err(|_| poisoned())?;
+            let mut keys = self.prestaged.lock().map_err(|_| poisoned())?;
+            for (i, f) in run.zip(decoded) {
+                self.stats.decoded_bytes.fetch_add(f.len() as u64, Relaxed);
+                let len = f.len();
+                if !mem.insert_protected((*id, i as u32), Arc::new(f), len) {
+                    return Ok(Prefetched::BudgetReached);
+                }
+                keys.insert((*id, i as u32));
+            }
+        }
+        Ok(Prefetched::Fetched { stored, raw })
     }
 
     /// The disk tier, if any.
@@ -129,6 +223,7 @@ impl ReadCache {
             store_bytes: s.store_bytes.load(Relaxed),
             decoded_bytes: s.decoded_bytes.load(Relaxed),
             corrupt_chunks: s.corrupt.load(Relaxed),
+            prestage_saved_reads: s.prestage_saved.load(Relaxed),
             mem_bytes: self.mem.lock().map(|m| m.bytes() as u64).unwrap_or(0),
             mem_budget: self.mem_budget,
             disk_bytes: self.disk.as_ref().map(|d| d.bytes()).unwrap_or(0),
@@ -195,6 +290,7 @@ impl ReadCache {
         let r = self.mem.lock().ok()?.get(key);
         if r.is_some() {
             self.stats.mem_hits.fetch_add(1, Relaxed);
+            self.note_hit(key);
         }
         r
     }
@@ -237,6 +333,9 @@ impl ReadCache {
         }
         drop(mem);
         self.stats.mem_hits.fetch_add(got.len() as u64, Relaxed);
+        for i in frames.clone() {
+            self.note_hit(&(*id, i as u32));
+        }
         copy_out(self.frame_size, frames.start, &got, range, out);
         true
     }
@@ -289,6 +388,7 @@ impl ReadCache {
                 }
             }
             // Fetch our frames in runs of adjacent ones, one range read per run.
+            self.demand_inflight.fetch_add(1, Relaxed);
             let mut result = Ok(());
             let mut start = 0;
             while start < mine.len() {
@@ -308,6 +408,7 @@ impl ReadCache {
                 }
                 start = end;
             }
+            self.demand_inflight.fetch_sub(1, Relaxed);
             if let Ok(mut inflight) = self.inflight.lock() {
                 for &i in &mine {
                     if let Some(w) = inflight.remove(&(*id, i as u32)) {

@@ -31,6 +31,7 @@ pub mod chunk;
 pub mod fsutil;
 pub mod index;
 pub mod source;
+pub mod throttle;
 
 use crate::error::{Error, IoContext, Result};
 use chunk::ChunkId;
