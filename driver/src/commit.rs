@@ -58,18 +58,14 @@ pub fn commit(
         )));
     }
     let identity = read_identity(overlay)?;
-    let config = MountConfig {
-        store: store_dir.to_path_buf(),
-        snapshot: identity.snapshot.clone(),
-        overlay: Some(overlay.to_path_buf()),
-        temporary_overlay: false,
-        cache_mem: 64 << 20,
-        cache_dir: None,
-        cache_size: 0,
-        queues: 1,
-        depth: 1,
-        read_only: false,
-    };
+    let mut config = MountConfig::new(
+        store_dir.to_path_buf(),
+        identity.snapshot.clone(),
+        Some(overlay.to_path_buf()),
+    );
+    config.cache_mem = 64 << 20;
+    // Pre-staging is for boots, not for a sequential read of the whole disk.
+    config.prestage = "none".into();
     let prepared = prepare(&config, |s| s)?;
     let store = Store::open(store_dir, Access::Write)?;
     let size = prepared.backend.image_size();

@@ -134,6 +134,27 @@ enum Cmd {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Fill the disk cache from a profile without mounting (prepare a host for a recovery).
+    Prestage {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// `series@time`, or `series` for its latest.
+        snapshot: String,
+        /// The profile (default: the one attached to the series).
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// Disk cache directory (the one later mounts use with --cache-dir).
+        #[arg(long)]
+        cache_dir: PathBuf,
+        /// Budget of the disk cache.
+        #[arg(long, value_parser = parse_size, default_value = "4G")]
+        cache_size: u64,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Profiles attached to backup series (used by every mount of the series).
+    #[command(subcommand)]
+    Profile(ProfileCmd),
     /// Save a live mount's changes: base snapshot + overlay as a new snapshot.
     Commit {
         #[command(flatten)]
@@ -151,6 +172,27 @@ enum Cmd {
     },
     /// Remove chunks that no snapshot references.
     Gc {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+/// `livemount profile …`.
+#[derive(Subcommand)]
+enum ProfileCmd {
+    /// Attach a profile to a series (replaces an earlier one).
+    Attach {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The series, e.g. web01.
+        name: String,
+        /// The profile file (from livemount-profiler or mount --record-profile).
+        file: PathBuf,
+    },
+    /// List attached profiles.
+    List {
         #[command(flatten)]
         store: StoreArgs,
         #[command(flatten)]
@@ -201,6 +243,45 @@ struct MountArgs {
     /// Seconds to wait for the kernel to create the device.
     #[arg(long, default_value_t = 30)]
     create_timeout: u64,
+    /// Profile for pre-staging (default: the profile attached to the series, if any).
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Stage the profile's first SECONDS of reads before the device is ready, `all`, or `none`
+    /// (the rest is fetched in the background, after on-demand reads).
+    #[arg(long, default_value = "all", value_parser = parse_prestage)]
+    prestage: String,
+    /// Model a remote store: added latency per store request (e.g. 20ms).
+    #[arg(long, value_parser = parse_duration)]
+    store_latency: Option<std::time::Duration>,
+    /// Model a remote store: shared bandwidth in bytes/s (e.g. 100M).
+    #[arg(long, value_parser = parse_size)]
+    store_bandwidth: Option<u64>,
+    /// At unmount, write what the VM read during the mount as a profile to FILE.
+    #[arg(long)]
+    record_profile: Option<PathBuf>,
+}
+
+fn parse_prestage(s: &str) -> Result<String, String> {
+    s.parse::<livemount::prestage::PrestageWindow>()
+        .map(|_| s.to_string())
+}
+
+/// Parse durations such as `20ms`, `1.5s`, `500us`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "" | "s" => v,
+        "ms" => v / 1e3,
+        "us" => v / 1e6,
+        _ => return Err(format!("unknown duration unit in {s:?} (use s, ms, us)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 /// `--store` where it may come from elsewhere (mount --recover).
@@ -256,6 +337,11 @@ fn mount_cmd(a: MountArgs) -> Result<()> {
                 queues: a.queues,
                 depth: a.depth,
                 read_only: a.read_only,
+                profile: a.profile.clone(),
+                prestage: a.prestage.clone(),
+                store_latency_ms: a.store_latency.map(|d| d.as_secs_f64() * 1000.0),
+                store_bandwidth: a.store_bandwidth,
+                record_profile: a.record_profile.clone(),
             }
         }
     };
@@ -269,6 +355,53 @@ fn mount_cmd(a: MountArgs) -> Result<()> {
         },
     )?;
     Ok(())
+}
+
+fn prestage_cmd(
+    store_dir: &std::path::Path,
+    snapshot: &str,
+    profile: Option<PathBuf>,
+    cache_dir: PathBuf,
+    cache_size: u64,
+    out: OutputArgs,
+) -> Result<livemount::prestage::PrestageReport> {
+    use livemount::cache::{disk::DiskTier, ReadCache};
+    use std::sync::Arc;
+    let st = Store::open(store_dir, Access::ReadOnly)?;
+    let snap = st.resolve(snapshot)?;
+    let index = st.load_index(&snap)?;
+    let profile = match profile {
+        Some(p) => livemount::profile::Profile::load(&p)?,
+        None => livemount::mount::attached_profile(&st, &snap.series)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no --profile given and no profile attached to series {}",
+                snap.series
+            )
+        })?,
+    };
+    let origin = Arc::new(livemount::store::source::DirChunkSource::new(
+        st.chunks().dir(),
+    ));
+    let disk = DiskTier::open(&cache_dir, cache_size)?;
+    let cache = Arc::new(ReadCache::new(origin, 0, Some(disk), index.frame_size));
+    let p = livemount::prestage::Prestager::new(Arc::new(index), cache, &profile, false, 8)?;
+    let total = p.progress.report().planned_bytes;
+    let progress = StderrProgress::boxed("prestage", total, out.quiet || out.json);
+    std::thread::scope(|s| {
+        s.spawn(|| p.stage_before_ready(livemount::prestage::PrestageWindow::All));
+        let mut last = 0;
+        loop {
+            let r = p.progress.report();
+            progress.inc(r.staged_bytes.saturating_sub(last));
+            last = r.staged_bytes;
+            if r.steps_done >= r.steps_total || r.budget_reached {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    progress.finish();
+    Ok(p.progress.report())
 }
 
 /// `--daemon`: run the mount as a detached child and return once it printed that the
@@ -574,6 +707,92 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("forgot {snap}; run `livemount gc` to free its chunks");
         }
         Cmd::Mount(a) => mount_cmd(a)?,
+        Cmd::Prestage {
+            store,
+            snapshot,
+            profile,
+            cache_dir,
+            cache_size,
+            out,
+        } => {
+            let r = prestage_cmd(&store.store, &snapshot, profile, cache_dir, cache_size, out)?;
+            if out.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "pre-staged {:.1} of {:.1} MiB ({:.0}%) in {} steps, {:.1} MiB fetched{}{}",
+                    mib(r.staged_bytes),
+                    mib(r.planned_bytes),
+                    100.0 * r.share,
+                    r.steps_done,
+                    mib(r.fetched_bytes),
+                    if r.budget_reached {
+                        "; stopped at the cache budget"
+                    } else {
+                        ""
+                    },
+                    if r.errors > 0 {
+                        format!("; {} chunk(s) failed (see above)", r.errors)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            if r.errors > 0 {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Cmd::Profile(ProfileCmd::Attach { store, name, file }) => {
+            let st = Store::open(&store.store, Access::Write)?;
+            livemount::store::validate_series(&name)?;
+            let p = livemount::profile::Profile::load(&file)?;
+            let snap = st.resolve(&name)?;
+            let size = st.load_index(&snap)?.image_size;
+            if p.disk_size != size {
+                anyhow::bail!(
+                    "profile {} is for a disk of {} bytes, series {name} has {size} bytes",
+                    file.display(),
+                    p.disk_size
+                );
+            }
+            let dest = livemount::mount::attached_profile_path(&st, &name);
+            if let Some(dir) = dest.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            p.save(&dest)?;
+            println!(
+                "attached {} to {name} ({:.1} MiB working set)",
+                file.display(),
+                mib(p.working_set_bytes())
+            );
+        }
+        Cmd::Profile(ProfileCmd::List { store, out }) => {
+            let st = Store::open(&store.store, Access::ReadOnly)?;
+            let dir = st.root().join("profiles");
+            let mut rows = Vec::new();
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.flatten() {
+                    let name = e
+                        .file_name()
+                        .to_string_lossy()
+                        .trim_end_matches(".json")
+                        .to_string();
+                    match livemount::profile::Profile::load(e.path()) {
+                        Ok(p) => rows.push(serde_json::json!({"series": name, "working_set_bytes": p.working_set_bytes(), "extents": p.extents.len(), "disk_size": p.disk_size, "source": p.source.device, "runs": p.source.runs})),
+                        Err(err) => rows.push(serde_json::json!({"series": name, "error": err.to_string()})),
+                    }
+                }
+            }
+            if out.json {
+                print_json(&rows)?;
+            } else if rows.is_empty() {
+                println!("no profiles attached");
+            } else {
+                for r in rows {
+                    println!("{}", r);
+                }
+            }
+        }
         Cmd::Commit {
             store,
             overlay,
@@ -639,6 +858,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             100.0 * g("mem_hit_rate"), g("mem_bytes") / 1048576.0, g("mem_budget") / 1048576.0,
                             g("disk_bytes") / 1048576.0, g("disk_budget") / 1048576.0, g("store_bytes") / 1048576.0,
                             g("store_reads"), g("decoded_bytes") / 1048576.0);
+                    }
+                    if let Some(p) = &s.prestage {
+                        let g = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+                        println!(
+                            "  prestage: {:.1} of {:.1} MiB ({:.0}%), {} of {} steps, {:.1} MiB fetched, {:.0} ms before ready{}",
+                            g("staged_bytes") / 1048576.0, g("planned_bytes") / 1048576.0, 100.0 * g("share"),
+                            g("steps_done"), g("steps_total"), g("fetched_bytes") / 1048576.0, g("ready_ms"),
+                            if p.get("budget_reached").and_then(|v| v.as_bool()).unwrap_or(false) { ", stopped at the cache budget" } else { "" }
+                        );
                     }
                     if let Some(io) = &s.io {
                         let g = |k: &str| io.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);

@@ -49,6 +49,49 @@ pub struct MountConfig {
     pub depth: u16,
     /// Refuse writes.
     pub read_only: bool,
+    /// Profile that drives pre-staging (default: the one attached to the series).
+    #[serde(default)]
+    pub profile: Option<PathBuf>,
+    /// How much of the profile to stage before ready: seconds, `all` or `none`.
+    #[serde(default = "default_prestage")]
+    pub prestage: String,
+    /// Model a remote store: latency per request, milliseconds.
+    #[serde(default)]
+    pub store_latency_ms: Option<f64>,
+    /// Model a remote store: bandwidth, bytes/s.
+    #[serde(default)]
+    pub store_bandwidth: Option<u64>,
+    /// Write what the VM read, as a profile, to this file at unmount.
+    #[serde(default)]
+    pub record_profile: Option<PathBuf>,
+}
+
+/// Default pre-staging window: the whole profile (see docs/performance.md).
+pub fn default_prestage() -> String {
+    "all".into()
+}
+
+impl MountConfig {
+    /// A configuration with defaults for everything but store, snapshot and overlay.
+    pub fn new(store: PathBuf, snapshot: String, overlay: Option<PathBuf>) -> Self {
+        MountConfig {
+            store,
+            snapshot,
+            read_only: overlay.is_none(),
+            overlay,
+            temporary_overlay: false,
+            cache_mem: 256 << 20,
+            cache_dir: None,
+            cache_size: 0,
+            queues: 1,
+            depth: 64,
+            profile: None,
+            prestage: default_prestage(),
+            store_latency_ms: None,
+            store_bandwidth: None,
+            record_profile: None,
+        }
+    }
 }
 
 /// The status file's content.
@@ -76,6 +119,9 @@ pub struct MountStatus {
     pub io: Option<IoReportSer>,
     /// Seconds since the device became ready.
     pub uptime_s: f64,
+    /// Pre-staging progress, when a profile is used.
+    #[serde(default)]
+    pub prestage: Option<serde_json::Value>,
 }
 
 /// JSON form of [`CacheReport`](crate::cache::CacheReport).
@@ -88,6 +134,7 @@ pub struct MountBackend {
     image: Arc<SnapshotImage>,
     overlay: Option<Arc<Overlay>>,
     size: u64,
+    recorder: Option<std::sync::Mutex<(crate::profile::ExtentBuilder, Instant)>>,
 }
 
 impl BlockBackend for MountBackend {
@@ -95,16 +142,21 @@ impl BlockBackend for MountBackend {
         self.size
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.record(offset, buf.len());
         match &self.overlay {
             Some(o) => o.read(offset, buf),
             None => self.image.read_at(offset, buf),
         }
     }
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
-        match &self.overlay {
+        let ok = match &self.overlay {
             Some(o) if !o.untouched(offset, buf.len() as u64) => false,
             _ => self.image.read_cached(offset, buf),
+        };
+        if ok {
+            self.record(offset, buf.len());
         }
+        ok
     }
     fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.overlay()?.write(offset, buf)
@@ -124,6 +176,53 @@ impl BlockBackend for MountBackend {
 }
 
 impl MountBackend {
+    fn record(&self, offset: u64, len: usize) {
+        if let Some(r) = &self.recorder {
+            if let Ok(mut g) = r.lock() {
+                let ns = g.1.elapsed().as_nanos() as u64;
+                g.0.add(offset, len as u64, ns);
+            }
+        }
+    }
+
+    /// The learned profile so far (`--record-profile`), in the profile format.
+    pub fn learned_profile(&self, device: &str) -> Option<crate::profile::Profile> {
+        let r = self.recorder.as_ref()?.lock().ok()?;
+        let source = crate::profile::Source {
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            device: device.to_string(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            tracer: "livemount mount --record-profile".into(),
+            started_unix: crate::store::now_secs().max(0) as u64,
+            runs: 1,
+        };
+        let mut p = crate::profile::Profile::new(self.image_size(), r.0.block_size(), source);
+        p.extents = r.0.finish();
+        p.stats.events_seen = p.extents.iter().map(|e| e.count).sum();
+        p.stats.duration_ns = r.1.elapsed().as_nanos() as u64;
+        Some(p)
+    }
+
+    /// Start the clock of the learned profile (at device ready).
+    pub fn restart_recording(&self) {
+        if let Some(r) = &self.recorder {
+            if let Ok(mut g) = r.lock() {
+                g.1 = Instant::now();
+            }
+        }
+    }
+
+    /// The snapshot image below the overlay.
+    pub fn image(&self) -> &Arc<SnapshotImage> {
+        &self.image
+    }
+
     /// Bytes in the snapshot's image (the device may be rounded up to 512).
     pub fn image_size(&self) -> u64 {
         self.image.index().image_size
@@ -163,7 +262,25 @@ pub struct PreparedMount {
     pub backend: Arc<MountBackend>,
     /// The read cache (for status).
     pub cache: Arc<ReadCache>,
+    /// Pre-staging, when a profile applies.
+    pub prestager: Option<Arc<crate::prestage::Prestager>>,
     _pin: std::fs::File,
+}
+
+/// Where profiles attached to a series live in a store.
+pub fn attached_profile_path(store: &Store, series: &str) -> PathBuf {
+    store.root().join("profiles").join(format!("{series}.json"))
+}
+
+/// The profile attached to `series`, if any.
+pub fn attached_profile(store: &Store, series: &str) -> Result<Option<crate::profile::Profile>> {
+    let path = attached_profile_path(store, series);
+    if !path.exists() {
+        return Ok(None);
+    }
+    crate::profile::Profile::load(&path)
+        .map(Some)
+        .map_err(|e| Error::Invalid(e.to_string()))
 }
 
 /// Build the layers of a mount (store opened read-only).
@@ -176,8 +293,21 @@ pub fn prepare(
     let pin = store.pin_snapshot(&snap)?;
     let index = store.load_index(&snap)?;
     let device_size = index.image_size.div_ceil(512) * 512;
-    let origin: Arc<dyn ChunkSource> =
-        origin_wrap(Arc::new(DirChunkSource::new(store.chunks().dir())));
+    let mut origin: Arc<dyn ChunkSource> = Arc::new(DirChunkSource::new(store.chunks().dir()));
+    if config.store_latency_ms.is_some() || config.store_bandwidth.is_some() {
+        origin = Arc::new(crate::store::throttle::ThrottledSource::new(
+            origin,
+            Duration::from_secs_f64(config.store_latency_ms.unwrap_or(0.0) / 1000.0),
+            config.store_bandwidth,
+        ));
+    }
+    let origin = origin_wrap(origin);
+    let profile = match &config.profile {
+        Some(p) => {
+            Some(crate::profile::Profile::load(p).map_err(|e| Error::Invalid(e.to_string()))?)
+        }
+        None => attached_profile(&store, &snap.series)?,
+    };
     let disk = match &config.cache_dir {
         Some(d) => Some(DiskTier::open(d, config.cache_size)?),
         None => None,
@@ -202,14 +332,36 @@ pub fn prepare(
     };
     let mut config = config.clone();
     config.snapshot = snap.to_string();
+    let recorder = config.record_profile.as_ref().map(|_| {
+        std::sync::Mutex::new((
+            crate::profile::ExtentBuilder::new(
+                image.index().image_size,
+                crate::profile::DEFAULT_BLOCK_SIZE,
+                crate::profile::DEFAULT_COALESCE_NS,
+            ),
+            Instant::now(),
+        ))
+    });
+    let prestager = match &profile {
+        Some(p) => Some(Arc::new(crate::prestage::Prestager::new(
+            Arc::new(image.index().clone()),
+            cache.clone(),
+            p,
+            true,
+            8,
+        )?)),
+        None => None,
+    };
     Ok(PreparedMount {
         config,
         backend: Arc::new(MountBackend {
             image,
             overlay,
             size: device_size,
+            recorder,
         }),
         cache,
+        prestager,
         _pin: pin,
     })
 }
@@ -297,8 +449,53 @@ fn private_mount_namespace() {
                 libc::MS_REC | libc::MS_PRIVATE,
                 std::ptr::null(),
             );
+            detach_ublk_mounts();
         } else {
             eprintln!("livemount: warning: cannot create a private mount namespace; do not mount the device in this process's namespace");
+        }
+    }
+}
+
+/// In the daemon's fresh namespace, lazily unmount every file system on a ublk device
+/// that the copy of the caller's namespace brought along (e.g. `mount --recover` while
+/// the device's ext4 is mounted): holding them would keep their superblocks alive after
+/// the user unmounts them, and their final write-back would then target a device whose
+/// daemon is this process.
+fn detach_ublk_mounts() {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let unescape = |s: &str| -> Vec<u8> {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'\\'
+                && i + 3 < b.len()
+                && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+            {
+                out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+                i += 4;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        out
+    };
+    let targets: Vec<Vec<u8>> = info
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let source = right.split(' ').nth(1)?;
+            let point = left.split(' ').nth(4)?;
+            source.starts_with("/dev/ublkb").then(|| unescape(point))
+        })
+        .collect();
+    for t in targets.into_iter().rev() {
+        if let Ok(c) = std::ffi::CString::new(t) {
+            // SAFETY: valid C string; affects only this process's private namespace.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
     }
 }
@@ -324,8 +521,14 @@ pub fn run(config: MountConfig, opts: RunOptions) -> Result<()> {
         config,
         backend,
         cache,
+        prestager,
         _pin,
     } = prepared;
+    if let Some(p) = &prestager {
+        let window: crate::prestage::PrestageWindow =
+            config.prestage.parse().map_err(Error::Invalid)?;
+        p.stage_before_ready(window);
+    }
     let metrics = Arc::new(IoMetrics::default());
     let dev_opts = DeviceOptions {
         queues: config.queues,
@@ -386,6 +589,7 @@ pub fn run(config: MountConfig, opts: RunOptions) -> Result<()> {
     let started = Instant::now();
     let make_status = {
         let config = config.clone();
+        let prestager = prestager.clone();
         let backend = backend.clone();
         let cache = cache.clone();
         let metrics = metrics.clone();
@@ -405,11 +609,21 @@ pub fn run(config: MountConfig, opts: RunOptions) -> Result<()> {
             cache: serde_json::to_value(cache.report()).ok(),
             io: serde_json::to_value(metrics.report()).ok(),
             uptime_s: started.elapsed().as_secs_f64(),
+            prestage: prestager
+                .as_ref()
+                .and_then(|p| serde_json::to_value(p.progress.report()).ok()),
         }
     };
     let ready_status = make_status.clone();
+    let ready_backend = backend.clone();
+    let ready_prestager = prestager.clone();
     let ready = move |c: &libublk::ctrl::UblkCtrl| {
         is_ready.store(true, Ordering::SeqCst);
+        ready_backend.restart_recording();
+        // Keep fetching ahead of the VM in profile order, yielding to demand reads.
+        if let Some(p) = ready_prestager {
+            std::thread::spawn(move || p.continue_in_background());
+        }
         let _ = write_status(&ready_status("running"));
         let dev = c.get_bdev_path();
         let mut out = std::io::stdout().lock();
@@ -438,6 +652,12 @@ pub fn run(config: MountConfig, opts: RunOptions) -> Result<()> {
     stopping.store(true, Ordering::SeqCst);
     // Clean stop: make every write durable, remove the device and our files.
     let flushed = backend.flush();
+    if let (Some(path), Some(p)) = (&config.record_profile, backend.learned_profile(&device)) {
+        match p.save(path) {
+            Ok(()) => eprintln!("livemount: wrote the learned profile to {}", path.display()),
+            Err(e) => eprintln!("livemount: cannot write the learned profile: {e}"),
+        }
+    }
     let _ = ctrl.del_dev();
     let _ = std::fs::remove_file(status_path(dev_id));
     if config.temporary_overlay {

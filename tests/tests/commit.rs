@@ -44,18 +44,8 @@ fn commit_keeps_overlay_writes_and_dedups() {
         backup(&store, &src, &opts("vm"), &NoProgress).unwrap();
     }
     let overlay = d.path().join("overlay");
-    let config = MountConfig {
-        store: store_dir.clone(),
-        snapshot: "vm".into(),
-        overlay: Some(overlay.clone()),
-        temporary_overlay: false,
-        cache_mem: 1 << 20,
-        cache_dir: None,
-        cache_size: 0,
-        queues: 1,
-        depth: 1,
-        read_only: false,
-    };
+    let mut config = MountConfig::new(store_dir.clone(), "vm".into(), Some(overlay.clone()));
+    config.cache_mem = 1 << 20;
     {
         let m = prepare(&config, |s| s).unwrap();
         // A second user of the overlay is refused while this one holds it.
@@ -114,18 +104,8 @@ fn overlay_of_another_snapshot_is_refused() {
         .unwrap();
     }
     let overlay = d.path().join("ov");
-    let mut config = MountConfig {
-        store: store_dir.clone(),
-        snapshot: "a".into(),
-        overlay: Some(overlay),
-        temporary_overlay: false,
-        cache_mem: 1 << 20,
-        cache_dir: None,
-        cache_size: 0,
-        queues: 1,
-        depth: 1,
-        read_only: false,
-    };
+    let mut config = MountConfig::new(store_dir.clone(), "a".into(), Some(overlay));
+    config.cache_mem = 1 << 20;
     drop(prepare(&config, |s| s).unwrap());
     config.snapshot = "b".into();
     let e = prepare(&config, |s| s)
