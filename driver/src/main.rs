@@ -259,6 +259,56 @@ struct MountArgs {
     /// At unmount, write what the VM read during the mount as a profile to FILE.
     #[arg(long)]
     record_profile: Option<PathBuf>,
+    /// Supervise the daemon: if it dies (crash, SIGKILL), start a new one that
+    /// recovers the device (`--recover`), up to 5 times a minute.
+    #[arg(long)]
+    auto_recover: bool,
+}
+
+/// `--auto-recover`: run the mount as a child and re-attach a new daemon to the
+/// device whenever the child dies without a clean stop.
+fn supervise() -> Result<()> {
+    use std::io::{BufRead, Write};
+    let exe = std::env::current_exe()?;
+    let first: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|x| x != "--auto-recover")
+        .collect();
+    let mut args = first;
+    let mut device: Option<String> = None;
+    let mut restarts: Vec<std::time::Instant> = Vec::new();
+    loop {
+        let mut child = std::process::Command::new(&exe)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        if let Some(out) = child.stdout.take() {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(dev) = line
+                    .strip_prefix("device ")
+                    .and_then(|l| l.split_whitespace().next())
+                {
+                    device = Some(dev.to_string());
+                }
+                // The --daemon parent stops reading once the device is ready.
+                let _ = writeln!(std::io::stdout(), "{line}");
+            }
+        }
+        let status = child.wait()?;
+        if status.success() {
+            return Ok(());
+        }
+        let Some(dev) = device.clone() else {
+            anyhow::bail!("the mount failed before its device was ready ({status})");
+        };
+        restarts.retain(|t| t.elapsed() < std::time::Duration::from_secs(60));
+        if restarts.len() >= 5 {
+            anyhow::bail!("the daemon of {dev} died 5 times within a minute; giving up (recover by hand with `livemount mount --recover {dev}`)");
+        }
+        restarts.push(std::time::Instant::now());
+        eprintln!("livemount: the daemon of {dev} died ({status}); recovering the device");
+        args = vec!["mount".into(), "--recover".into(), dev];
+    }
 }
 
 fn parse_prestage(s: &str) -> Result<String, String> {
@@ -296,6 +346,9 @@ fn mount_cmd(a: MountArgs) -> Result<()> {
     use livemount::mount;
     if a.daemon {
         return daemonize(&a);
+    }
+    if a.auto_recover {
+        return supervise();
     }
     let recover = a.recover.as_deref().map(mount::parse_dev).transpose()?;
     let config = match recover {
@@ -410,6 +463,7 @@ fn daemonize(a: &MountArgs) -> Result<()> {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe()?;
+    // --daemon --auto-recover: the detached child is the supervisor.
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|x| x != "--daemon")

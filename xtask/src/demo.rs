@@ -44,7 +44,7 @@ fn same_files(a: &Path, b: &Path) -> Result<bool> {
 }
 
 /// The base image: ext4 made from /usr/share, built once.
-fn base_image(dir: &Path) -> Result<PathBuf> {
+pub fn base_image(dir: &Path) -> Result<PathBuf> {
     let img = dir.join("base.img");
     if img.exists() {
         return Ok(img);

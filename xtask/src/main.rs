@@ -4,6 +4,7 @@
 //! ublk VM tests, bpf-linker and rust-src for the eBPF build) is installed by
 //! `cargo xtask setup`, which `demo`, `test` and the benchmarks call first.
 
+mod bench_vm;
 mod demo;
 mod ebpf;
 mod setup;
@@ -30,6 +31,8 @@ enum Cmd {
     Test,
     /// Run the ublk tests inside a qemu VM with the backports kernel.
     VmTest,
+    /// fio in the VM: livemount cold/warm vs the loop device and rublk null.
+    BenchVm,
     /// Build the release binary and run `livemount mount` with these arguments
     /// (e.g. `cargo xtask create-device web01 --store /srv/store --daemon`).
     CreateDevice {
@@ -61,6 +64,10 @@ fn main() -> Result<()> {
                 .args(&args)
                 .status()?;
             std::process::exit(status.code().unwrap_or(1));
+        }
+        Cmd::BenchVm => {
+            setup::run()?;
+            bench_vm::run()
         }
         Cmd::VmTest => {
             setup::run()?;

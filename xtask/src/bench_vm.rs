@@ -1,0 +1,247 @@
+//! `cargo xtask bench-vm`: fio inside the ublk test VM, every target in one run.
+//!
+//! Targets on the same 512 MiB image (the first half of the demo's ext4 disk made
+//! from /usr/share), all on guest tmpfs: the kernel loop device over the raw image,
+//! `rublk add null`, livemount cold (a fresh mount per job, empty caches) and warm
+//! (after one full read, data in the memory tier). Jobs: 4 KiB random read at QD1 and
+//! QD32, 1 MiB sequential read, 4 KiB random write at QD32 (io_uring, O_DIRECT).
+//! Plus `zstd -d -T1` of the same image, the reference for cold sequential reads.
+//! Only ratios inside one run mean anything under TCG. Writes the table to
+//! `results/bench-vm.md`.
+
+use crate::util::{cache_dir, root, run as sh};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const JOBS: &[(&str, &str)] = &[
+    (
+        "rr4k_qd1",
+        "--rw=randread --bs=4k --iodepth=1 --runtime=8 --time_based",
+    ),
+    (
+        "rr4k_qd32",
+        "--rw=randread --bs=4k --iodepth=32 --runtime=8 --time_based",
+    ),
+    ("seq1m", "--rw=read --bs=1M --iodepth=4 --io_size=512M"),
+    (
+        "rw4k_qd32",
+        "--rw=randwrite --bs=4k --iodepth=32 --runtime=8 --time_based",
+    ),
+];
+
+/// rublk, installed into the cache with cargo (once).
+fn rublk() -> Result<PathBuf> {
+    let rootdir = cache_dir().join("tools");
+    let bin = rootdir.join("bin/rublk");
+    if !bin.exists() {
+        eprintln!(
+            "bench-vm: installing rublk (the reference ublk null target) into {}",
+            rootdir.display()
+        );
+        sh(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["install", "rublk", "--locked", "--root"])
+                .arg(&rootdir),
+        )?;
+    }
+    Ok(bin)
+}
+
+fn image() -> Result<(PathBuf, PathBuf)> {
+    let dir = cache_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let img = dir.join("image.img");
+    let store = dir.join("store");
+    if !img.exists() {
+        let base = crate::demo::base_image(&cache_dir().join("demo"))?;
+        let tmp = dir.join("image.tmp");
+        sh(Command::new("dd")
+            .arg(format!("if={}", base.display()))
+            .arg(format!("of={}", tmp.display()))
+            .args(["bs=1M", "count=512", "conv=sparse", "status=none"]))?;
+        std::fs::rename(&tmp, &img)?;
+        let _ = std::fs::remove_dir_all(&store);
+    }
+    if !store.exists() {
+        sh(Command::new(root().join("target/release/livemount"))
+            .arg("backup")
+            .arg(&img)
+            .arg("--store")
+            .arg(&store)
+            .args(["--name", "bench", "-q"]))?;
+    }
+    Ok((img, store))
+}
+
+fn script(img: &Path, store: &Path, rublk: &Path) -> String {
+    let lm = root().join("target/release/livemount");
+    let mut s = format!(
+        r#"set -u
+LM={lm}
+cp --sparse=always {img} /tmp/image.img
+cp -a {store} /tmp/store
+FIO="fio --ioengine=io_uring --direct=1 --numjobs=1 --group_reporting --size=512M --output-format=json"
+run_job() {{ # target job args dev
+  $FIO --name=$2 $3 --filename=$4 --output=/results/$1-$2.json >/dev/null 2>/tmp/fio.err || {{ echo "fio $1 $2 failed: $(tail -1 /tmp/fio.err)"; }}
+}}
+mount_lm() {{
+  rm -f /tmp/ov.img
+  $LM mount --store /tmp/store bench --overlay /tmp/ov.img --cache-mem 1G --queues 1 --depth 128 --daemon --log /tmp/lm.log > /tmp/lm.out || {{ cat /tmp/lm.log; exit 1; }}
+  awk '/^device/{{print $2}}' /tmp/lm.out
+}}
+# zstd reference: single-threaded decode of the same image
+zstd -q -3 -T1 -f /tmp/image.img -o /tmp/image.zst
+t0=$(date +%s.%N); zstd -q -d -T1 -c /tmp/image.zst > /dev/null; t1=$(date +%s.%N)
+echo "$t0 $t1" > /results/zstd.txt
+rm -f /tmp/image.zst
+"#,
+        lm = lm.display(),
+        img = img.display(),
+        store = store.display(),
+    );
+    // loop device
+    s.push_str("L=$(losetup -f --show /tmp/image.img)\n");
+    for (job, args) in JOBS {
+        s.push_str(&format!("run_job loop {job} '{args}' $L\n"));
+    }
+    s.push_str("losetup -d $L\n");
+    // rublk null
+    s.push_str(&format!(
+        "{r} add null --size 512M >/tmp/rublk.out 2>&1 || cat /tmp/rublk.out\nN=$(ls /dev/ublkb* | head -1)\n",
+        r = rublk.display()
+    ));
+    for (job, args) in JOBS {
+        s.push_str(&format!("run_job null {job} '{args}' $N\n"));
+    }
+    s.push_str(&format!(
+        "{r} del -a >/dev/null 2>&1\nsleep 1\n",
+        r = rublk.display()
+    ));
+    // livemount cold: a fresh mount per job
+    for (job, args) in JOBS {
+        s.push_str(&format!("D=$(mount_lm)\nrun_job cold {job} '{args}' $D\n$LM status --json > /results/cold-{job}-status.json\n$LM unmount $D >/dev/null\n"));
+    }
+    // livemount warm: one full read first
+    s.push_str("D=$(mount_lm)\ndd if=$D of=/dev/null bs=1M iflag=direct status=none\n");
+    for (job, args) in JOBS {
+        s.push_str(&format!("run_job warm {job} '{args}' $D\n"));
+    }
+    s.push_str("$LM status --json > /results/warm-status.json\n$LM unmount $D >/dev/null\n");
+    s
+}
+
+struct Figures {
+    iops: f64,
+    p50_us: f64,
+    mib_s: f64,
+}
+
+fn parse(path: &Path) -> Option<Figures> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    let job = &v["jobs"][0];
+    let side = if job["write"]["io_bytes"].as_f64().unwrap_or(0.0) > 0.0 {
+        &job["write"]
+    } else {
+        &job["read"]
+    };
+    Some(Figures {
+        iops: side["iops"].as_f64()?,
+        p50_us: side["clat_ns"]["percentile"]["50.000000"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1000.0,
+        mib_s: side["bw"].as_f64()? / 1024.0,
+    })
+}
+
+/// Run the benchmark.
+pub fn run() -> Result<()> {
+    crate::util::cargo(&["build", "--release", "-p", "livemount"])?;
+    let rublk = rublk()?;
+    let (img, store) = image()?;
+    let results = root().join("results/bench-vm");
+    let _ = std::fs::remove_dir_all(&results);
+    std::fs::create_dir_all(&results)?;
+    let opts = crate::vm::VmOptions {
+        memory_mb: 3072,
+        timeout: std::time::Duration::from_secs(3600),
+        results: Some((results.clone(), "/results".into())),
+        ..crate::vm::VmOptions::default()
+    };
+    let r = crate::vm::run_in_vm(&script(&img, &store, &rublk), &opts)?;
+    if !r.success() {
+        bail!("bench-vm: the VM script failed (exit {})", r.exit_code);
+    }
+    let mut table: BTreeMap<(String, String), Figures> = BTreeMap::new();
+    for target in ["loop", "null", "cold", "warm"] {
+        for (job, _) in JOBS {
+            if let Some(f) = parse(&results.join(format!("{target}-{job}.json"))) {
+                table.insert((target.to_string(), job.to_string()), f);
+            }
+        }
+    }
+    let zstd =
+        std::fs::read_to_string(results.join("zstd.txt")).context("zstd reference missing")?;
+    let t: Vec<f64> = zstd
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let zstd_mib_s = if t.len() == 2 && t[1] > t[0] {
+        512.0 / (t[1] - t[0])
+    } else {
+        0.0
+    };
+    let get = |t: &str, j: &str| table.get(&(t.to_string(), j.to_string()));
+    let mut out = String::new();
+    out.push_str("| job | loop | rublk null | livemount cold | livemount warm |\n|---|---:|---:|---:|---:|\n");
+    for (job, _) in JOBS {
+        let cell = |t: &str| match (get(t, job), *job) {
+            (Some(f), "seq1m") => format!("{:.0} MiB/s", f.mib_s),
+            (Some(f), "rr4k_qd1") => format!("{:.0} IOPS, p50 {:.0} µs", f.iops, f.p50_us),
+            (Some(f), _) => format!("{:.0} IOPS", f.iops),
+            (None, _) => "n/a".into(),
+        };
+        out.push_str(&format!(
+            "| {job} | {} | {} | {} | {} |\n",
+            cell("loop"),
+            cell("null"),
+            cell("cold"),
+            cell("warm")
+        ));
+    }
+    out.push_str(&format!(
+        "| zstd -d -T1 (same image) | {zstd_mib_s:.0} MiB/s | | | |\n\n"
+    ));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "n/a".into(),
+    };
+    out.push_str("| target (issue 3) | measured | goal |\n|---|---:|---:|\n");
+    out.push_str(&format!(
+        "| warm 4 KiB QD32 IOPS / loop | {} | ≥ 0.90 |\n",
+        ratio(
+            get("warm", "rr4k_qd32").map(|f| f.iops),
+            get("loop", "rr4k_qd32").map(|f| f.iops)
+        )
+    ));
+    out.push_str(&format!(
+        "| warm QD1 p50 latency / rublk null's | {} | ≤ 1.20 |\n",
+        ratio(
+            get("warm", "rr4k_qd1").map(|f| f.p50_us),
+            get("null", "rr4k_qd1").map(|f| f.p50_us)
+        )
+    ));
+    out.push_str(&format!(
+        "| cold 1 MiB sequential / zstd -d -T1 | {} | ≥ 0.80 |\n",
+        ratio(get("cold", "seq1m").map(|f| f.mib_s), Some(zstd_mib_s))
+    ));
+    println!("\n{out}");
+    std::fs::write(root().join("results/bench-vm.md"), &out)?;
+    eprintln!(
+        "bench-vm: table written to results/bench-vm.md; raw fio JSON in {}",
+        results.display()
+    );
+    Ok(())
+}
