@@ -31,7 +31,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::image::BlockRead;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -76,6 +76,23 @@ pub struct Overlay {
     pub mapped_sectors: AtomicU64,
     /// Serializes flushes so the map pages written are a consistent snapshot.
     flush_lock: Mutex<()>,
+    /// Copy of the in-memory map on tmpfs (see [`mirror_path`]).
+    mirror: Option<(File, PathBuf)>,
+}
+
+/// Where the in-memory map of the overlay `file` is mirrored: a file on tmpfs, so it
+/// survives the daemon (SIGKILL, panic) but not the machine. Acknowledged writes that
+/// were not yet flushed have their data in the overlay's page cache, which also
+/// survives the daemon; only their map bits would be lost with its memory, and the
+/// device, which never went away for its users, would silently revert them (a file
+/// system on it would see acknowledged writes undone without any crash). The next open
+/// (`mount --recover`, or a new mount after a dead daemon's device was removed) merges
+/// the mirror into the map. After a power loss the tmpfs is gone and the on-disk map,
+/// which only ever holds flushed writes, is what counts.
+fn mirror_path(file: &File) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().ok()?;
+    Some(Path::new(crate::mount::RUN_DIR).join(format!("overlay-{:x}-{}.map", m.dev(), m.ino())))
 }
 
 fn map_len(device_size: u64) -> u64 {
@@ -189,7 +206,12 @@ impl Overlay {
                 Error::io(path, e)
             }
         })?;
+        let mirror_at = mirror_path(&file);
         if !exists || file.metadata().at(path)?.len() == 0 {
+            // A mirror left by a dead daemon of an earlier file with this inode.
+            if let Some(m) = &mirror_at {
+                let _ = std::fs::remove_file(m);
+            }
             let h = encode_header(id);
             file.write_all_at(&h, 0).at(path)?;
             file.set_len(
@@ -217,24 +239,50 @@ impl Overlay {
         let mut raw = vec![0u8; ml as usize];
         file.read_exact_at(&mut raw, map_offset)
             .map_err(|_| Error::Invalid(format!("overlay {}: truncated map", path.display())))?;
-        let bits: Vec<u64> = raw
+        let mut bits: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
+        let mut dirty = std::collections::BTreeSet::new();
+        let mirror = mirror_at.and_then(|mp| {
+            if let Ok(old) = std::fs::read(&mp) {
+                if old.len() as u64 == ml {
+                    for (w, c) in old.chunks_exact(8).enumerate() {
+                        let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+                        if v & !bits[w] != 0 {
+                            bits[w] |= v;
+                            dirty.insert(w as u64 * 8 / PAGE);
+                        }
+                    }
+                }
+            }
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(crate::mount::RUN_DIR);
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&mp)
+                .ok()?;
+            let bytes: Vec<u8> = bits.iter().flat_map(|w| w.to_le_bytes()).collect();
+            f.write_all_at(&bytes, 0).ok()?;
+            Some((f, mp))
+        });
         let mapped = bits.iter().map(|w| w.count_ones() as u64).sum();
         Ok(Overlay {
             file,
             path: path.to_path_buf(),
             base,
-            map: Mutex::new(MapState {
-                bits,
-                dirty: Default::default(),
-            }),
+            map: Mutex::new(MapState { bits, dirty }),
             map_offset,
             data_offset,
             device_size: id.device_size,
             mapped_sectors: AtomicU64::new(mapped),
             flush_lock: Mutex::new(()),
+            mirror,
         })
     }
 
@@ -282,13 +330,21 @@ impl Overlay {
         let Ok(mut m) = self.map.lock() else { return };
         let first = offset / SECTOR;
         let mut newly = 0;
+        let mut changed: Option<(usize, usize)> = None;
         for s in first..first + len / SECTOR {
             let (w, b) = ((s / 64) as usize, s % 64);
             if m.bits[w] >> b & 1 == 0 {
                 m.bits[w] |= 1 << b;
                 newly += 1;
                 m.dirty.insert(w as u64 * 8 / PAGE);
+                changed = Some(changed.map_or((w, w), |(a, _)| (a, w)));
             }
+        }
+        // Mirror before the write is acknowledged, under the lock so that concurrent
+        // writers cannot store older words over newer ones.
+        if let (Some((f, _)), Some((a, z))) = (&self.mirror, changed) {
+            let bytes: Vec<u8> = m.bits[a..=z].iter().flat_map(|w| w.to_le_bytes()).collect();
+            let _ = f.write_all_at(&bytes, a as u64 * 8);
         }
         self.mapped_sectors.fetch_add(newly, Relaxed);
     }
@@ -397,6 +453,17 @@ impl Overlay {
     }
 }
 
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        // Everything durable in the on-disk map: the mirror is no longer needed.
+        if let Some((_, p)) = &self.mirror {
+            if self.map.lock().is_ok_and(|m| m.dirty.is_empty()) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
 impl BlockRead for Overlay {
     fn size(&self) -> u64 {
         self.device_size
@@ -451,7 +518,8 @@ mod tests {
         assert_eq!(buf[2048], 5);
         assert!(buf[8192..12288].iter().all(|&b| b == 0));
         assert_eq!(buf[12288], 24 | 1);
-        // Unflushed writes may be lost on reopen; flushed ones must not.
+        // Flushed writes survive a reopen. An unflushed one survives it too when the
+        // map mirror could be kept (tmpfs /run/livemount, root), else it is lost whole.
         ov.flush().unwrap();
         ov.write(65536, &[0xbb; 512]).unwrap();
         drop(ov);
@@ -459,19 +527,26 @@ mod tests {
         let mut buf2 = vec![0u8; 16384];
         ov.read(0, &mut buf2).unwrap();
         assert_eq!(buf, buf2);
-        assert_eq!(ov.mapped_sectors.load(Relaxed), 2 + 8);
+        let mut unflushed = [0u8; 512];
+        ov.read(65536, &mut unflushed).unwrap();
+        match ov.mapped_sectors.load(Relaxed) {
+            10 => assert_eq!(unflushed, [128 | 1; 512]),
+            11 => assert_eq!(unflushed, [0xbb; 512]),
+            n => panic!("{n} sectors mapped"),
+        }
         // Re-applying a write is harmless.
         ov.write(1024, &[0xaa; 1024]).unwrap();
         ov.read(0, &mut buf2).unwrap();
         assert_eq!(buf, buf2);
-        // Another snapshot's overlay is refused, naming both.
+        // Out-of-range I/O is an error, not a wrap-around.
+        assert!(ov.write(size, &[0; 512]).is_err());
+        // Another snapshot's overlay is refused, naming both (once it is not in use).
+        drop(ov);
         let e = Overlay::open(&p, base, &ident(size, 8))
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("belongs to snapshot vm@t"), "{e}");
-        // Out-of-range I/O is an error, not a wrap-around.
-        assert!(ov.write(size, &[0; 512]).is_err());
     }
 
     use std::os::unix::fs::PermissionsExt;

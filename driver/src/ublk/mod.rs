@@ -284,7 +284,7 @@ pub fn control(opts: &DeviceOptions) -> LmResult<UblkCtrl> {
         Some(id) => (id as i32, UblkFlags::UBLK_DEV_F_RECOVER_DEV),
         None => (-1, UblkFlags::UBLK_DEV_F_ADD_DEV),
     };
-    UblkCtrlBuilder::default()
+    let ctrl = UblkCtrlBuilder::default()
         .name("livemount")
         .id(id)
         .nr_queues(opts.queues.max(1))
@@ -305,7 +305,24 @@ pub fn control(opts: &DeviceOptions) -> LmResult<UblkCtrl> {
                     "create"
                 }
             ))
-        })
+        })?;
+    if let Some(id) = opts.recover {
+        // The kernel only lets a new daemon fetch I/O of a quiesced device after
+        // START_USER_RECOVERY (libublk retries it while the dead daemon's char device
+        // is still being released); run_target then ends the recovery.
+        match ctrl.start_user_recover() {
+            Ok(r) if r >= 0 => {}
+            Ok(r) => return Err(recover_error(id, std::io::Error::from_raw_os_error(-r))),
+            Err(e) => return Err(recover_error(id, e)),
+        }
+    }
+    Ok(ctrl)
+}
+
+fn recover_error(id: u32, e: impl std::fmt::Display) -> crate::Error {
+    crate::Error::Invalid(format!(
+        "cannot recover /dev/ublkb{id}: {e} (is its daemon still running? `livemount status`)"
+    ))
 }
 
 /// Serve `backend` on `ctrl` until the device is stopped. `ready` runs once the
