@@ -15,13 +15,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const STAGE2_SCRIPT: &str = include_str!("stage2.sh");
 
-/// Lines of the guest's kernel log that mean the kernel itself crashed.
+/// Lines of the guest's kernel log that mean the kernel itself crashed (a kernel
+/// general protection fault prints "Oops: general protection fault"; a user-space
+/// one only "traps: ... general protection fault", which is not a kernel crash).
 const OOPS_PATTERNS: &[&str] = &[
     "Oops:",
     "Kernel panic - not syncing",
     "BUG: unable to handle",
     "BUG: kernel NULL pointer",
-    "general protection fault",
     "kernel BUG at",
 ];
 
