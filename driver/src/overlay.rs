@@ -21,8 +21,9 @@
 //! # Durability protocol
 //! Map bits only ever go from 0 to 1 (discards keep the bit and punch a hole, which
 //! reads as zeros). A write goes to the data area (page cache) and sets its bits in
-//! memory. FLUSH (and FUA writes) then: (1) fdatasync the file, making the data
-//! durable; (2) write the dirty map pages; (3) fdatasync again. A crash anywhere leaves
+//! memory. FLUSH (and FUA writes) then: (0) copy the dirty map pages; (1) fdatasync
+//! the file, making the data of every write those pages mark durable; (2) write the
+//! copied map pages; (3) fdatasync again. A crash anywhere leaves
 //! a map whose set bits all have durable data: torn map pages can only lose bits of
 //! writes that were never flushed. Writing a sector twice is harmless, so writes
 //! re-issued after a daemon crash (UBLK_F_USER_RECOVERY_REISSUE) are safe.
@@ -410,7 +411,11 @@ impl Overlay {
             .flush_lock
             .lock()
             .map_err(|_| Error::Invalid("overlay flush lock poisoned".into()))?;
-        self.file.sync_data().at(&self.path)?;
+        // Snapshot the dirty map pages *before* syncing the data: every bit in the
+        // snapshot belongs to a write whose data reached the page cache before it was
+        // set, so the sync below makes that data durable before the bit. (Taking the
+        // pages after the sync would let a write landing in between get a durable bit
+        // over non-durable data.)
         let pages: Vec<(u64, Vec<u8>)> = {
             let Ok(mut m) = self.map.lock() else {
                 return Err(Error::Invalid("overlay map lock poisoned".into()));
@@ -425,6 +430,10 @@ impl Overlay {
                 })
                 .collect()
         };
+        if let Err(e) = self.file.sync_data() {
+            self.redirty(&pages);
+            return Err(Error::io(&self.path, e));
+        }
         if pages.is_empty() {
             return Ok(());
         }
