@@ -460,3 +460,129 @@ fn copy_out(
 fn poisoned() -> crate::error::Error {
     crate::error::Error::Invalid("read cache: internal lock poisoned".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::chunk;
+    use std::time::Duration;
+
+    /// An in-memory store of one chunk that counts and slows down its reads.
+    struct SlowSource {
+        id: ChunkId,
+        file: Vec<u8>,
+        reads: AtomicU64,
+    }
+
+    impl ChunkSource for SlowSource {
+        fn read_range(&self, id: &ChunkId, offset: u64, len: usize) -> Result<Vec<u8>> {
+            assert_eq!(*id, self.id);
+            self.reads.fetch_add(1, Relaxed);
+            std::thread::sleep(Duration::from_millis(30));
+            let end = (offset as usize + len).min(self.file.len());
+            Ok(self.file[offset as usize..end].to_vec())
+        }
+        fn read_all(&self, id: &ChunkId) -> Result<Vec<u8>> {
+            self.read_range(id, 0, usize::MAX / 2)
+        }
+    }
+
+    fn source() -> (Arc<SlowSource>, Vec<u8>) {
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i / 3 % 251) as u8).collect();
+        let d = chunk::digest(&data, 65536);
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        let file = chunk::encode(&data, 65536, &d, &mut c).unwrap();
+        (
+            Arc::new(SlowSource {
+                id: d.id,
+                file,
+                reads: AtomicU64::new(0),
+            }),
+            data,
+        )
+    }
+
+    #[test]
+    fn concurrent_misses_fetch_once() {
+        let (src, data) = source();
+        let cache = Arc::new(ReadCache::new(src.clone(), 8 << 20, None, 65536));
+        let id = src.id;
+        cache.layout(&id, 1 << 20).unwrap();
+        let before = src.reads.load(Relaxed);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    let mut out = vec![0u8; 4096];
+                    cache.read(&id, 1 << 20, 70_000..74_096, &mut out).unwrap();
+                    assert_eq!(out, data[70_000..74_096]);
+                });
+            }
+        });
+        assert_eq!(
+            src.reads.load(Relaxed) - before,
+            1,
+            "four concurrent misses on one frame, one fetch"
+        );
+        // A read of two adjacent missing frames is one range read.
+        let mut out = vec![0u8; 100_000];
+        cache
+            .read(&id, 1 << 20, 200_000..300_000, &mut out)
+            .unwrap();
+        assert_eq!(out, data[200_000..300_000]);
+        assert_eq!(src.reads.load(Relaxed) - before, 2);
+    }
+
+    #[test]
+    fn disk_tier_survives_restart_and_is_verified() {
+        let (src, data) = source();
+        let dir = tempfile::tempdir().unwrap();
+        let id = src.id;
+        {
+            let disk = DiskTier::open(dir.path(), 64 << 20).unwrap();
+            let cache = ReadCache::new(src.clone(), 8 << 20, Some(disk), 65536);
+            let mut out = vec![0u8; 4096];
+            cache.read(&id, 1 << 20, 0..4096, &mut out).unwrap();
+        }
+        let reads = src.reads.load(Relaxed);
+        // A new daemon: served from the disk tier, no store reads.
+        let disk = DiskTier::open(dir.path(), 64 << 20).unwrap();
+        assert!(disk.bytes() > 0);
+        let cache = ReadCache::new(src.clone(), 8 << 20, Some(disk), 65536);
+        let mut out = vec![0u8; 4096];
+        cache.read(&id, 1 << 20, 0..4096, &mut out).unwrap();
+        assert_eq!(out, data[..4096]);
+        assert_eq!(src.reads.load(Relaxed), reads);
+        assert_eq!(cache.report().disk_hits, 2);
+        // Damage the cached copy of frame 0 (the cache file ends with it): the next
+        // daemon detects it and refetches, never returning the damaged bytes.
+        let path = dir.path().join(id.to_hex());
+        let mut f = std::fs::read(&path).unwrap();
+        let frame0 = ChunkLayout::parse(&id, &f).unwrap().frames[0];
+        assert_eq!(
+            f.len() as u64,
+            frame0.file_offset + frame0.stored_len as u64
+        );
+        let at = f.len() - 10;
+        f[at] ^= 0xff;
+        std::fs::write(&path, &f).unwrap();
+        let cache = ReadCache::new(
+            src.clone(),
+            8 << 20,
+            Some(DiskTier::open(dir.path(), 64 << 20).unwrap()),
+            65536,
+        );
+        let mut out = vec![0u8; 4096];
+        cache.read(&id, 1 << 20, 0..4096, &mut out).unwrap();
+        assert_eq!(out, data[..4096]);
+        assert_eq!(
+            src.reads.load(Relaxed),
+            reads + 1,
+            "the damaged frame was fetched again"
+        );
+        assert_eq!(
+            cache.report().corrupt_chunks,
+            0,
+            "damage in the cache is not damage in the store"
+        );
+    }
+}
