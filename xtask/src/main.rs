@@ -5,6 +5,7 @@
 //! `cargo xtask setup`, which `demo`, `test` and the benchmarks call first.
 
 mod bench_vm;
+mod boot;
 mod demo;
 mod ebpf;
 mod setup;
@@ -42,6 +43,28 @@ enum Cmd {
     },
     /// fio at max IOPS on a loop device with and without the eBPF profiler attached.
     BenchProfiler,
+    /// Build the bootable Debian image and its initramfs (cached in .cache/boot).
+    BootImage,
+    /// Boot a real Debian from a local disk, a cold and a pre-staged live mount
+    /// (inside the ublk VM) and print the timings (results/bench-boot.md).
+    BenchBoot {
+        /// Rounds over all cases (the table shows medians).
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+        /// Only these cases, comma-separated (L, C20, P20, M20, R20, P20w2, P20n, C0, P0).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Keep every boot's console log and figures in .cache/boot/work/runs.
+        #[arg(long)]
+        keep: bool,
+        /// Reuse the previous run's host profiles and store (same image).
+        #[arg(long)]
+        reuse: bool,
+        /// Instead, the hypervisor smoke test: qemu inside the test VM boots the
+        /// image from the live mount as a raw virtio disk.
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -74,6 +97,29 @@ fn main() -> Result<()> {
             vm::test()
         }
         Cmd::BenchProfiler => ebpf::bench(),
+        Cmd::BootImage => {
+            setup::run()?;
+            boot::image_cmd()
+        }
+        Cmd::BenchBoot {
+            rounds,
+            only,
+            keep,
+            reuse,
+            smoke,
+        } => {
+            setup::run()?;
+            if smoke {
+                boot::smoke()
+            } else {
+                boot::bench(&boot::Options {
+                    rounds,
+                    only,
+                    keep,
+                    reuse,
+                })
+            }
+        }
     }
 }
 

@@ -1,0 +1,30 @@
+//! Booting a real OS from a live-mounted backup (`cargo xtask boot-image`,
+//! `cargo xtask bench-boot`). See docs/boot.md.
+//!
+//! - [`image`]: a Debian bookworm minbase root (debootstrap) in a 1 GiB ext4 image
+//!   with a marker unit after multi-user.target, and a busybox initramfs that mounts
+//!   a root device and switch_roots into its systemd; both cached in `.cache/boot/`.
+//! - [`qemu`]: one qemu TCG boot with the console captured and a time limit.
+//! - [`bench`]: profiles recorded on the host, backup, then timed boots inside the
+//!   ublk test VM from a local disk, a cold and a pre-staged live mount; the
+//!   nested-qemu smoke test.
+
+mod bench;
+mod image;
+mod qemu;
+
+pub use bench::{bench, smoke, Options};
+
+/// `cargo xtask boot-image`: build (or check) the image and the boot initramfs.
+pub fn image_cmd() -> anyhow::Result<()> {
+    let img = image::ensure_image()?;
+    let initrd = image::ensure_initramfs()?;
+    println!(
+        "boot image {} (key {}, kernel {})\ninitramfs {}",
+        img.path.display(),
+        img.key,
+        img.kver,
+        initrd.display()
+    );
+    Ok(())
+}
