@@ -556,6 +556,13 @@ pub fn run(config: MountConfig, opts: RunOptions) -> Result<()> {
             }
         });
     }
+    // Fault injection for the test of the bounded wait: a kernel that never answers.
+    if let Some(ms) = std::env::var("LIVEMOUNT_FAULT_CREATE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     let ctrl = Arc::new(ublk::control(&dev_opts)?);
     let dev_id = ctrl.dev_info().dev_id;
     let device = ctrl.get_bdev_path();

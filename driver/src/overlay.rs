@@ -323,8 +323,28 @@ impl Overlay {
 
     /// True if no sector of the range is in the overlay (the read goes to the base).
     pub fn untouched(&self, offset: u64, len: u64) -> bool {
-        let runs = self.runs(offset, len);
-        runs.len() == 1 && !runs[0].2
+        // Hot path of every read: whole 64-bit words of the map at a time, no
+        // allocation (a VM that has written little hits this for nearly every read).
+        if self.mapped_sectors.load(Relaxed) == 0 {
+            return true;
+        }
+        let Ok(m) = self.map.lock() else { return false };
+        let (mut s, end) = (offset / SECTOR, (offset + len).div_ceil(SECTOR));
+        while s < end {
+            let (w, b) = ((s / 64) as usize, s % 64);
+            let n = (64 - b).min(end - s);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << b
+            };
+            match m.bits.get(w) {
+                Some(word) if word & mask == 0 => {}
+                _ => return false,
+            }
+            s += n;
+        }
+        true
     }
 
     fn set_bits(&self, offset: u64, len: u64) {
@@ -559,4 +579,51 @@ mod tests {
     }
 
     use std::os::unix::fs::PermissionsExt;
+}
+
+#[cfg(test)]
+mod untouched_tests {
+    use super::*;
+
+    struct Zero(u64);
+    impl BlockRead for Zero {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        fn read_at(&self, _: u64, buf: &mut [u8]) -> Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn untouched_matches_the_map() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 1 << 20;
+        let id = OverlayIdentity {
+            snapshot: "s@t".into(),
+            index_sum: [1; 32],
+            device_size: size,
+        };
+        let ov = Overlay::open(&d.path().join("ov"), Arc::new(Zero(size)), &id).unwrap();
+        assert!(ov.untouched(0, size));
+        ov.write(512 * 100, &[1; 512]).unwrap();
+        for (off, len, want) in [
+            (0u64, 512 * 100, true),
+            (0, 512 * 101, false),
+            (512 * 100, 512, false),
+            (512 * 101, 512 * 200, true),
+            (512 * 64, 512 * 64, false),
+            (512 * 36, 512 * 64, true),
+            (512 * 37, 512 * 64, false),
+            (512 * 128, size - 512 * 128, true),
+        ] {
+            assert_eq!(ov.untouched(off, len), want, "{off}+{len}");
+            assert_eq!(
+                ov.untouched(off, len),
+                ov.runs(off, len).iter().all(|r| !r.2),
+                "{off}+{len}"
+            );
+        }
+    }
 }

@@ -826,6 +826,40 @@ fn ublk_read_only() {
 
 /// 7a. Bad input: a missing snapshot, and an overlay of another snapshot.
 #[test]
+fn ublk_create_timeout_is_bounded() {
+    if !have_ublk("ublk_create_timeout_is_bounded") {
+        return;
+    }
+    let fx = fixture();
+    // A kernel that never answers device creation (simulated by a delay before the
+    // ADD_DEV command): the mount gives up after --create-timeout with a clear error.
+    let start = std::time::Instant::now();
+    let out = std::process::Command::new(bin())
+        .args([
+            os("mount"),
+            os("--store"),
+            fx.store.as_os_str(),
+            os(&fx.snap),
+            os("--read-only"),
+            os("--create-timeout"),
+            os("1"),
+        ])
+        .env("LIVEMOUNT_FAULT_CREATE_DELAY_MS", "20000")
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("did not answer ublk device creation within 1 s"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    fx.assert_store_untouched();
+}
+
+#[test]
 fn ublk_bad_snapshot_and_foreign_overlay() {
     if !have_ublk("ublk_bad_snapshot_and_foreign_overlay") {
         return;

@@ -104,16 +104,16 @@ rm -f /tmp/image.zst
     // loop device
     s.push_str("L=$(losetup -f --show /tmp/image.img)\n");
     for (job, args) in JOBS {
-        s.push_str(&format!("run_job loop {job} '{args}' $L\n"));
+        s.push_str(&format!("run_job loop {job} '{args}' \"$L\"\n"));
     }
     s.push_str("losetup -d $L\n");
     // rublk null
     s.push_str(&format!(
-        "{r} add null --size 512M >/tmp/rublk.out 2>&1 || cat /tmp/rublk.out\nN=$(ls /dev/ublkb* | head -1)\n",
+        "{r} add null --quiet >/tmp/rublk.out 2>&1 || cat /tmp/rublk.out\nsleep 1\nN=$(ls /dev/ublkb* | head -1)\n",
         r = rublk.display()
     ));
     for (job, args) in JOBS {
-        s.push_str(&format!("run_job null {job} '{args}' $N\n"));
+        s.push_str(&format!("run_job null {job} '{args}' \"$N\"\n"));
     }
     s.push_str(&format!(
         "{r} del -a >/dev/null 2>&1\nsleep 1\n",
@@ -121,12 +121,12 @@ rm -f /tmp/image.zst
     ));
     // livemount cold: a fresh mount per job
     for (job, args) in JOBS {
-        s.push_str(&format!("D=$(mount_lm)\nrun_job cold {job} '{args}' $D\n$LM status --json > /results/cold-{job}-status.json\n$LM unmount $D >/dev/null\n"));
+        s.push_str(&format!("D=$(mount_lm)\nrun_job cold {job} '{args}' \"$D\"\n$LM status --json > /results/cold-{job}-status.json\n$LM unmount $D >/dev/null\n"));
     }
     // livemount warm: one full read first
     s.push_str("D=$(mount_lm)\ndd if=$D of=/dev/null bs=1M iflag=direct status=none\n");
     for (job, args) in JOBS {
-        s.push_str(&format!("run_job warm {job} '{args}' $D\n"));
+        s.push_str(&format!("run_job warm {job} '{args}' \"$D\"\n"));
     }
     s.push_str("$LM status --json > /results/warm-status.json\n$LM unmount $D >/dev/null\n");
     s
@@ -168,6 +168,7 @@ pub fn run() -> Result<()> {
         memory_mb: 3072,
         timeout: std::time::Duration::from_secs(3600),
         results: Some((results.clone(), "/results".into())),
+        modprobe: vec!["ublk_drv".into(), "loop".into()],
         ..crate::vm::VmOptions::default()
     };
     let r = crate::vm::run_in_vm(&script(&img, &store, &rublk), &opts)?;
