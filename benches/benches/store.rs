@@ -345,13 +345,14 @@ fn chunk_size_study() {
             .unwrap()
             .len();
         println!(
-            "| {} KiB | {:.2} | {:.2} | {:.2} | {:.2} | {:.1}x | {:.2} | {} | {} |",
+            "| {} KiB | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {} | {} |",
             cs >> 10,
             r1.bytes_stored as f64 / MIB as f64,
             s1,
             r2.bytes_new as f64 / MIB as f64,
             r2.bytes_stored as f64 / MIB as f64,
-            r2.dedup_ratio,
+            r2.dedup_ratio
+                .map_or_else(|| "all reused".to_string(), |d| format!("{d:.1}x")),
             total as f64 / MIB as f64,
             files.len(),
             index
