@@ -1,11 +1,14 @@
 //! The ublk frontend: serves a [`BlockBackend`] as `/dev/ublkbN` through the kernel's
 //! ublk driver and libublk.
 //!
-//! One thread per hardware queue runs one async task per tag (libublk's async style).
-//! Reads that hit the memory tier and writes (which land in the overlay's page cache)
-//! complete on the queue thread; everything that may block — store reads, decoding,
-//! fsync — goes to a [`pool::Pool`] and the task waits on an eventfd read submitted
-//! to the queue's io_uring, so other tags keep being served.
+//! One thread per hardware queue serves it with libublk's synchronous handler (its
+//! async per-tag tasks cost ~70 µs more per request at QD1 under emulation, measured
+//! with `rublk add null` vs `rublk add null -a`; docs/performance.md). Reads that hit
+//! the memory tier and writes (which land in the overlay's page cache) complete on the
+//! queue thread at once; everything that may block — store reads, decoding, fsync —
+//! goes to a [`pool::Pool`], whose worker signals an eventfd that the queue reads
+//! through its own io_uring (a target I/O of the request's tag), so other tags keep
+//! being served meanwhile (the pattern of rublk's compress target).
 //!
 //! Devices are created with `UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE`:
 //! if the daemon dies, the device stays, I/O waits, and a new daemon can take over
@@ -17,8 +20,8 @@ use crate::error::Result as LmResult;
 use crate::metrics::IoMetrics;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
-use libublk::io::{UblkDev, UblkQueue};
-use libublk::{BufDesc, UblkError, UblkFlags};
+use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
+use libublk::{BufDesc, UblkFlags, UblkIORes};
 use pool::{Completion, Pool};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -85,196 +88,259 @@ struct Shared {
     pool: Arc<Pool>,
 }
 
-/// Run `job` on the pool and wait for it without blocking the queue thread.
-async fn offload<R: Send + 'static>(
-    shared: &Shared,
-    done: &Completion,
-    job: impl FnOnce() -> R + Send + 'static,
-) -> Option<R> {
-    let slot: Arc<Mutex<Option<R>>> = Arc::new(Mutex::new(None));
-    let signaller = done.signaller().ok()?;
-    let s2 = slot.clone();
-    if !shared.pool.spawn(move || {
-        let r = job();
-        if let Ok(mut g) = s2.lock() {
-            *g = Some(r);
-        }
-        signaller.signal();
-    }) {
-        return None;
-    }
-    let mut counter = Box::new(0u64);
-    let sqe = io_uring::opcode::Read::new(
-        io_uring::types::Fd(done.raw()),
-        &mut *counter as *mut u64 as *mut u8,
-        8,
-    )
-    .build();
-    // The eventfd read completes when the worker signals; `counter` outlives it
-    // because we await the completion right here.
-    let _ = libublk::uring_async::ublk_submit_sqe_async(sqe, libublk::UblkUringData::Target as u64)
-        .await;
-    let r = slot.lock().ok()?.take();
-    r
+/// What a worker hands back to the queue thread for one request.
+struct Outcome {
+    /// Completion result: bytes or -errno.
+    res: i32,
+    /// Data of a READ, copied into the tag's buffer on the queue thread.
+    data: Option<Vec<u8>>,
+}
+
+/// Per-tag state of work moved to the pool: the result slot, the eventfd the worker
+/// signals, and the 8-byte buffer the io_uring read of that eventfd fills.
+struct TagState {
+    slot: Arc<Mutex<Option<Outcome>>>,
+    done: Completion,
+    counter: Box<u64>,
+    start: Instant,
+    op: u32,
 }
 
 fn errno(e: &crate::Error) -> i32 {
     -e.errno().abs().max(1)
 }
 
-async fn handle(
-    q: &UblkQueue<'_>,
-    tag: u16,
-    shared: &Rc<Shared>,
+/// One request, decided on the queue thread: completed at once, or moved to the pool.
+enum Step {
+    Done(i32),
+    Offload(Box<dyn FnOnce() -> Outcome + Send>),
+}
+
+fn start_request(
+    shared: &Shared,
+    op: u32,
+    fua: bool,
+    offset: u64,
+    len: usize,
     buf: &IoBuf<u8>,
-    done: &Completion,
-) -> i32 {
-    let iod = q.get_iod(tag);
-    let op = iod.op_flags & 0xff;
-    let fua = iod.op_flags & F_FUA != 0;
-    let offset = iod.start_sector << 9;
-    let len = (iod.nr_sectors as usize) << 9;
+) -> Step {
+    use std::sync::atomic::Ordering::Relaxed;
     let be = &shared.backend;
     let m = &shared.metrics;
-    let start = Instant::now();
     if op != OP_FLUSH
-        && (len > buf.len() && matches!(op, OP_READ | OP_WRITE)
+        && ((len > buf.len() && matches!(op, OP_READ | OP_WRITE))
             || offset.checked_add(len as u64).is_none_or(|e| e > be.size()))
     {
-        m.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return -libc::EINVAL;
+        return Step::Done(-libc::EINVAL);
     }
-    use std::sync::atomic::Ordering::Relaxed;
-    let res = match op {
+    match op {
         OP_READ => {
             m.reads.fetch_add(1, Relaxed);
-            // SAFETY: the tag's buffer is ours until we commit this request.
+            // SAFETY: the tag's buffer is ours until we complete this request.
             let out = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), len) };
-            let r = if be.read_cached(offset, out) {
+            if be.read_cached(offset, out) {
                 m.inline_reads.fetch_add(1, Relaxed);
-                len as i32
-            } else {
-                let be2 = be.clone();
-                let res = offload(shared, done, move || {
-                    let mut v = vec![0u8; len];
-                    be2.read(offset, &mut v).map(|_| v)
-                })
-                .await;
-                match res {
-                    Some(Ok(v)) => {
-                        out.copy_from_slice(&v);
-                        len as i32
-                    }
-                    Some(Err(e)) => {
-                        eprintln!("livemount: read of {len} bytes at {offset} failed: {e}");
-                        errno(&e)
-                    }
-                    None => -libc::EIO,
-                }
-            };
-            if r > 0 {
-                m.read_bytes.fetch_add(len as u64, Relaxed);
+                return Step::Done(len as i32);
             }
-            m.read_latency.record(start.elapsed());
-            r
+            let be = be.clone();
+            Step::Offload(Box::new(move || {
+                let mut v = vec![0u8; len];
+                match be.read(offset, &mut v) {
+                    Ok(()) => Outcome {
+                        res: len as i32,
+                        data: Some(v),
+                    },
+                    Err(e) => {
+                        eprintln!("livemount: read of {len} bytes at {offset} failed: {e}");
+                        Outcome {
+                            res: errno(&e),
+                            data: None,
+                        }
+                    }
+                }
+            }))
         }
-        OP_WRITE if be.read_only() => -libc::EROFS,
+        OP_WRITE if be.read_only() => Step::Done(-libc::EROFS),
         OP_WRITE => {
             m.writes.fetch_add(1, Relaxed);
             // SAFETY: as above; the kernel filled the buffer with the data to write.
             let data = unsafe { std::slice::from_raw_parts(buf.as_ptr(), len) };
-            let mut r = match be.write(offset, data) {
-                Ok(()) => len as i32,
-                Err(e) => {
-                    eprintln!("livemount: write of {len} bytes at {offset} failed: {e}");
-                    errno(&e)
-                }
-            };
-            if r > 0 {
-                m.write_bytes.fetch_add(len as u64, Relaxed);
-                if fua {
-                    m.flushes.fetch_add(1, Relaxed);
-                    let be2 = be.clone();
-                    r = match offload(shared, done, move || be2.flush()).await {
-                        Some(Ok(())) => r,
-                        Some(Err(e)) => errno(&e),
-                        None => -libc::EIO,
-                    };
-                }
+            if let Err(e) = be.write(offset, data) {
+                eprintln!("livemount: write of {len} bytes at {offset} failed: {e}");
+                return Step::Done(errno(&e));
             }
-            m.write_latency.record(start.elapsed());
-            r
+            m.write_bytes.fetch_add(len as u64, Relaxed);
+            if !fua {
+                return Step::Done(len as i32);
+            }
+            m.flushes.fetch_add(1, Relaxed);
+            let be = be.clone();
+            Step::Offload(Box::new(move || match be.flush() {
+                Ok(()) => Outcome {
+                    res: len as i32,
+                    data: None,
+                },
+                Err(e) => Outcome {
+                    res: errno(&e),
+                    data: None,
+                },
+            }))
         }
         OP_FLUSH => {
             m.flushes.fetch_add(1, Relaxed);
             if be.read_only() {
-                0
-            } else {
-                let be2 = be.clone();
-                match offload(shared, done, move || be2.flush()).await {
-                    Some(Ok(())) => 0,
-                    Some(Err(e)) => {
-                        eprintln!("livemount: flush failed: {e}");
-                        errno(&e)
-                    }
-                    None => -libc::EIO,
-                }
+                return Step::Done(0);
             }
+            let be = be.clone();
+            Step::Offload(Box::new(move || match be.flush() {
+                Ok(()) => Outcome { res: 0, data: None },
+                Err(e) => {
+                    eprintln!("livemount: flush failed: {e}");
+                    Outcome {
+                        res: errno(&e),
+                        data: None,
+                    }
+                }
+            }))
         }
-        OP_DISCARD | OP_WRITE_ZEROES if be.read_only() => -libc::EROFS,
+        OP_DISCARD | OP_WRITE_ZEROES if be.read_only() => Step::Done(-libc::EROFS),
         OP_DISCARD | OP_WRITE_ZEROES => {
             m.discards.fetch_add(1, Relaxed);
-            let be2 = be.clone();
-            match offload(shared, done, move || be2.discard(offset, len as u64)).await {
-                Some(Ok(())) => 0,
-                Some(Err(e)) => errno(&e),
-                None => -libc::EIO,
-            }
+            let be = be.clone();
+            Step::Offload(Box::new(move || match be.discard(offset, len as u64) {
+                Ok(()) => Outcome { res: 0, data: None },
+                Err(e) => Outcome {
+                    res: errno(&e),
+                    data: None,
+                },
+            }))
         }
-        _ => -libc::EOPNOTSUPP,
-    };
+        _ => Step::Done(-libc::EOPNOTSUPP),
+    }
+}
+
+fn record_done(m: &IoMetrics, op: u32, res: i32, start: Instant) {
+    use std::sync::atomic::Ordering::Relaxed;
+    match op {
+        OP_READ => {
+            if res > 0 {
+                m.read_bytes.fetch_add(res as u64, Relaxed);
+            }
+            m.read_latency.record(start.elapsed());
+        }
+        OP_WRITE => m.write_latency.record(start.elapsed()),
+        _ => {}
+    }
     if res < 0 {
         m.errors.fetch_add(1, Relaxed);
     }
-    res
 }
 
-async fn io_task(q: &UblkQueue<'_>, tag: u16, shared: Rc<Shared>) -> Result<(), UblkError> {
-    let buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    let done = Completion::new().map_err(UblkError::IOError)?;
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
-        .await?;
-    loop {
-        let res = handle(q, tag, &shared, &buf, &done).await;
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
-            .await?;
+/// Serve one queue with libublk's synchronous handler: requests that complete at
+/// once (memory hits, writes to the overlay's page cache) cost no task switch; the
+/// rest run on the pool and come back as the completion of an eventfd read on this
+/// queue's io_uring, tagged as target I/O of the request's tag.
+fn queue_fn(qid: u16, dev: &UblkDev, shared: Shared) {
+    let depth = dev.dev_info.queue_depth as usize;
+    let bufs = Rc::new(dev.alloc_queue_io_bufs());
+    let mut tags: Vec<TagState> = Vec::with_capacity(depth);
+    for _ in 0..depth {
+        match Completion::new() {
+            Ok(done) => tags.push(TagState {
+                slot: Arc::new(Mutex::new(None)),
+                done,
+                counter: Box::new(0),
+                start: Instant::now(),
+                op: 0,
+            }),
+            Err(e) => {
+                eprintln!("livemount: queue {qid}: eventfd: {e}");
+                return;
+            }
+        }
     }
-}
-
-fn queue_fn(qid: u16, dev: &UblkDev, shared: Rc<Shared>) {
-    let q = match UblkQueue::new(qid, dev) {
-        Ok(q) => Rc::new(q),
+    let bufs2 = bufs.clone();
+    let handler = move |q: &UblkQueue, tag: u16, io: &UblkIOCtx| {
+        let buf = &bufs2[tag as usize];
+        let t = &mut tags[tag as usize];
+        let complete = |q: &UblkQueue, res: i32| {
+            if let Err(e) = q.complete_io_cmd_unified(
+                tag,
+                BufDesc::Slice(buf.as_slice()),
+                Ok(UblkIORes::Result(res)),
+            ) {
+                eprintln!("livemount: queue {qid}: completing tag {tag}: {e}");
+            }
+        };
+        if io.is_tgt_io() {
+            // The pool finished this tag's request.
+            let outcome = t.slot.lock().ok().and_then(|mut g| g.take());
+            let res = match outcome {
+                Some(Outcome { res, data: Some(v) }) if res > 0 => {
+                    // SAFETY: the tag's buffer is ours until we complete the request.
+                    let out = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), v.len()) };
+                    out.copy_from_slice(&v);
+                    res
+                }
+                Some(o) => o.res,
+                None => -libc::EIO,
+            };
+            record_done(&shared.metrics, t.op, res, t.start);
+            complete(q, res);
+            return;
+        }
+        let iod = q.get_iod(tag);
+        let op = iod.op_flags & 0xff;
+        let fua = iod.op_flags & F_FUA != 0;
+        let offset = iod.start_sector << 9;
+        let len = (iod.nr_sectors as usize) << 9;
+        t.start = Instant::now();
+        t.op = op;
+        match start_request(&shared, op, fua, offset, len, buf) {
+            Step::Done(res) => {
+                record_done(&shared.metrics, op, res, t.start);
+                complete(q, res);
+            }
+            Step::Offload(job) => {
+                let slot = t.slot.clone();
+                let Ok(signaller) = t.done.signaller() else {
+                    complete(q, -libc::EIO);
+                    return;
+                };
+                let queued = shared.pool.spawn(move || {
+                    let o = job();
+                    if let Ok(mut g) = slot.lock() {
+                        *g = Some(o);
+                    }
+                    signaller.signal();
+                });
+                if !queued {
+                    complete(q, -libc::EIO);
+                    return;
+                }
+                let sqe = io_uring::opcode::Read::new(
+                    io_uring::types::Fd(t.done.raw()),
+                    &mut *t.counter as *mut u64 as *mut u8,
+                    8,
+                )
+                .build()
+                .user_data(UblkIOCtx::build_user_data(tag, op, 0, true));
+                if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
+                    eprintln!("livemount: queue {qid}: cannot wait for tag {tag}: {e}");
+                }
+            }
+        }
+    };
+    let queue = match UblkQueue::new(qid, dev)
+        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
+    {
+        Ok(q) => q,
         Err(e) => {
             eprintln!("livemount: queue {qid} setup failed: {e}");
             return;
         }
     };
-    let exe_rc = Rc::new(smol::LocalExecutor::new());
-    let exe = exe_rc.clone();
-    let mut tasks = Vec::new();
-    for tag in 0..dev.dev_info.queue_depth {
-        let q = q.clone();
-        let sh = shared.clone();
-        tasks.push(exe.spawn(async move { io_task(&q, tag, sh).await }));
-    }
-    let q2 = q.clone();
-    smol::block_on(exe_rc.run(async move {
-        let run_ops = || while exe.try_tick() {};
-        let done = || tasks.iter().all(|t| t.is_finished());
-        if let Err(e) = libublk::wait_and_handle_io_events(&q2, Some(20), run_ops, done).await {
-            eprintln!("livemount: queue {qid}: {e}");
-        }
-    }));
+    queue.wait_and_handle_io(handler);
 }
 
 /// Build the control device (new or recovered).
@@ -358,14 +424,14 @@ pub fn serve(
         p.basic.io_min_shift = 9;
         Ok(())
     };
-    // Rc<Shared> is per queue thread; the Arcs inside are shared by all queues.
+    // One Shared per queue thread; the Arcs inside are shared by all queues.
     let shared_parts = (backend, metrics, pool);
     let q_handler = move |qid: u16, dev: &UblkDev| {
-        let shared = Rc::new(Shared {
+        let shared = Shared {
             backend: shared_parts.0.clone(),
             metrics: shared_parts.1.clone(),
             pool: shared_parts.2.clone(),
-        });
+        };
         queue_fn(qid, dev, shared)
     };
     ctrl.run_target(tgt_init, q_handler, ready)
