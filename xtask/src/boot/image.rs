@@ -45,8 +45,9 @@ const INIT_SH: &str = include_str!("init.sh");
 pub const DISK_MODULES: &[&str] = &["virtio_blk", "crc32c_generic", "ext4"];
 /// More modules for the image only: systemd loads autofs4 at startup.
 const IMAGE_EXTRA_MODULES: &[&str] = &["autofs4"];
-/// Modules the test-VM mode adds: the host root over 9p with an overlay, and ublk.
-pub const VM_MODULES: &[&str] = &["9pnet_virtio", "9p", "overlay", "ublk_drv"];
+/// Modules the test-VM mode adds: the host root over 9p with an overlay, ublk, and
+/// loop (the local-image baseline).
+pub const VM_MODULES: &[&str] = &["9pnet_virtio", "9p", "overlay", "ublk_drv", "loop"];
 
 /// `.cache/boot`.
 pub fn boot_dir() -> PathBuf {

@@ -3,6 +3,7 @@
 # system from a block device and switch_roots into its systemd.
 #
 # Kernel command line:
+#   lm.init=PATH   what to run on the new root (default /sbin/init, i.e. systemd).
 #   lm.mode=disk   (default) root on a plain disk: lm.root=DEV (default /dev/vda).
 #                  Used for the host profiling boot and for the nested-qemu smoke test.
 #   lm.mode=vm     inside the ublk test VM: also mounts the host root over 9p (read-only,
@@ -94,10 +95,11 @@ fi
 
 mark mount-root "dev=$ROOTDEV"
 mount -t ext4 -o rw "$ROOTDEV" /newroot || die "mounting $ROOTDEV failed"
-[ -L /newroot/sbin/init ] || [ -x /newroot/sbin/init ] || die "no /sbin/init on $ROOTDEV"
+INIT=$(arg lm.init) || INIT=/sbin/init
+[ -L "/newroot$INIT" ] || [ -x "/newroot$INIT" ] || die "no $INIT on $ROOTDEV"
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
 mount --move /dev /newroot/dev
 echo "@@LMBOOT switch-root uptime=$(cut -d' ' -f1 /newroot/proc/uptime)"
-exec switch_root /newroot /sbin/init
+exec switch_root /newroot "$INIT"
 die "switch_root failed"
