@@ -49,7 +49,7 @@ enum Cmd {
     /// (inside the ublk VM) and print the timings (results/bench-boot.md).
     BenchBoot {
         /// Rounds over all cases (the table shows medians).
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 3)]
         rounds: u32,
         /// Only these cases, comma-separated (L, C20, P20, M20, R20, P20w2, P20n, C0, P0).
         #[arg(long, value_delimiter = ',')]

@@ -1224,10 +1224,10 @@ fn report(
     if let Some(v) = med("P20", &|r| r.prestage("staged_bytes")) {
         let _ = writeln!(
             s,
-            "\nP20 pre-staged {} ({} store requests) in {} ms before ready; {} demand frame reads were \
-             served from pre-staged frames.",
+            "\nP20 pre-staged {} in {} steps, {} ms of the device-ready time; {} demand frame reads \
+             were served from pre-staged frames.",
             mib(v),
-            opt(med("P20", &|r| r.prestage("steps_done")), &|x| format!("{x:.0} steps,")),
+            opt(med("P20", &|r| r.prestage("steps_done")), &|x| format!("{x:.0}")),
             opt(med("P20", &|r| r.prestage("ready_ms")), &|x| format!("{x:.0}")),
             opt(med("P20", &|r| r.cache("prestage_saved_reads")), &|x| format!("{x:.0}"))
         );
