@@ -248,7 +248,7 @@ struct MountArgs {
     profile: Option<PathBuf>,
     /// Stage the profile's first SECONDS of reads before the device is ready, `all`, or `none`
     /// (the rest is fetched in the background, after on-demand reads).
-    #[arg(long, default_value = "all", value_parser = parse_prestage)]
+    #[arg(long, default_value = "2", value_parser = parse_prestage)]
     prestage: String,
     /// Model a remote store: added latency per store request (e.g. 20ms).
     #[arg(long, value_parser = parse_duration)]
@@ -259,6 +259,9 @@ struct MountArgs {
     /// At unmount, write what the VM read during the mount as a profile to FILE.
     #[arg(long)]
     record_profile: Option<PathBuf>,
+    /// Fetch only the frames a read needs, without whole-chunk read-ahead on misses.
+    #[arg(long)]
+    no_readahead: bool,
     /// Supervise the daemon: if it dies (crash, SIGKILL), start a new one that
     /// recovers the device (`--recover`), up to 5 times a minute.
     #[arg(long)]
@@ -395,6 +398,7 @@ fn mount_cmd(a: MountArgs) -> Result<()> {
                 store_latency_ms: a.store_latency.map(|d| d.as_secs_f64() * 1000.0),
                 store_bandwidth: a.store_bandwidth,
                 record_profile: a.record_profile.clone(),
+                readahead: !a.no_readahead,
             }
         }
     };

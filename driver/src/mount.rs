@@ -64,11 +64,21 @@ pub struct MountConfig {
     /// Write what the VM read, as a profile, to this file at unmount.
     #[serde(default)]
     pub record_profile: Option<PathBuf>,
+    /// Chunk read-ahead on demand misses (a quarter of `cache_mem` holds compressed
+    /// chunks).
+    #[serde(default = "default_true")]
+    pub readahead: bool,
 }
 
-/// Default pre-staging window: the whole profile (see docs/performance.md).
+fn default_true() -> bool {
+    true
+}
+
+/// Default pre-staging window: the profile's first 2 s before the device is ready,
+/// the rest in the background (measured: ready in 0.46 s instead of 1.34 s with
+/// `all`, and the same boot time; docs/performance.md, Boot).
 pub fn default_prestage() -> String {
-    "all".into()
+    "2".into()
 }
 
 impl MountConfig {
@@ -90,6 +100,7 @@ impl MountConfig {
             store_latency_ms: None,
             store_bandwidth: None,
             record_profile: None,
+            readahead: true,
         }
     }
 }
@@ -312,12 +323,15 @@ pub fn prepare(
         Some(d) => Some(DiskTier::open(d, config.cache_size)?),
         None => None,
     };
-    let cache = Arc::new(ReadCache::new(
-        origin,
-        config.cache_mem,
-        disk,
-        index.frame_size,
-    ));
+    let cache = Arc::new(
+        ReadCache::new(origin, config.cache_mem, disk, index.frame_size).with_chunk_readahead(
+            if config.readahead {
+                config.cache_mem / 4
+            } else {
+                0
+            },
+        ),
+    );
     let image = Arc::new(SnapshotImage::new(index, cache.clone()));
     let overlay = match (&config.overlay, config.read_only) {
         (Some(p), false) => {

@@ -42,6 +42,10 @@ pub struct CacheStats {
     pub corrupt: AtomicU64,
     /// Demand reads of frames that pre-staging had brought in.
     pub prestage_saved: AtomicU64,
+    /// Whole chunks fetched by read-ahead.
+    pub readahead_chunks: AtomicU64,
+    /// Ranges served from read-ahead chunks (store requests saved).
+    pub readahead_hits: AtomicU64,
 }
 
 /// A snapshot of [`CacheStats`] plus sizes, for `status`.
@@ -65,6 +69,10 @@ pub struct CacheReport {
     pub corrupt_chunks: u64,
     /// Demand frame reads served from pre-staged frames.
     pub prestage_saved_reads: u64,
+    /// Whole chunks fetched by read-ahead.
+    pub readahead_chunks: u64,
+    /// Ranges served from read-ahead chunks.
+    pub readahead_hits: u64,
     /// Bytes held by the memory tier.
     pub mem_bytes: u64,
     /// Memory budget.
@@ -91,6 +99,10 @@ pub struct ReadCache {
     demand_inflight: AtomicUsize,
     /// Frames brought in by pre-staging and not yet read (for "reads saved").
     prestaged: Mutex<HashSet<FrameKey>>,
+    /// Chunk read-ahead: whole compressed chunk files fetched on a demand miss (one
+    /// store request instead of one per run of frames), kept compressed and decoded
+    /// lazily, frame by frame, as reads need them.
+    compressed: Option<Mutex<TwoQueue<ChunkId, Arc<Vec<u8>>>>>,
     /// Counters.
     pub stats: CacheStats,
 }
@@ -130,8 +142,80 @@ impl ReadCache {
             frame_size,
             demand_inflight: AtomicUsize::new(0),
             prestaged: Mutex::new(HashSet::new()),
+            compressed: None,
             stats: CacheStats::default(),
         }
+    }
+
+    /// Enable chunk read-ahead with `budget` bytes of compressed chunk files in memory.
+    pub fn with_chunk_readahead(mut self, budget: u64) -> Self {
+        self.compressed = (budget > 0).then(|| Mutex::new(TwoQueue::new(budget as usize)));
+        self
+    }
+
+    fn compressed_get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        self.compressed.as_ref()?.lock().ok()?.get(id)
+    }
+
+    fn compressed_has(&self, id: &ChunkId) -> bool {
+        self.compressed
+            .as_ref()
+            .and_then(|c| c.lock().ok().map(|c| c.contains(id)))
+            .unwrap_or(false)
+    }
+
+    /// Read-ahead: fetch chunk `id`'s whole file with one request (single flight) into
+    /// the compressed tier (and the disk tier). Bytes are verified later, range by
+    /// range, when frames are decoded from them.
+    fn fetch_whole(&self, id: &ChunkId) -> Result<()> {
+        let key = (*id, u32::MAX);
+        let waiter = {
+            let mut inflight = self.inflight.lock().map_err(|_| poisoned())?;
+            if self.compressed_has(id) {
+                return Ok(());
+            }
+            match inflight.get(&key) {
+                Some(w) => Some(w.clone()),
+                None => {
+                    inflight.insert(key, Arc::new((Mutex::new(false), Condvar::new())));
+                    None
+                }
+            }
+        };
+        if let Some(w) = waiter {
+            let mut done = w.0.lock().map_err(|_| poisoned())?;
+            while !*done {
+                done = w.1.wait(done).map_err(|_| poisoned())?;
+            }
+            return Ok(());
+        }
+        self.demand_inflight.fetch_add(1, Relaxed);
+        let res = self.origin.read_all(id).map(|bytes| {
+            self.stats.store_reads.fetch_add(1, Relaxed);
+            self.stats
+                .store_bytes
+                .fetch_add(bytes.len() as u64, Relaxed);
+            self.stats.readahead_chunks.fetch_add(1, Relaxed);
+            if let Some(d) = &self.disk {
+                let _ = d.write(id, 0, &bytes);
+            }
+            if let Some(c) = &self.compressed {
+                if let Ok(mut c) = c.lock() {
+                    let len = bytes.len();
+                    c.insert(*id, Arc::new(bytes), len);
+                }
+            }
+        });
+        self.demand_inflight.fetch_sub(1, Relaxed);
+        if let Ok(mut inflight) = self.inflight.lock() {
+            if let Some(w) = inflight.remove(&key) {
+                if let Ok(mut done) = w.0.lock() {
+                    *done = true;
+                }
+                w.1.notify_all();
+            }
+        }
+        res
     }
 
     /// Demand fetches in flight now.
@@ -224,6 +308,8 @@ impl ReadCache {
             decoded_bytes: s.decoded_bytes.load(Relaxed),
             corrupt_chunks: s.corrupt.load(Relaxed),
             prestage_saved_reads: s.prestage_saved.load(Relaxed),
+            readahead_chunks: s.readahead_chunks.load(Relaxed),
+            readahead_hits: s.readahead_hits.load(Relaxed),
             mem_bytes: self.mem.lock().map(|m| m.bytes() as u64).unwrap_or(0),
             mem_budget: self.mem_budget,
             disk_bytes: self.disk.as_ref().map(|d| d.bytes()).unwrap_or(0),
@@ -240,6 +326,24 @@ impl ReadCache {
         check: impl Fn(&[u8]) -> Result<T>,
     ) -> Result<T> {
         let len = (range.end - range.start) as usize;
+        if let Some(file) = self.compressed_get(id) {
+            let slice = file.get(range.start as usize..range.end as usize);
+            match slice.map(&check) {
+                Some(Ok(v)) => {
+                    self.stats.readahead_hits.fetch_add(1, Relaxed);
+                    return Ok(v);
+                }
+                // Damaged or short: forget it; the exact range is fetched below and
+                // verified again (a corrupt store chunk is then reported).
+                _ => {
+                    if let Some(c) = &self.compressed {
+                        if let Ok(mut c) = c.lock() {
+                            c.remove(id);
+                        }
+                    }
+                }
+            }
+        }
         if let Some(d) = &self.disk {
             if let Some(bytes) = d.read(id, range.start, len) {
                 if let Ok(v) = check(&bytes) {
@@ -284,6 +388,19 @@ impl ReadCache {
             m.insert(*id, layout.clone());
         }
         Ok(layout)
+    }
+
+    /// True if the layout and every frame of `range` are in memory (no counting).
+    fn frames_cached(&self, id: &ChunkId, range: Range<u32>) -> bool {
+        let Some(layout) = self.layouts.lock().ok().and_then(|m| m.get(id).cloned()) else {
+            return false;
+        };
+        let Ok(mem) = self.mem.lock() else {
+            return false;
+        };
+        layout
+            .frames_for(range)
+            .all(|i| mem.contains(&(*id, i as u32)))
     }
 
     fn mem_get(&self, key: &FrameKey) -> Option<FrameBytes> {
@@ -348,6 +465,15 @@ impl ReadCache {
         range: Range<u32>,
         out: &mut [u8],
     ) -> Result<()> {
+        // Read-ahead: the first demand miss in a chunk brings the whole compressed
+        // chunk (one request); frames are still decoded only when read. Errors here
+        // are not final: the exact-range path below retries and reports them.
+        if self.compressed.is_some()
+            && !self.compressed_has(id)
+            && !self.frames_cached(id, range.clone())
+        {
+            let _ = self.fetch_whole(id);
+        }
         let layout = self.layout(id, chunk_len)?;
         let frames = layout.frames_for(range.clone());
         let mut have: HashMap<usize, FrameBytes> = HashMap::new();
@@ -584,5 +710,55 @@ mod tests {
             0,
             "damage in the cache is not damage in the store"
         );
+    }
+
+    #[test]
+    fn chunk_readahead_is_one_request_and_lazy_decoding() {
+        let (src, data) = source();
+        let id = src.id;
+        let cache = ReadCache::new(src.clone(), 8 << 20, None, 65536).with_chunk_readahead(4 << 20);
+        let mut out = vec![0u8; 4096];
+        cache.read(&id, 1 << 20, 0..4096, &mut out).unwrap();
+        assert_eq!(out, data[..4096]);
+        assert_eq!(
+            src.reads.load(Relaxed),
+            1,
+            "layout and frames from one whole-chunk read"
+        );
+        for at in [300_000u32, 700_000, 1_000_000] {
+            cache.read(&id, 1 << 20, at..at + 4096, &mut out).unwrap();
+            assert_eq!(out, data[at as usize..at as usize + 4096]);
+        }
+        assert_eq!(src.reads.load(Relaxed), 1);
+        let r = cache.report();
+        assert_eq!(
+            r.decoded_bytes,
+            4 * 65536,
+            "only the frames read are decoded"
+        );
+        assert_eq!(r.readahead_chunks, 1);
+    }
+
+    #[test]
+    fn chunk_readahead_never_returns_damaged_bytes() {
+        let (src, _) = source();
+        let mut bad = SlowSource {
+            id: src.id,
+            file: src.file.clone(),
+            reads: AtomicU64::new(0),
+        };
+        let at = bad.file.len() - 100;
+        bad.file[at] ^= 1;
+        let bad = Arc::new(bad);
+        let cache = ReadCache::new(bad.clone(), 8 << 20, None, 65536).with_chunk_readahead(4 << 20);
+        let mut out = vec![0u8; 4096];
+        // Early frames are intact and read fine; the damaged last frame is an error
+        // naming the chunk, after one retry of the exact range from the store.
+        cache.read(&bad.id, 1 << 20, 0..4096, &mut out).unwrap();
+        let e = cache
+            .read(&bad.id, 1 << 20, (1 << 20) - 4096..1 << 20, &mut out)
+            .unwrap_err();
+        assert!(e.to_string().contains(&bad.id.to_hex()), "{e}");
+        assert_eq!(cache.report().corrupt_chunks, 1);
     }
 }
