@@ -108,6 +108,9 @@ struct Prepared {
     /// The snapshot's stored size (compressed chunks).
     store_bytes: u64,
     caps: Caps,
+    /// Held for the whole run: one bench-boot / smoke test at a time per tree
+    /// (they share `.cache/boot/work`).
+    _lock: fs::File,
 }
 
 /// One way of booting.
@@ -187,6 +190,12 @@ fn prepare(build_store: bool, reuse: bool) -> Result<(Prepared, Vec<ProfileInfo>
     if !crate::util::is_root() {
         bail!("bench-boot needs root (debootstrap, loop devices, eBPF, mkfs)");
     }
+    fs::create_dir_all(boot_dir())?;
+    let lock = fs::File::create(boot_dir().join("work.lock"))?;
+    if lock.try_lock().is_err() {
+        eprintln!("bench-boot: another bench-boot uses .cache/boot/work; waiting for it");
+        lock.lock().context("locking .cache/boot/work.lock")?;
+    }
     crate::util::cargo(&[
         "build",
         "--release",
@@ -215,6 +224,7 @@ fn prepare(build_store: bool, reuse: bool) -> Result<(Prepared, Vec<ProfileInfo>
         store_img: PathBuf::new(),
         store_bytes: 0,
         caps,
+        _lock: lock,
     };
     let mut profiles = Vec::new();
     if build_store {
@@ -253,6 +263,15 @@ fn prepare(build_store: bool, reuse: bool) -> Result<(Prepared, Vec<ProfileInfo>
         fs::write(&stamp, serde_json::to_string_pretty(&v)?)?;
     }
     Ok((p, profiles))
+}
+
+/// `LIVEMOUNT_SKIP_VM=1`: this machine cannot run the test VM; say so visibly.
+fn skip_vm(what: &str) -> bool {
+    let skip = std::env::var("LIVEMOUNT_SKIP_VM").is_ok_and(|v| v == "1");
+    if skip {
+        eprintln!("SKIP: {what} (LIVEMOUNT_SKIP_VM=1)");
+    }
+    skip
 }
 
 /// A loop device over `file` (read-only), detached on drop.
@@ -506,6 +525,18 @@ fn backup(p: &mut Prepared) -> Result<()> {
 /// A fresh control directory for one test-VM boot (shared as 9p `lmctl`).
 fn run_dir(work: &Path) -> Result<PathBuf> {
     static N: AtomicU32 = AtomicU32::new(0);
+    // Kept directories (failures, --keep) older than three days go.
+    if let Ok(entries) = fs::read_dir(work.join("runs")) {
+        let old = SystemTime::now() - Duration::from_secs(3 * 24 * 3600);
+        for e in entries.flatten() {
+            if e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < old)
+            {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
@@ -907,6 +938,9 @@ fn cases(p: &Prepared, profiles: &[ProfileInfo]) -> Vec<Case> {
 
 /// `cargo xtask bench-boot`.
 pub fn bench(opts: &Options) -> Result<()> {
+    if skip_vm("bench-boot") {
+        return Ok(());
+    }
     let t0 = Instant::now();
     let (p, profiles) = prepare(true, opts.reuse)?;
     if !p.caps.profile || !p.caps.throttle {
@@ -1250,6 +1284,9 @@ fn report(
 /// root and prints them): nested TCG is ~30× slower than TCG, so a full systemd
 /// boot (`LIVEMOUNT_BOOT_SMOKE_FULL=1`, up to 40 min) takes far longer.
 pub fn smoke() -> Result<()> {
+    if skip_vm("bench-boot --smoke") {
+        return Ok(());
+    }
     let (mut p, _) = prepare(false, false)?;
     backup(&mut p)?;
     let store = p.work.join("store");
