@@ -1121,14 +1121,15 @@ fn concurrent_backups_sharing_chunks_and_gc_busy() {
     let mut ca = spawn(&ia, "a");
     let mut cb = spawn(&ib, "b");
 
-    // gc while they run: refused. (If gc returns while a backup is still running,
-    // that backup held its lock before gc started, so gc must have been refused.)
+    // gc while they run: refused. The backup that creates the store takes its lock
+    // before the config file appears, so if both backups are still running after gc
+    // returns, the creator held the lock all through gc and gc must have been refused.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !store.join("livemount-store.json").exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     let gc = lm(["gc".as_ref(), "--store".as_ref(), p(&store)]);
-    let running = ca.try_wait().unwrap().is_none() || cb.try_wait().unwrap().is_none();
+    let running = ca.try_wait().unwrap().is_none() && cb.try_wait().unwrap().is_none();
     if running {
         gc.error(&["busy"]);
     } else {

@@ -171,10 +171,26 @@ impl Store {
             Err(e) => return Err(Error::io(&root, e)),
         }
         let config_path = root.join(CONFIG_FILE);
-        if !config_path.exists() && access == Access::Write {
-            Self::init(&root)?;
+        let creating = !config_path.exists() && access == Access::Write;
+        if creating {
+            // Refuse a foreign directory before leaving anything (such as .lock) in it.
+            if root.exists() && !Self::is_skeleton(&root)? {
+                return Err(Error::Invalid(format!(
+                    "{} is not empty and not a livemount store (no {CONFIG_FILE})",
+                    root.display()
+                )));
+            }
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&root)
+                .at(&root)?;
+        } else {
+            // Validates that this is a store before a lock file is created in it.
+            Self::read_config(&root)?;
         }
-        let config = Self::read_config(&root)?;
+        // Take the lock before a new store's config appears, so that from the moment
+        // the directory is a store, a backup writing into it holds the lock.
         let lock = match access {
             Access::ReadOnly => None,
             Access::Write | Access::Exclusive => {
@@ -202,6 +218,10 @@ impl Store {
                 Some(f)
             }
         };
+        if creating && !config_path.exists() {
+            Self::init(&root)?;
+        }
+        let config = Self::read_config(&root)?;
         Ok(Store {
             chunks: DirChunkSource::new(root.join("chunks")),
             root,
