@@ -59,7 +59,15 @@ ln -sf /proc/self/fd/0 $R/dev/stdin
 ln -sf /proc/self/fd/1 $R/dev/stdout
 ln -sf /proc/self/fd/2 $R/dev/stderr
 mount -t tmpfs -o mode=0755 run $R/run
+# The guest gets a fresh /tmp; a repository that lives under /tmp (a CI checkout)
+# stays visible at its path, writable through the overlay like everything else.
+case "$LM_REPO" in
+    /tmp/*) mkdir -p /mnt/repo && mount --bind "$R$LM_REPO" /mnt/repo || die "keeping $LM_REPO visible failed" ;;
+esac
 mount -t tmpfs -o mode=1777 tmp $R/tmp
+if [ -d /mnt/repo ]; then
+    mkdir -p "$R$LM_REPO" && mount --move /mnt/repo "$R$LM_REPO" || die "keeping $LM_REPO visible failed"
+fi
 mkdir -p $R/run/lmvm
 mount --move /mnt/ctl $R/run/lmvm
 mkdir -p "$R/lib/modules/$LM_KVER"

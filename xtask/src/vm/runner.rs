@@ -245,7 +245,7 @@ fn boot(
     };
     let config = format!(
         "LM_KVER={}\nLM_MODULES={}\nLM_RESULTS={}\nLM_MODPROBE={}\nLM_CWD={}\nLM_NONCE={nonce}\nLM_SHELL={}\n\
-         LM_ROOT_CACHE={}\n",
+         LM_ROOT_CACHE={}\nLM_REPO={}\n",
         sh_quote(kver),
         sh_quote(path_str(modules)?),
         sh_quote(results_guest),
@@ -253,6 +253,7 @@ fn boot(
         sh_quote(path_str(&cwd)?),
         u8::from(shell),
         sh_quote(&std::env::var("LIVEMOUNT_VM_9P_CACHE").unwrap_or_else(|_| "loose".into())),
+        sh_quote(path_str(&crate::util::root())?),
     );
     let mut env_sh = String::new();
     for (k, v) in script_env(opts) {
