@@ -32,10 +32,12 @@ pub fn apt_install(pkgs: &[(&str, &str)]) -> Result<()> {
         );
     }
     crate::util::run(Command::new("apt-get").args(["update", "-q"]))?;
-    crate::util::run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing))
+    crate::util::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )
 }
 
 /// Entry point of `cargo xtask setup`: host packages, then the VM test kit, then
