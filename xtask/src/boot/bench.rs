@@ -1166,7 +1166,7 @@ fn report(
             opt(med(&c.id, &|r| r.cache("store_bytes")), &mib),
             opt(med(&c.id, &|r| r.cache("decoded_bytes")), &mib),
             mib(med(&c.id, &|r| Some(r.dev_read_bytes as f64)).unwrap_or(0.0)),
-            format!(
+            format_args!(
                 "{}, {} s",
                 opt(med(&c.id, &|r| Some(r.dev_reads as f64)), &|n| format!(
                     "{n:.0}"
@@ -1234,7 +1234,7 @@ fn report(
     let base = "L";
     let _ = writeln!(
         s,
-        "Targets (20 ms model; L = {}, C = C20, P = P20). \
+        "Targets (20 ms model; L = the loop device over the image in guest RAM, C = C20, P = P20). \
          Boot-time ratios three ways: of the medians (the verdict), per round (cases of one round \
          ran minutes apart), and of each case's fastest boot (host contention only ever adds \
          time, so the minimum is the least disturbed estimate):\n\n\
@@ -1286,7 +1286,7 @@ fn report(
     let (c, pp) = (boot("C20"), boot("P20"));
     let lv_line = match (boot("Lv"), c, pp) {
         (Some(lv), Some(c), Some(p)) => format!(
-            "\nAgainst Lv instead (medians): P/Lv = {:.2}, (C − P) / (C − Lv) = {:.2}, C/Lv = {:.2}. \
+            "Against Lv instead (medians): P/Lv = {:.2}, (C − P) / (C − Lv) = {:.2}, C/Lv = {:.2}. \
              Under TCG a virtio disk is served by qemu's own threads outside the guest's vCPUs, \
              while a loop device and the ublk daemon run on the emulated CPUs, so Lv is \
              comparatively cheap here.\n",
