@@ -1238,8 +1238,7 @@ fn report(
          Boot-time ratios three ways: of the medians (the verdict), per round (cases of one round \
          ran minutes apart), and of each case's fastest boot (host contention only ever adds \
          time, so the minimum is the least disturbed estimate):\n\n\
-         | target | medians | per round | fastest boots | met (medians / fastest) |\n|---|---|---|---|---|",
-        base
+         | target | medians | per round | fastest boots | met (medians / fastest) |\n|---|---|---|---|---|"
     );
     let yes = |b: bool| if b { "yes" } else { "**no**" };
     let fastest = |id: &str| of(id).iter().map(|r| r.boot_s).min_by(f64::total_cmp);
