@@ -12,7 +12,7 @@
 //! - [`test`]: build the integration-test binaries and run them all in one boot.
 //! - [`kernel_paths`]: the unpacked kernel, for benchmarks and the boot demo.
 
-mod kit;
+pub(crate) mod kit;
 mod runner;
 
 use crate::util::root;

@@ -13,6 +13,7 @@
 //!   loads (busybox insmod cannot read .ko.xz). Rebuilt when `initramfs.key` changes.
 
 use crate::util::{cache_dir, run};
+use crate::vm::kit::Cpio;
 use anyhow::{bail, Context, Result};
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -394,67 +395,6 @@ pub fn ensure_initramfs() -> Result<PathBuf> {
     fs::write(&key_file, key)?;
     eprintln!("boot: built {}", img.display());
     Ok(img)
-}
-
-/// A minimal "newc" cpio writer (no root needed for the device node).
-#[derive(Default)]
-struct Cpio {
-    buf: Vec<u8>,
-    ino: u32,
-}
-
-impl Cpio {
-    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
-        self.ino += 1;
-        let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
-        let fields = [
-            self.ino,
-            mode,
-            0,
-            0,
-            nlink,
-            0,
-            data.len() as u32,
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name.len() as u32 + 1,
-            0,
-        ];
-        self.buf.extend_from_slice(b"070701");
-        for f in fields {
-            self.buf.extend_from_slice(format!("{f:08x}").as_bytes());
-        }
-        self.buf.extend_from_slice(name.as_bytes());
-        self.buf.push(0);
-        self.pad();
-        self.buf.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        while !self.buf.len().is_multiple_of(4) {
-            self.buf.push(0);
-        }
-    }
-
-    fn dir(&mut self, name: &str) {
-        self.entry(name, 0o040755, (0, 0), &[]);
-    }
-
-    fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
-        self.entry(name, 0o100000 | perm, (0, 0), data);
-    }
-
-    fn char_dev(&mut self, name: &str, major: u32, minor: u32) {
-        self.entry(name, 0o020600, (major, minor), &[]);
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, (0, 0), &[]);
-        self.buf
-    }
 }
 
 #[cfg(test)]

@@ -562,7 +562,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// A minimal "newc" cpio writer (no root needed for the device node).
 #[derive(Default)]
-struct Cpio {
+pub(crate) struct Cpio {
     buf: Vec<u8>,
     ino: u32,
 }
@@ -602,19 +602,19 @@ impl Cpio {
         }
     }
 
-    fn dir(&mut self, name: &str) {
+    pub(crate) fn dir(&mut self, name: &str) {
         self.entry(name, 0o040755, (0, 0), &[]);
     }
 
-    fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
+    pub(crate) fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
         self.entry(name, 0o100000 | perm, (0, 0), data);
     }
 
-    fn char_dev(&mut self, name: &str, major: u32, minor: u32) {
+    pub(crate) fn char_dev(&mut self, name: &str, major: u32, minor: u32) {
         self.entry(name, 0o020600, (major, minor), &[]);
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, (0, 0), &[]);
         self.buf
     }
