@@ -64,36 +64,7 @@ pub fn lock() -> Result<fs::File> {
     Ok(f)
 }
 
-/// 64-bit FNV-1a, a stable content hash for the cache keys.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// The machine's own Debian mirror (deb822 or one-line sources), else deb.debian.org.
-pub fn debian_mirror() -> String {
-    let deb822 = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
-    if let Some(uri) = deb822
-        .lines()
-        .find_map(|l| l.strip_prefix("URIs:"))
-        .and_then(|u| u.split_whitespace().next())
-    {
-        return uri.to_owned();
-    }
-    let classic = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
-    for l in classic.lines() {
-        let mut w = l.split_whitespace().filter(|w| !w.starts_with('['));
-        if w.next() == Some("deb") {
-            if let Some(uri) = w.next() {
-                if uri.contains("debian") && !uri.contains("security") {
-                    return uri.to_owned();
-                }
-            }
-        }
-    }
-    "http://deb.debian.org/debian".into()
-}
+use crate::vm::kit::{debian_mirror, fnv1a};
 
 /// The cached image.
 #[derive(Clone, Debug)]

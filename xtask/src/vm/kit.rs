@@ -186,7 +186,7 @@ fn os_codename() -> String {
 }
 
 /// The machine's own Debian mirror (deb822 or one-line sources), else deb.debian.org.
-fn debian_mirror() -> String {
+pub(crate) fn debian_mirror() -> String {
     let deb822 = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
     if let Some(uri) = deb822
         .lines()
@@ -553,8 +553,8 @@ fn module_order(moddir: &Path, wanted: &[&str]) -> Result<Vec<(String, PathBuf)>
     Ok(out)
 }
 
-/// 64-bit FNV-1a: a stable content hash for the initramfs key.
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// 64-bit FNV-1a: a stable content hash for cache keys (initramfs, boot image).
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
