@@ -99,8 +99,9 @@ impl DiskTier {
         Some(buf)
     }
 
-    /// Store verified bytes of chunk `id`'s file at `offset`, then evict other chunks
-    /// while over budget. Errors (e.g. a full disk) are returned; callers treat the
+    /// Store bytes of chunk `id`'s file at `offset` (verified ranges, or a whole chunk
+    /// fetched by read-ahead; either way every later read is verified again), then
+    /// evict other chunks while over budget. Errors (e.g. a full disk) are returned; callers treat the
     /// cache as optional and keep serving from the store.
     pub fn write(&self, id: &ChunkId, offset: u64, bytes: &[u8]) -> Result<()> {
         let path = self.path(id);
@@ -145,15 +146,5 @@ impl DiskTier {
             let _ = fs::remove_file(self.path(&v));
         }
         Ok(())
-    }
-
-    /// Drop chunk `id` from the tier (after its cached bytes failed verification).
-    pub fn discard(&self, id: &ChunkId) {
-        let _ = fs::remove_file(self.path(id));
-        if let Ok(mut s) = self.state.lock() {
-            if let Some((b, _)) = s.files.remove(id) {
-                s.total -= b.min(s.total);
-            }
-        }
     }
 }
