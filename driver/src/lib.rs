@@ -12,6 +12,7 @@ pub use error::{Error, Result};
 pub mod backup;
 pub mod cache;
 pub mod commit;
+pub mod copy;
 pub mod gc;
 pub mod image;
 pub mod info;

@@ -7,7 +7,6 @@
 //! docs/performance.md for the measured hit rates).
 
 use hashbrown::HashMap;
-use std::collections::BTreeMap;
 use std::hash::Hash;
 use std::sync::Arc;
 
@@ -17,22 +16,37 @@ enum Segment {
     Protected,
 }
 
-struct Entry<V> {
+const NIL: usize = usize::MAX;
+
+/// An entry, linked into the list of its segment (oldest at the head).
+struct Node<K, V> {
+    key: K,
     value: V,
     bytes: usize,
     segment: Segment,
-    tick: u64,
+    prev: usize,
+    next: usize,
+}
+
+/// A doubly linked list of slab indexes: O(1) move-to-back and pop-front, so a hit
+/// costs a hash lookup and a few index writes (a hit is the whole per-request work of
+/// a warm read, done on the queue thread).
+#[derive(Clone, Copy)]
+struct List {
+    head: usize,
+    tail: usize,
 }
 
 /// A byte-bounded cache with a scan-resistant (2Q / segmented LRU) policy.
 pub struct TwoQueue<K, V> {
-    map: HashMap<K, Entry<V>>,
-    probation: BTreeMap<u64, K>,
-    protected: BTreeMap<u64, K>,
+    map: HashMap<K, usize>,
+    slab: Vec<Option<Node<K, V>>>,
+    free: Vec<usize>,
+    probation: List,
+    protected: List,
     probation_bytes: usize,
     protected_bytes: usize,
     capacity: usize,
-    tick: u64,
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> TwoQueue<K, V> {
@@ -40,12 +54,19 @@ impl<K: Hash + Eq + Clone, V: Clone> TwoQueue<K, V> {
     pub fn new(capacity: usize) -> Self {
         TwoQueue {
             map: HashMap::new(),
-            probation: BTreeMap::new(),
-            protected: BTreeMap::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
+            probation: List {
+                head: NIL,
+                tail: NIL,
+            },
+            protected: List {
+                head: NIL,
+                tail: NIL,
+            },
             probation_bytes: 0,
             protected_bytes: 0,
             capacity,
-            tick: 0,
         }
     }
 
@@ -64,25 +85,93 @@ impl<K: Hash + Eq + Clone, V: Clone> TwoQueue<K, V> {
         self.map.is_empty()
     }
 
-    /// Look up `key`, counting it as an access.
-    pub fn get(&mut self, key: &K) -> Option<V> {
-        self.tick += 1;
-        let tick = self.tick;
-        let e = self.map.get_mut(key)?;
-        match e.segment {
-            Segment::Probation => {
-                self.probation.remove(&e.tick);
-                self.probation_bytes -= e.bytes;
-                e.segment = Segment::Protected;
-                self.protected_bytes += e.bytes;
+    fn node(&self, i: usize) -> &Node<K, V> {
+        self.slab[i].as_ref().expect("linked slot is occupied")
+    }
+
+    fn node_mut(&mut self, i: usize) -> &mut Node<K, V> {
+        self.slab[i].as_mut().expect("linked slot is occupied")
+    }
+
+    fn list_mut(&mut self, seg: Segment) -> &mut List {
+        match seg {
+            Segment::Probation => &mut self.probation,
+            Segment::Protected => &mut self.protected,
+        }
+    }
+
+    /// Take node `i` out of its segment's list and byte count.
+    fn unlink(&mut self, i: usize) {
+        let (prev, next, seg, bytes) = {
+            let n = self.node(i);
+            (n.prev, n.next, n.segment, n.bytes)
+        };
+        if prev == NIL {
+            self.list_mut(seg).head = next;
+        } else {
+            self.node_mut(prev).next = next;
+        }
+        if next == NIL {
+            self.list_mut(seg).tail = prev;
+        } else {
+            self.node_mut(next).prev = prev;
+        }
+        match seg {
+            Segment::Probation => self.probation_bytes -= bytes,
+            Segment::Protected => self.protected_bytes -= bytes,
+        }
+    }
+
+    /// Append node `i` (unlinked) as the newest of `seg`.
+    fn push_back(&mut self, i: usize, seg: Segment) {
+        let tail = self.list_mut(seg).tail;
+        let bytes = {
+            let n = self.node_mut(i);
+            n.segment = seg;
+            n.prev = tail;
+            n.next = NIL;
+            n.bytes
+        };
+        if tail == NIL {
+            self.list_mut(seg).head = i;
+        } else {
+            self.node_mut(tail).next = i;
+        }
+        self.list_mut(seg).tail = i;
+        match seg {
+            Segment::Probation => self.probation_bytes += bytes,
+            Segment::Protected => self.protected_bytes += bytes,
+        }
+    }
+
+    fn alloc(&mut self, key: K, value: V, bytes: usize) -> usize {
+        let node = Node {
+            key,
+            value,
+            bytes,
+            segment: Segment::Probation,
+            prev: NIL,
+            next: NIL,
+        };
+        match self.free.pop() {
+            Some(i) => {
+                self.slab[i] = Some(node);
+                i
             }
-            Segment::Protected => {
-                self.protected.remove(&e.tick);
+            None => {
+                self.slab.push(Some(node));
+                self.slab.len() - 1
             }
         }
-        e.tick = tick;
-        self.protected.insert(tick, key.clone());
-        let v = e.value.clone();
+    }
+
+    /// Look up `key`, counting it as an access.
+    pub fn get(&mut self, key: &K) -> Option<V> {
+        let i = *self.map.get(key)?;
+        // Probation → protected on the second access; protected → most recent.
+        self.unlink(i);
+        self.push_back(i, Segment::Protected);
+        let v = self.node(i).value.clone();
         self.evict();
         Some(v)
     }
@@ -93,18 +182,9 @@ impl<K: Hash + Eq + Clone, V: Clone> TwoQueue<K, V> {
             return;
         }
         self.remove(&key);
-        self.tick += 1;
-        self.probation.insert(self.tick, key.clone());
-        self.probation_bytes += bytes;
-        self.map.insert(
-            key,
-            Entry {
-                value,
-                bytes,
-                segment: Segment::Probation,
-                tick: self.tick,
-            },
-        );
+        let i = self.alloc(key.clone(), value, bytes);
+        self.push_back(i, Segment::Probation);
+        self.map.insert(key, i);
         self.evict();
     }
 
@@ -128,69 +208,47 @@ impl<K: Hash + Eq + Clone, V: Clone> TwoQueue<K, V> {
         if bytes > self.protected_room() {
             return false;
         }
-        self.tick += 1;
-        self.protected.insert(self.tick, key.clone());
-        self.protected_bytes += bytes;
-        self.map.insert(
-            key,
-            Entry {
-                value,
-                bytes,
-                segment: Segment::Protected,
-                tick: self.tick,
-            },
-        );
+        let i = self.alloc(key.clone(), value, bytes);
+        self.push_back(i, Segment::Protected);
+        self.map.insert(key, i);
         self.evict();
         true
     }
 
     /// Remove `key`.
     pub fn remove(&mut self, key: &K) {
-        if let Some(e) = self.map.remove(key) {
-            match e.segment {
-                Segment::Probation => {
-                    self.probation.remove(&e.tick);
-                    self.probation_bytes -= e.bytes;
-                }
-                Segment::Protected => {
-                    self.protected.remove(&e.tick);
-                    self.protected_bytes -= e.bytes;
-                }
-            }
+        if let Some(i) = self.map.remove(key) {
+            self.unlink(i);
+            self.slab[i] = None;
+            self.free.push(i);
         }
     }
 
     fn pop(&mut self, seg: Segment) {
-        let first = match seg {
-            Segment::Probation => self.probation.first_key_value(),
-            Segment::Protected => self.protected.first_key_value(),
+        let head = match seg {
+            Segment::Probation => self.probation.head,
+            Segment::Protected => self.protected.head,
         };
-        if let Some((_, k)) = first {
-            let k = k.clone();
-            if seg == Segment::Protected {
-                // Demote to probation rather than drop: a frame that was hot once gets
-                // one more chance before it leaves.
-                if let Some(e) = self.map.get_mut(&k) {
-                    self.protected.remove(&e.tick);
-                    self.protected_bytes -= e.bytes;
-                    e.segment = Segment::Probation;
-                    self.probation_bytes += e.bytes;
-                    self.tick += 1;
-                    e.tick = self.tick;
-                    self.probation.insert(self.tick, k);
-                }
-            } else {
-                self.remove(&k);
-            }
+        if head == NIL {
+            return;
+        }
+        if seg == Segment::Protected {
+            // Demote to probation rather than drop: a frame that was hot once gets
+            // one more chance before it leaves.
+            self.unlink(head);
+            self.push_back(head, Segment::Probation);
+        } else {
+            let key = self.node(head).key.clone();
+            self.remove(&key);
         }
     }
 
     fn evict(&mut self) {
         let protected_cap = self.capacity - self.capacity / 4;
-        while self.protected_bytes > protected_cap {
+        while self.protected_bytes > protected_cap && self.protected.head != NIL {
             self.pop(Segment::Protected);
         }
-        while self.bytes() > self.capacity {
+        while self.bytes() > self.capacity && self.probation.head != NIL {
             self.pop(Segment::Probation);
         }
     }
@@ -202,6 +260,7 @@ pub type FrameBytes = Arc<Vec<u8>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     /// Plain LRU for comparison.
     struct Lru {
@@ -266,6 +325,53 @@ mod tests {
         // 500 hot accesses: 2Q misses only the first round; LRU also misses after the scan.
         assert_eq!(hq, 450, "2Q hits");
         assert_eq!(hl, 400, "LRU hits");
+    }
+
+    /// Random inserts, hits and removals keep the lists, the map and the byte
+    /// counts consistent, and the budget is never exceeded.
+    #[test]
+    fn lists_stay_consistent() {
+        let mut q: TwoQueue<u32, u32> = TwoQueue::new(4000);
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let k = (x % 300) as u32;
+            match x % 7 {
+                0 => q.remove(&k),
+                1 => {
+                    q.insert_protected(k, k, 1 + (x % 90) as usize);
+                }
+                2 | 3 => q.insert(k, k, 1 + (x % 90) as usize),
+                _ => {
+                    if let Some(v) = q.get(&k) {
+                        assert_eq!(v, k);
+                    }
+                }
+            }
+            assert!(q.bytes() <= 4000);
+            let mut seen = 0;
+            for (seg, list, bytes) in [
+                (Segment::Probation, q.probation, q.probation_bytes),
+                (Segment::Protected, q.protected, q.protected_bytes),
+            ] {
+                let (mut i, mut prev, mut sum) = (list.head, NIL, 0);
+                while i != NIL {
+                    let n = q.node(i);
+                    assert_eq!(n.segment, seg);
+                    assert_eq!(n.prev, prev);
+                    assert_eq!(q.map.get(&n.key), Some(&i));
+                    sum += n.bytes;
+                    seen += 1;
+                    prev = i;
+                    i = n.next;
+                }
+                assert_eq!(list.tail, prev);
+                assert_eq!(sum, bytes);
+            }
+            assert_eq!(seen, q.len());
+        }
     }
 
     #[test]

@@ -577,7 +577,7 @@ fn copy_out(
         let f = &frames[(pos / frame_size) as usize - first];
         let in_frame = (pos % frame_size) as usize;
         let n = ((range.end - pos) as usize).min(f.len() - in_frame);
-        out[written..written + n].copy_from_slice(&f[in_frame..in_frame + n]);
+        crate::copy::copy_bytes(&mut out[written..written + n], &f[in_frame..in_frame + n]);
         written += n;
         pos += n as u32;
     }

@@ -23,7 +23,6 @@ use libublk::helpers::IoBuf;
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, UblkFlags, UblkIORes};
 use pool::{Completion, Pool};
-use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -88,18 +87,11 @@ struct Shared {
     pool: Arc<Pool>,
 }
 
-/// What a worker hands back to the queue thread for one request.
-struct Outcome {
-    /// Completion result: bytes or -errno.
-    res: i32,
-    /// Data of a READ, copied into the tag's buffer on the queue thread.
-    data: Option<Vec<u8>>,
-}
-
 /// Per-tag state of work moved to the pool: the result slot, the eventfd the worker
 /// signals, and the 8-byte buffer the io_uring read of that eventfd fills.
 struct TagState {
-    slot: Arc<Mutex<Option<Outcome>>>,
+    /// Completion result (bytes or -errno) the worker leaves for the queue thread.
+    slot: Arc<Mutex<Option<i32>>>,
     done: Completion,
     counter: Box<u64>,
     start: Instant,
@@ -110,10 +102,15 @@ fn errno(e: &crate::Error) -> i32 {
     -e.errno().abs().max(1)
 }
 
+/// Work moved to the pool: gets the request's part of the tag buffer (a READ fills it
+/// in place, so the data is copied once, from the cache into the buffer) and returns
+/// the completion result.
+type Job = Box<dyn FnOnce(&mut [u8]) -> i32 + Send>;
+
 /// One request, decided on the queue thread: completed at once, or moved to the pool.
 enum Step {
     Done(i32),
-    Offload(Box<dyn FnOnce() -> Outcome + Send>),
+    Offload(Job),
 }
 
 fn start_request(
@@ -143,20 +140,11 @@ fn start_request(
                 return Step::Done(len as i32);
             }
             let be = be.clone();
-            Step::Offload(Box::new(move || {
-                let mut v = vec![0u8; len];
-                match be.read(offset, &mut v) {
-                    Ok(()) => Outcome {
-                        res: len as i32,
-                        data: Some(v),
-                    },
-                    Err(e) => {
-                        eprintln!("livemount: read of {len} bytes at {offset} failed: {e}");
-                        Outcome {
-                            res: errno(&e),
-                            data: None,
-                        }
-                    }
+            Step::Offload(Box::new(move |out: &mut [u8]| match be.read(offset, out) {
+                Ok(()) => len as i32,
+                Err(e) => {
+                    eprintln!("livemount: read of {len} bytes at {offset} failed: {e}");
+                    errno(&e)
                 }
             }))
         }
@@ -175,15 +163,12 @@ fn start_request(
             }
             m.flushes.fetch_add(1, Relaxed);
             let be = be.clone();
-            Step::Offload(Box::new(move || match be.flush() {
-                Ok(()) => Outcome {
-                    res: len as i32,
-                    data: None,
-                },
-                Err(e) => Outcome {
-                    res: errno(&e),
-                    data: None,
-                },
+            Step::Offload(Box::new(move |_: &mut [u8]| match be.flush() {
+                Ok(()) => len as i32,
+                Err(e) => {
+                    eprintln!("livemount: flush (FUA write) failed: {e}");
+                    errno(&e)
+                }
             }))
         }
         OP_FLUSH => {
@@ -192,14 +177,11 @@ fn start_request(
                 return Step::Done(0);
             }
             let be = be.clone();
-            Step::Offload(Box::new(move || match be.flush() {
-                Ok(()) => Outcome { res: 0, data: None },
+            Step::Offload(Box::new(move |_: &mut [u8]| match be.flush() {
+                Ok(()) => 0,
                 Err(e) => {
                     eprintln!("livemount: flush failed: {e}");
-                    Outcome {
-                        res: errno(&e),
-                        data: None,
-                    }
+                    errno(&e)
                 }
             }))
         }
@@ -207,12 +189,14 @@ fn start_request(
         OP_DISCARD | OP_WRITE_ZEROES => {
             m.discards.fetch_add(1, Relaxed);
             let be = be.clone();
-            Step::Offload(Box::new(move || match be.discard(offset, len as u64) {
-                Ok(()) => Outcome { res: 0, data: None },
-                Err(e) => Outcome {
-                    res: errno(&e),
-                    data: None,
-                },
+            Step::Offload(Box::new(move |_: &mut [u8]| {
+                match be.discard(offset, len as u64) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("livemount: discard of {len} bytes at {offset} failed: {e}");
+                        errno(&e)
+                    }
+                }
             }))
         }
         _ => Step::Done(-libc::EOPNOTSUPP),
@@ -242,7 +226,9 @@ fn record_done(m: &IoMetrics, op: u32, res: i32, start: Instant) {
 /// queue's io_uring, tagged as target I/O of the request's tag.
 fn queue_fn(qid: u16, dev: &UblkDev, shared: Shared) {
     let depth = dev.dev_info.queue_depth as usize;
-    let bufs = Rc::new(dev.alloc_queue_io_bufs());
+    // Shared with the pool: a worker fills the buffer of the tag it serves, and keeps
+    // the buffers alive even if the queue stops while it is still running.
+    let bufs = Arc::new(dev.alloc_queue_io_bufs());
     let mut tags: Vec<TagState> = Vec::with_capacity(depth);
     for _ in 0..depth {
         match Completion::new() {
@@ -274,17 +260,12 @@ fn queue_fn(qid: u16, dev: &UblkDev, shared: Shared) {
         };
         if io.is_tgt_io() {
             // The pool finished this tag's request.
-            let outcome = t.slot.lock().ok().and_then(|mut g| g.take());
-            let res = match outcome {
-                Some(Outcome { res, data: Some(v) }) if res > 0 => {
-                    // SAFETY: the tag's buffer is ours until we complete the request.
-                    let out = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), v.len()) };
-                    out.copy_from_slice(&v);
-                    res
-                }
-                Some(o) => o.res,
-                None => -libc::EIO,
-            };
+            let res = t
+                .slot
+                .lock()
+                .ok()
+                .and_then(|mut g| g.take())
+                .unwrap_or(-libc::EIO);
             record_done(&shared.metrics, t.op, res, t.start);
             complete(q, res);
             return;
@@ -307,10 +288,18 @@ fn queue_fn(qid: u16, dev: &UblkDev, shared: Shared) {
                     complete(q, -libc::EIO);
                     return;
                 };
+                let bufs = bufs2.clone();
                 let queued = shared.pool.spawn(move || {
-                    let o = job();
+                    let buf = &bufs[tag as usize];
+                    let n = len.min(buf.len());
+                    // SAFETY: the tag's buffer belongs to this request until the queue
+                    // thread completes it, which it does only after this job signals;
+                    // the queue thread does not touch it meanwhile, and `bufs` keeps
+                    // the allocation alive.
+                    let out = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), n) };
+                    let res = job(out);
                     if let Ok(mut g) = slot.lock() {
-                        *g = Some(o);
+                        *g = Some(res);
                     }
                     signaller.signal();
                 });
