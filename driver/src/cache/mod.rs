@@ -218,6 +218,24 @@ impl ReadCache {
         res
     }
 
+    /// Drop chunk read-ahead's compressed copy of a chunk once every frame of it is
+    /// decoded in the memory tier: a sequential read would otherwise hold each chunk
+    /// twice (compressed and decoded), and fresh memory costs page faults, which
+    /// dominate cold reads under emulation (docs/performance.md). A frame evicted
+    /// later is fetched again with one range read.
+    fn release_compressed_if_decoded(&self, layout: &ChunkLayout) {
+        let Some(c) = &self.compressed else { return };
+        let all_decoded = match self.mem.lock() {
+            Ok(m) => (0..layout.frames.len()).all(|i| m.contains(&(layout.id, i as u32))),
+            Err(_) => false,
+        };
+        if all_decoded {
+            if let Ok(mut c) = c.lock() {
+                c.remove(&layout.id);
+            }
+        }
+    }
+
     /// Demand fetches in flight now.
     pub fn demand_inflight(&self) -> usize {
         self.demand_inflight.load(Relaxed)
@@ -546,6 +564,9 @@ impl ReadCache {
                 }
             }
             result?;
+            if !mine.is_empty() {
+                self.release_compressed_if_decoded(&layout);
+            }
             if let Some(w) = wait_for {
                 let mut done = w.0.lock().map_err(|_| poisoned())?;
                 while !*done {
@@ -737,6 +758,18 @@ mod tests {
             "only the frames read are decoded"
         );
         assert_eq!(r.readahead_chunks, 1);
+        // Reading the rest decodes every frame: the compressed copy is released,
+        // and the data still reads back from the memory tier without a store read.
+        assert!(cache.compressed_has(&id));
+        let mut all = vec![0u8; 1 << 20];
+        cache.read(&id, 1 << 20, 0..1 << 20, &mut all).unwrap();
+        assert_eq!(all, data);
+        assert!(
+            !cache.compressed_has(&id),
+            "compressed copy kept after full decode"
+        );
+        assert!(cache.read_if_cached(&id, 0..1 << 20, &mut all));
+        assert_eq!(src.reads.load(Relaxed), 1);
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub trait ChunkSource: Send + Sync {
     fn read_all(&self, id: &ChunkId) -> Result<Vec<u8>>;
 }
 
+/// Largest buffer reserved up front from a chunk file's length (a store file is
+/// untrusted: an absurd length must not become an absurd allocation).
+const PREALLOC_LIMIT: usize = 64 << 20;
+
 /// Chunk files in `STORE/chunks/<first two hex digits>/<hex id>`.
 #[derive(Debug, Clone)]
 pub struct DirChunkSource {
@@ -80,7 +84,9 @@ impl ChunkSource for DirChunkSource {
 
     fn read_all(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let (mut f, path) = self.open(id)?;
-        let mut buf = Vec::new();
+        // Sized from the file's length: one allocation instead of a doubling series.
+        let len = f.metadata().map(|m| m.len() as usize).unwrap_or(0);
+        let mut buf = Vec::with_capacity(len.min(PREALLOC_LIMIT));
         io::Read::read_to_end(&mut f, &mut buf).at(&path)?;
         Ok(buf)
     }
