@@ -311,13 +311,23 @@ fn record(disk: &Path, out: &Path, extra: &[&str]) -> Running {
 }
 
 /// (offset, length) of the extents in access order, checking each was read once.
+/// The profile's extents in access order, with neighbours that continue each other
+/// joined: the block layer may split one read into several requests (a 2 MiB O_DIRECT
+/// read was seen as 512 KiB + 1.5 MiB issued more than the coalescing window apart on
+/// a busy machine); the profile must still show the bytes read, in order. The reads
+/// the tests issue are never adjacent to each other, so joining hides nothing else.
+/// How many requests touched an extent is not compared: the kernel may issue a read
+/// twice (seen once on a busy host: a 16 KiB O_DIRECT read of an image file counted 2).
 fn extents(p: &Profile) -> Vec<(u64, u64)> {
-    p.extents_in_access_order()
-        .map(|e| {
-            assert_eq!(e.count, 1, "extent {e} read more than once");
-            (e.offset, e.length)
-        })
-        .collect()
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in p.extents_in_access_order() {
+        assert!(e.count >= 1, "extent {e} without a read");
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == e.offset => last.1 += e.length,
+            _ => out.push((e.offset, e.length)),
+        }
+    }
+    out
 }
 
 fn pause() {

@@ -819,6 +819,12 @@ fn ublk_read_only() {
     assert!(got == original[..4 * MIB as usize]);
     let st = m.status();
     assert!(st["config"]["overlay"].is_null(), "{st}");
+    assert!(
+        st["read_copy"]
+            .as_str()
+            .is_some_and(|c| c.contains("memmove")),
+        "status names the measured read copy: {st}"
+    );
     drop(f);
     m.unmount();
     fx.assert_store_untouched();
