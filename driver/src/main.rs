@@ -90,6 +90,10 @@ enum Cmd {
         /// Worker threads.
         #[arg(long)]
         threads: Option<usize>,
+        /// Move damaged chunk files aside (to CHUNK.bad), so that the next backup of
+        /// the same data stores them again, which heals every snapshot using them.
+        #[arg(long)]
+        repair: bool,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -685,17 +689,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             store,
             snapshot,
             threads,
+            repair,
             out,
         } => {
             let st = Store::open(&store.store, Access::ReadOnly)?;
+            // Repairing renames files: the store must exist (opened above) and be
+            // writable, with the backups' shared lock held so gc stays out.
+            let st = if repair {
+                Store::open(&store.store, Access::Write)?
+            } else {
+                st
+            };
             let snap = snapshot.map(|s| st.resolve(&s)).transpose()?;
             let progress = StderrProgress::boxed("verify", 0, true);
-            let r = verify::verify(
+            let mut r = verify::verify(
                 &st,
                 snap.as_ref(),
                 threads.unwrap_or_else(workers::default_threads),
                 progress.as_ref(),
             )?;
+            if repair {
+                verify::repair(&st, &mut r)?;
+            }
             let ok = r.ok();
             if out.json {
                 print_json(&r)?;
@@ -710,6 +725,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         b.snapshots.join(", ")
                     };
                     println!("BAD chunk {}: {} (used by {users})", b.id, b.error);
+                    if let Some(to) = &b.moved_to {
+                        println!(
+                            "  moved aside to {to}: the next backup of this data stores it again"
+                        );
+                    }
                 }
                 println!(
                     "{}: {} snapshot(s), {} chunk(s), {:.1} MiB checked, {} bad chunk(s), {} bad index(es)",

@@ -17,6 +17,13 @@ pub struct BadChunk {
     pub error: String,
     /// Snapshots that reference it.
     pub snapshots: Vec<String>,
+    /// Where `verify --repair` moved the damaged file (None: not moved).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
+    /// The file exists but its content is wrong (not missing, not unreadable): the
+    /// case `--repair` moves aside.
+    #[serde(skip)]
+    pub damaged: bool,
 }
 
 /// Result of a verification.
@@ -77,10 +84,11 @@ pub fn verify(
         progress.inc(n);
         match r {
             Ok(_) => Ok(Ok(n)),
-            Err(e) if e.is_data_error() => Ok(Err(e.to_string())),
+            Err(e @ Error::CorruptChunk { .. }) => Ok(Err((e.to_string(), true))),
+            Err(e) if e.is_data_error() => Ok(Err((e.to_string(), false))),
             // A chunk we cannot read for another reason (permissions, EIO from the
             // disk) is also bad for the user: report it rather than stopping.
-            Err(e @ Error::Io { .. }) => Ok(Err(e.to_string())),
+            Err(e @ Error::Io { .. }) => Ok(Err((e.to_string(), false))),
             Err(e) => Err(e),
         }
     })?;
@@ -95,12 +103,28 @@ pub fn verify(
     for (id, r) in ids.iter().zip(results) {
         match r {
             Ok(n) => report.bytes_checked += n,
-            Err(error) => report.bad_chunks.push(BadChunk {
+            Err((error, damaged)) => report.bad_chunks.push(BadChunk {
                 id: id.to_hex(),
                 error,
                 snapshots: users.get(id).cloned().unwrap_or_default(),
+                moved_to: None,
+                damaged,
             }),
         }
     }
     Ok(report)
+}
+
+/// `verify --repair`: move every damaged chunk file of `report` aside (see
+/// [`Store::quarantine_chunk`]), recording where. `store` must be open for writing
+/// (the backups' shared lock keeps `gc` out meanwhile). Returns how many were moved.
+pub fn repair(store: &Store, report: &mut VerifyReport) -> Result<usize> {
+    let mut moved = 0;
+    for b in report.bad_chunks.iter_mut().filter(|b| b.damaged) {
+        let id = ChunkId::from_hex(&b.id)
+            .ok_or_else(|| Error::Invalid(format!("bad chunk id {}", b.id)))?;
+        b.moved_to = Some(store.quarantine_chunk(&id)?.display().to_string());
+        moved += 1;
+    }
+    Ok(moved)
 }

@@ -752,7 +752,7 @@ fn damaged_and_missing_chunks() {
     for (name, which, damage, words) in cases {
         let dir = t.path().join(name);
         fs::create_dir(&dir).unwrap();
-        let (store, _img, snap) = small_store(&dir);
+        let (store, img, snap) = small_store(&dir);
         let id = chunk_ids(&store, &snap)[which].clone().unwrap();
         let path = chunk_path(&store, &id);
         let mut bytes = fs::read(&path).unwrap();
@@ -781,6 +781,32 @@ fn damaged_and_missing_chunks() {
         let target = dir.join("out.img");
         restore(&store, &snap, &target, &[]).error(&[&format!("chunk {id}"), words]);
         assert_no_target(&target);
+
+        // verify --repair moves the damaged file aside (still exit 3: damage was
+        // found); the next backup of the same image stores the chunk again, which
+        // heals the old snapshot too.
+        let r = lm([
+            "verify".as_ref(),
+            "--store".as_ref(),
+            p(&store),
+            "--repair".as_ref(),
+            "--json".as_ref(),
+        ]);
+        assert_eq!(r.code, Some(3), "{name}: {r:?}");
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        let moved = s(&v["bad_chunks"][0], "moved_to");
+        assert!(moved.ends_with(&format!("{id}.bad")), "{name}: {v}");
+        assert_eq!(
+            fs::read(&moved).unwrap(),
+            bytes,
+            "{name}: moved, not changed"
+        );
+        assert!(!path.exists(), "{name}: the damaged file is gone");
+        let b = backup_json(&img, &store, "s", &[]);
+        assert_eq!(u(&b, "chunks_new"), 1, "{name}: stored again: {b}");
+        assert_verifies(&store);
+        restore(&store, &snap, &target, &[]).ok();
+        assert_same_content(&img, &target);
     }
 
     // A missing chunk: named by verify, restore and info; the next backup of the same

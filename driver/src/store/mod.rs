@@ -360,6 +360,20 @@ impl Store {
         self.chunks.path(id).exists()
     }
 
+    /// Move a damaged chunk file aside, to `<id>.bad` next to it (kept for inspection;
+    /// `gc` and backups ignore it). The chunk is then missing, so the next backup of
+    /// data containing it writes it again, and every snapshot using it reads
+    /// correctly again (its name is its content). Returns the new path.
+    pub fn quarantine_chunk(&self, id: &ChunkId) -> Result<PathBuf> {
+        let path = self.chunks.path(id);
+        let bad = PathBuf::from(format!("{}.bad", path.display()));
+        fs::rename(&path, &bad).at(&path)?;
+        if let Some(dir) = path.parent() {
+            fsutil::fsync_dir(dir)?;
+        }
+        Ok(bad)
+    }
+
     /// Store an encoded chunk file atomically (no directory fsync: see
     /// [`sync_chunk_dirs`](Self::sync_chunk_dirs)).
     pub fn put_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<()> {
