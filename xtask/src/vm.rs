@@ -13,9 +13,9 @@
 //! - [`kernel_paths`]: the unpacked kernel, for benchmarks and the boot demo.
 
 pub(crate) mod kit;
-mod runner;
+pub(crate) mod runner;
 
-use crate::util::root;
+use crate::util::{root, sh_quote};
 use anyhow::{bail, Context, Result};
 use std::fs;
 use std::io::BufRead;
@@ -217,11 +217,6 @@ fn build_test_binaries() -> Result<Vec<TestBinary>> {
         bail!("building the integration tests failed: {status}");
     }
     Ok(bins)
-}
-
-/// Single-quote for sh.
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// The guest script for [`test`]: smoke check, then every binary, one at a time.

@@ -6,15 +6,14 @@
 
 use super::image::{self, boot_dir, Image};
 use super::qemu::{boot_kernel, require_marker, Console, Qemu};
-use crate::util::{root, run};
+use crate::util::{root, run, sh_quote};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// The remote-storage model of the throttled cases.
 pub const STORE_LATENCY: &str = "20ms";
@@ -564,37 +563,6 @@ fn backup(p: &mut Prepared) -> Result<()> {
     Ok(())
 }
 
-/// A fresh control directory for one test-VM boot (shared as 9p `lmctl`).
-fn run_dir(work: &Path) -> Result<PathBuf> {
-    static N: AtomicU32 = AtomicU32::new(0);
-    // Kept directories (failures, --keep) older than three days go.
-    if let Ok(entries) = fs::read_dir(work.join("runs")) {
-        let old = SystemTime::now() - Duration::from_secs(3 * 24 * 3600);
-        for e in entries.flatten() {
-            if e.metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t < old)
-            {
-                let _ = fs::remove_dir_all(e.path());
-            }
-        }
-    }
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let d = work.join("runs").join(format!(
-        "{ms}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    fs::create_dir_all(&d)?;
-    Ok(d)
-}
-
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
 /// The `livemount mount` arguments of a live case.
 fn mount_args(p: &Prepared, case: &Case) -> Vec<String> {
     let mut a: Vec<String> = vec![
@@ -744,7 +712,8 @@ echo o > /proc/sysrq-trigger
 
 /// Boot the Debian image once in the test VM as `case`.
 fn boot_case(p: &Prepared, case: &Case, round: u32, keep: bool) -> Result<BootRun> {
-    let dir = run_dir(&p.work)?;
+    // A fresh control directory for this boot (shared as 9p `lmctl`).
+    let dir = crate::vm::runner::new_run_dir_in(&p.work.join("runs"))?;
     let (prepare, watch) = scripts(p, case);
     fs::write(dir.join("prepare.sh"), prepare)?;
     fs::write(dir.join("watch.sh"), watch)?;

@@ -341,19 +341,7 @@ pub fn ensure_initramfs() -> Result<PathBuf> {
     for (list, order) in [("modules.disk", &disk), ("modules.vm", &vm)] {
         let mut text = String::new();
         for (name, path) in order.iter() {
-            let data = if path.extension().is_some_and(|e| e == "xz") {
-                let out = Command::new("xz")
-                    .arg("-dc")
-                    .arg(path)
-                    .output()
-                    .context("running xz")?;
-                if !out.status.success() {
-                    bail!("xz -dc {} failed", path.display());
-                }
-                out.stdout
-            } else {
-                fs::read(path)?
-            };
+            let data = crate::vm::kit::module_bytes(path)?;
             cpio.file(&format!("lib/mod/{name}.ko"), 0o644, &data);
             text.push_str(name);
             text.push('\n');

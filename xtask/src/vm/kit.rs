@@ -477,15 +477,7 @@ fn initramfs() -> Result<&'static str> {
     cpio.file("bin/busybox", 0o755, &fs::read(busybox)?);
     let mut names = String::new();
     for (name, path) in &order {
-        let out = Command::new("xz")
-            .arg("-dc")
-            .arg(path)
-            .output()
-            .context("running xz")?;
-        if !out.status.success() {
-            bail!("xz -dc {} failed", path.display());
-        }
-        cpio.file(&format!("lib/mod/{name}.ko"), 0o644, &out.stdout);
+        cpio.file(&format!("lib/mod/{name}.ko"), 0o644, &module_bytes(path)?);
         names.push_str(name);
         names.push('\n');
     }
@@ -618,6 +610,23 @@ impl Cpio {
         self.entry("TRAILER!!!", 0, (0, 0), &[]);
         self.buf
     }
+}
+
+/// A kernel module's bytes, decompressed if it is `.ko.xz` (busybox `insmod` cannot
+/// read compressed modules).
+pub(crate) fn module_bytes(path: &Path) -> Result<Vec<u8>> {
+    if path.extension().is_none_or(|e| e != "xz") {
+        return fs::read(path).with_context(|| format!("reading {}", path.display()));
+    }
+    let out = Command::new("xz")
+        .arg("-dc")
+        .arg(path)
+        .output()
+        .context("running xz")?;
+    if !out.status.success() {
+        bail!("xz -dc {} failed", path.display());
+    }
+    Ok(out.stdout)
 }
 
 #[cfg(test)]

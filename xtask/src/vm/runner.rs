@@ -2,7 +2,7 @@
 
 use super::kit::{initramfs_path, kernel_paths, vm_dir, vmlinux_path};
 use super::{VmOptions, VmResult};
-use crate::util::{have, root};
+use crate::util::{have, root, sh_quote};
 use anyhow::{bail, Context, Result};
 use std::fs;
 use std::io::{Read, Write};
@@ -144,11 +144,15 @@ pub fn run_in_vm(script: &str, opts: &VmOptions) -> Result<VmResult> {
     }
 }
 
-/// A fresh `.cache/vm/runs/<time>-<pid>-<n>` for one boot's control files (kept
-/// after a failure; kept ones older than three days are removed here).
+/// A fresh `.cache/vm/runs/<time>-<pid>-<n>` for one boot's control files.
 fn new_run_dir() -> Result<PathBuf> {
-    let runs = vm_dir().join("runs");
-    if let Ok(entries) = fs::read_dir(&runs) {
+    new_run_dir_in(&vm_dir().join("runs"))
+}
+
+/// A fresh `RUNS/<time>-<pid>-<n>` for one boot's control files (kept after a
+/// failure or on request; kept ones older than three days are removed here).
+pub(crate) fn new_run_dir_in(runs: &Path) -> Result<PathBuf> {
+    if let Ok(entries) = fs::read_dir(runs) {
         let old = SystemTime::now() - Duration::from_secs(3 * 24 * 3600);
         for e in entries.flatten() {
             if e.metadata()
@@ -170,11 +174,6 @@ fn new_run_dir() -> Result<PathBuf> {
     ));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
-}
-
-/// Single-quote for sh.
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 fn is_name(s: &str) -> bool {
