@@ -20,10 +20,10 @@ pub struct BadChunk {
     /// Where `verify --repair` moved the damaged file (None: not moved).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moved_to: Option<String>,
-    /// The file exists but its content is wrong (not missing, not unreadable): the
-    /// case `--repair` moves aside.
+    /// The chunk, when its file exists but its content is wrong (not missing, not
+    /// unreadable): the case `--repair` moves aside.
     #[serde(skip)]
-    pub damaged: bool,
+    pub damaged: Option<ChunkId>,
 }
 
 /// Result of a verification.
@@ -108,7 +108,7 @@ pub fn verify(
                 error,
                 snapshots: users.get(id).cloned().unwrap_or_default(),
                 moved_to: None,
-                damaged,
+                damaged: damaged.then_some(*id),
             }),
         }
     }
@@ -117,14 +117,12 @@ pub fn verify(
 
 /// `verify --repair`: move every damaged chunk file of `report` aside (see
 /// [`Store::quarantine_chunk`]), recording where. `store` must be open for writing
-/// (the backups' shared lock keeps `gc` out meanwhile). Returns how many were moved.
-pub fn repair(store: &Store, report: &mut VerifyReport) -> Result<usize> {
-    let mut moved = 0;
-    for b in report.bad_chunks.iter_mut().filter(|b| b.damaged) {
-        let id = ChunkId::from_hex(&b.id)
-            .ok_or_else(|| Error::Invalid(format!("bad chunk id {}", b.id)))?;
-        b.moved_to = Some(store.quarantine_chunk(&id)?.display().to_string());
-        moved += 1;
+/// (the backups' shared lock keeps `gc` out meanwhile).
+pub fn repair(store: &Store, report: &mut VerifyReport) -> Result<()> {
+    for b in &mut report.bad_chunks {
+        if let Some(id) = b.damaged {
+            b.moved_to = Some(store.quarantine_chunk(&id)?.display().to_string());
+        }
     }
-    Ok(moved)
+    Ok(())
 }

@@ -848,6 +848,41 @@ fn damaged_and_missing_chunks() {
     assert_same_content(&img, &target);
 }
 
+/// `verify --repair` that cannot move a damaged chunk aside says which file and
+/// why, in one line, fails, and leaves the chunk where it was.
+#[test]
+fn repair_that_cannot_move_a_chunk_names_it() {
+    let t = tempfile::tempdir().unwrap();
+    let (store, _img, snap) = small_store(t.path());
+    let id = chunk_ids(&store, &snap)[0].clone().unwrap();
+    let path = chunk_path(&store, &id);
+    let mut bytes = fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 1;
+    fs::write(&path, &bytes).unwrap();
+    // The place it would move to is taken by a non-empty directory: rename fails.
+    let bad = path.with_file_name(format!("{id}.bad"));
+    fs::create_dir(&bad).unwrap();
+    fs::write(bad.join("keep"), b"x").unwrap();
+    let r = lm([
+        "verify".as_ref(),
+        "--store".as_ref(),
+        p(&store),
+        "--repair".as_ref(),
+    ]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("{id}.bad")),
+        "names where it could not go: {r:?}"
+    );
+    assert_eq!(
+        fs::read(&path).unwrap(),
+        bytes,
+        "the chunk stays where it was"
+    );
+}
+
 #[test]
 fn interrupted_store_creation_is_completed() {
     // What a backup killed while creating the store leaves: the skeleton, no config.

@@ -367,7 +367,8 @@ impl Store {
     pub fn quarantine_chunk(&self, id: &ChunkId) -> Result<PathBuf> {
         let path = self.chunks.path(id);
         let bad = PathBuf::from(format!("{}.bad", path.display()));
-        fs::rename(&path, &bad).at(&path)?;
+        // A failure names the destination: the damaged file itself stays in place.
+        fs::rename(&path, &bad).at(&bad)?;
         if let Some(dir) = path.parent() {
             fsutil::fsync_dir(dir)?;
         }
