@@ -505,6 +505,7 @@ impl BlockRead for Overlay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     struct Pattern(u64);
     impl BlockRead for Pattern {
@@ -578,34 +579,16 @@ mod tests {
         assert!(e.contains("belongs to snapshot vm@t"), "{e}");
     }
 
-    use std::os::unix::fs::PermissionsExt;
-}
-
-#[cfg(test)]
-mod untouched_tests {
-    use super::*;
-
-    struct Zero(u64);
-    impl BlockRead for Zero {
-        fn size(&self) -> u64 {
-            self.0
-        }
-        fn read_at(&self, _: u64, buf: &mut [u8]) -> Result<()> {
-            buf.fill(0);
-            Ok(())
-        }
-    }
-
     #[test]
     fn untouched_matches_the_map() {
         let d = tempfile::tempdir().unwrap();
         let size = 1 << 20;
-        let id = OverlayIdentity {
-            snapshot: "s@t".into(),
-            index_sum: [1; 32],
-            device_size: size,
-        };
-        let ov = Overlay::open(&d.path().join("ov"), Arc::new(Zero(size)), &id).unwrap();
+        let ov = Overlay::open(
+            &d.path().join("ov"),
+            Arc::new(Pattern(size)),
+            &ident(size, 1),
+        )
+        .unwrap();
         assert!(ov.untouched(0, size));
         ov.write(512 * 100, &[1; 512]).unwrap();
         for (off, len, want) in [

@@ -830,7 +830,7 @@ fn ublk_read_only() {
     fx.assert_store_untouched();
 }
 
-/// 7a. Bad input: a missing snapshot, and an overlay of another snapshot.
+/// 7. Bad input: a kernel that never answers device creation (bounded wait).
 #[test]
 fn ublk_create_timeout_is_bounded() {
     if !have_ublk("ublk_create_timeout_is_bounded") {
@@ -865,6 +865,7 @@ fn ublk_create_timeout_is_bounded() {
     fx.assert_store_untouched();
 }
 
+/// 7a. Bad input: a missing snapshot, and an overlay of another snapshot.
 #[test]
 fn ublk_bad_snapshot_and_foreign_overlay() {
     if !have_ublk("ublk_bad_snapshot_and_foreign_overlay") {
