@@ -406,6 +406,144 @@ fn exact_reads_on_a_loop_device_and_nothing_from_others() {
     drop((fa, fb));
 }
 
+/// A process started now that runs its program only when released: a shell that
+/// waits for a line on stdin, then `exec`s the program (same pid). Its pid, the tgid
+/// its reads are submitted under, is known before it reads anything, so a profiler
+/// can be started with a filter naming it.
+struct Held {
+    child: Child,
+}
+
+impl Held {
+    fn spawn(program: &str, args: &[String]) -> Held {
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg("read go && exec \"$0\" \"$@\"")
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn sh for {program}: {e}"));
+        Held { child }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Let it run and wait for it to succeed.
+    fn release_and_wait(mut self) {
+        let mut go = self.child.stdin.take().expect("stdin is piped");
+        go.write_all(b"go\n").unwrap();
+        drop(go);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "held process failed: {status}");
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `dd` reading `len` bytes at `off` of `dev` with O_DIRECT, held until released.
+fn held_dd(dev: &Path, off: u64, len: u64) -> Held {
+    let bs = 64 * KIB;
+    Held::spawn(
+        "dd",
+        &[
+            format!("if={}", dev.display()),
+            "of=/dev/null".into(),
+            "iflag=direct".into(),
+            format!("bs={bs}"),
+            format!("skip={}", off / bs),
+            format!("count={}", len / bs),
+            "status=none".into(),
+        ],
+    )
+}
+
+/// Reads of one process among reads of others from the same device: the profile
+/// holds only that process's, with `--pid`, or with `--cgroup` of a cgroup it is in.
+fn task_filter_case(name: &str, filter: impl FnOnce(&Held, &Path) -> Vec<String>) {
+    let dir = tmpdir();
+    let a = Loop::attach(&sparse_file(dir.path(), "a.img", 64 * MIB), false);
+    let fa = File::open(&a.dev).unwrap();
+    drop_caches();
+    let reader = held_dd(&a.dev, 8 * MIB, 256 * KIB);
+    let args = filter(&reader, dir.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = dir.path().join(format!("{name}.json"));
+    let rec = record(&a.dev, &out, &args);
+    // Reads of this test process before, and after, the filtered one.
+    direct_read(&a.dev, MIB, 64 * KIB);
+    buffered_read_uncached(&fa, 20 * MIB, 16 * KIB);
+    pause();
+    reader.release_and_wait();
+    pause();
+    direct_read(&a.dev, 30 * MIB, 64 * KIB);
+    let log = rec.stop();
+    let p = Profile::load(&out).unwrap();
+    assert_eq!(
+        extents(&p),
+        vec![(8 * MIB, 256 * KIB)],
+        "{name}: the profile holds other processes' reads or misses the filtered one; log: {log}"
+    );
+    assert_eq!(p.source.tracer, "block_bio_queue", "{name}");
+    drop(fa);
+}
+
+#[test]
+fn pid_filter_keeps_only_that_process_reads() {
+    require_tracing!("pid_filter_keeps_only_that_process_reads");
+    task_filter_case("pid", |reader, _| {
+        vec!["--pid".into(), reader.pid().to_string()]
+    });
+}
+
+/// A cgroup v2 directory created for a test and removed after it.
+struct TestCgroup(PathBuf);
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on
+/// hybrid hosts), if it is.
+fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+    })
+}
+
+#[test]
+fn cgroup_filter_keeps_only_that_cgroup_reads() {
+    require_tracing!("cgroup_filter_keeps_only_that_cgroup_reads");
+    let Some(root) = cgroup2_root() else {
+        eprintln!("SKIP cgroup_filter_keeps_only_that_cgroup_reads: no cgroup v2 mount");
+        return;
+    };
+    let cg = TestCgroup(root.join(format!("livemount-test-{}", std::process::id())));
+    if let Err(e) = std::fs::create_dir(&cg.0) {
+        eprintln!(
+            "SKIP cgroup_filter_keeps_only_that_cgroup_reads: cannot create {}: {e}",
+            cg.0.display()
+        );
+        return;
+    }
+    task_filter_case("cgroup", |reader, _| {
+        std::fs::write(cg.0.join("cgroup.procs"), reader.pid().to_string())
+            .unwrap_or_else(|e| panic!("move {} into {}: {e}", reader.pid(), cg.0.display()));
+        vec!["--cgroup".into(), cg.0.display().to_string()]
+    });
+}
+
 #[test]
 fn partition_reads_are_translated_to_partition_offsets() {
     require_tracing!("partition_reads_are_translated_to_partition_offsets");
