@@ -263,8 +263,22 @@ struct MountArgs {
     /// At unmount, write what the VM read during the mount as a profile to FILE.
     #[arg(long)]
     record_profile: Option<PathBuf>,
-    /// Fetch only the frames a read needs, without whole-chunk read-ahead on misses.
-    #[arg(long)]
+    /// With --record-profile: also write it every SECS seconds while serving (0:
+    /// only at unmount), so a daemon that dies loses at most that much.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 30,
+        requires = "record_profile"
+    )]
+    record_profile_every: u64,
+    /// What a cache miss fetches: `auto` the whole chunk when store requests are
+    /// slow (latency-bound, e.g. remote) and only the frames the read needs when they
+    /// are fast (measured as the mount runs); `always` the whole chunk; `off` frames.
+    #[arg(long, value_enum, default_value = "auto")]
+    readahead: livemount::cache::readahead::ReadAheadMode,
+    /// Same as `--readahead off`.
+    #[arg(long, conflicts_with = "readahead")]
     no_readahead: bool,
     /// Supervise the daemon: if it dies (crash, SIGKILL), start a new one that
     /// recovers the device (`--recover`), up to 5 times a minute.
@@ -402,7 +416,12 @@ fn mount_cmd(a: MountArgs) -> Result<()> {
                 store_latency_ms: a.store_latency.map(|d| d.as_secs_f64() * 1000.0),
                 store_bandwidth: a.store_bandwidth,
                 record_profile: a.record_profile.clone(),
-                readahead: !a.no_readahead,
+                record_profile_every_s: a.record_profile_every,
+                readahead: if a.no_readahead {
+                    livemount::cache::readahead::ReadAheadMode::Off
+                } else {
+                    a.readahead
+                },
             }
         }
     };
@@ -936,6 +955,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             100.0 * g("mem_hit_rate"), g("mem_bytes") / 1048576.0, g("mem_budget") / 1048576.0,
                             g("disk_bytes") / 1048576.0, g("disk_budget") / 1048576.0, g("store_bytes") / 1048576.0,
                             g("store_reads"), g("decoded_bytes") / 1048576.0);
+                        if let Some(r) = c.get("readahead") {
+                            let n = |k: &str| r.get(k).and_then(|v| v.as_f64());
+                            let t = |v: Option<f64>| {
+                                v.map(|v| format!("{v:.2} ms"))
+                                    .unwrap_or_else(|| "-".into())
+                            };
+                            println!("  read-ahead: {}, {} whole-chunk and {} frame misses; store: chunk read {}, small read {}",
+                                r.get("mode").and_then(|v| v.as_str()).unwrap_or("?"),
+                                n("whole_chunk_misses").unwrap_or(0.0), n("frame_misses").unwrap_or(0.0),
+                                t(n("whole_chunk_ms")), t(n("small_request_ms")));
+                        }
                     }
                     if let Some(p) = &s.prestage {
                         let g = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);

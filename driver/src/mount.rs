@@ -7,6 +7,7 @@
 //! `unmount` and `mount --recover` read.
 
 use crate::cache::disk::DiskTier;
+use crate::cache::readahead::ReadAheadMode;
 use crate::cache::ReadCache;
 use crate::error::{Error, IoContext, Result};
 use crate::image::{BlockRead, SnapshotImage};
@@ -61,17 +62,22 @@ pub struct MountConfig {
     /// Model a remote store: bandwidth, bytes/s.
     #[serde(default)]
     pub store_bandwidth: Option<u64>,
-    /// Write what the VM read, as a profile, to this file at unmount.
+    /// Write what the VM read, as a profile, to this file at unmount (and every
+    /// `record_profile_every_s` seconds while serving, so a crash loses little; a
+    /// recovered daemon continues the file).
     #[serde(default)]
     pub record_profile: Option<PathBuf>,
+    /// Seconds between writes of the learned profile while serving (0: only at stop).
+    #[serde(default = "default_record_profile_every")]
+    pub record_profile_every_s: u64,
     /// Chunk read-ahead on demand misses (a quarter of `cache_mem` holds compressed
-    /// chunks).
-    #[serde(default = "default_true")]
-    pub readahead: bool,
+    /// chunks): `auto` chooses by measured store request times.
+    #[serde(default)]
+    pub readahead: ReadAheadMode,
 }
 
-fn default_true() -> bool {
-    true
+fn default_record_profile_every() -> u64 {
+    30
 }
 
 /// Default pre-staging window: the profile's first 2 s before the device is ready,
@@ -100,7 +106,8 @@ impl MountConfig {
             store_latency_ms: None,
             store_bandwidth: None,
             record_profile: None,
-            readahead: true,
+            record_profile_every_s: default_record_profile_every(),
+            readahead: ReadAheadMode::Auto,
         }
     }
 }
@@ -148,7 +155,27 @@ pub struct MountBackend {
     image: Arc<SnapshotImage>,
     overlay: Option<Arc<Overlay>>,
     size: u64,
-    recorder: Option<std::sync::Mutex<(crate::profile::ExtentBuilder, Instant)>>,
+    recorder: Option<std::sync::Mutex<Recording>>,
+    /// Serializes writes of the learned profile (periodic and final ones share a
+    /// temporary file name).
+    save_lock: std::sync::Mutex<()>,
+}
+
+/// What `--record-profile` has seen so far.
+struct Recording {
+    extents: crate::profile::ExtentBuilder,
+    /// Times are `offset_ns` + time since `clock` (device ready).
+    clock: Instant,
+    /// Duration of the recording a recovered daemon continues (0 for a new one).
+    offset_ns: u64,
+    /// Reads recorded, to skip periodic writes when nothing changed.
+    reads: u64,
+}
+
+impl Recording {
+    fn now_ns(&self) -> u64 {
+        self.offset_ns + self.clock.elapsed().as_nanos() as u64
+    }
 }
 
 impl BlockBackend for MountBackend {
@@ -193,10 +220,55 @@ impl MountBackend {
     fn record(&self, offset: u64, len: usize) {
         if let Some(r) = &self.recorder {
             if let Ok(mut g) = r.lock() {
-                let ns = g.1.elapsed().as_nanos() as u64;
-                g.0.add(offset, len as u64, ns);
+                let ns = g.now_ns();
+                g.extents.add(offset, len as u64, ns);
+                g.reads += 1;
             }
         }
+    }
+
+    /// Reads recorded so far for the learned profile (0 without `--record-profile`).
+    pub fn recorded_reads(&self) -> u64 {
+        self.recorder
+            .as_ref()
+            .and_then(|r| r.lock().ok().map(|g| g.reads))
+            .unwrap_or(0)
+    }
+
+    /// Continue the learned profile `previous` (written by a daemon that died): its
+    /// reads come first, and this daemon's follow them in time. False (nothing
+    /// changed) if it is of another disk or granularity.
+    pub fn resume_recording(&self, previous: &crate::profile::Profile) -> bool {
+        let Some(r) = &self.recorder else {
+            return false;
+        };
+        let Ok(mut g) = r.lock() else { return false };
+        if previous.disk_size != self.image_size() || previous.block_size != g.extents.block_size()
+        {
+            return false;
+        }
+        for e in previous.extents_in_access_order() {
+            // Counts say how often a range was read; a bound keeps a hostile or
+            // huge count from stalling the recovery.
+            for _ in 0..e.count.clamp(1, 64) {
+                g.extents.add(e.offset, e.length, e.first_access_ns);
+            }
+        }
+        g.offset_ns = previous.stats.duration_ns;
+        g.clock = Instant::now();
+        true
+    }
+
+    /// Write the learned profile so far to `path` (atomically; callers may race).
+    pub fn save_learned_profile(&self, device: &str, path: &Path) -> Result<()> {
+        let Some(p) = self.learned_profile(device) else {
+            return Ok(());
+        };
+        let _g = self
+            .save_lock
+            .lock()
+            .map_err(|_| Error::Invalid("learned profile: internal lock poisoned".into()))?;
+        p.save(path).map_err(|e| Error::Invalid(e.to_string()))
     }
 
     /// The learned profile so far (`--record-profile`), in the profile format.
@@ -216,10 +288,10 @@ impl MountBackend {
             started_unix: crate::store::now_secs().max(0) as u64,
             runs: 1,
         };
-        let mut p = crate::profile::Profile::new(self.image_size(), r.0.block_size(), source);
-        p.extents = r.0.finish();
+        let mut p = crate::profile::Profile::new(self.image_size(), r.extents.block_size(), source);
+        p.extents = r.extents.finish();
         p.stats.events_seen = p.extents.iter().map(|e| e.count).sum();
-        p.stats.duration_ns = r.1.elapsed().as_nanos() as u64;
+        p.stats.duration_ns = r.now_ns();
         Some(p)
     }
 
@@ -227,7 +299,7 @@ impl MountBackend {
     pub fn restart_recording(&self) {
         if let Some(r) = &self.recorder {
             if let Ok(mut g) = r.lock() {
-                g.1 = Instant::now();
+                g.clock = Instant::now();
             }
         }
     }
@@ -327,13 +399,8 @@ pub fn prepare(
         None => None,
     };
     let cache = Arc::new(
-        ReadCache::new(origin, config.cache_mem, disk, index.frame_size).with_chunk_readahead(
-            if config.readahead {
-                config.cache_mem / 4
-            } else {
-                0
-            },
-        ),
+        ReadCache::new(origin, config.cache_mem, disk, index.frame_size)
+            .with_chunk_readahead(config.readahead, config.cache_mem / 4),
     );
     let image = Arc::new(SnapshotImage::new(index, cache.clone()));
     let overlay = match (&config.overlay, config.read_only) {
@@ -350,14 +417,16 @@ pub fn prepare(
     let mut config = config.clone();
     config.snapshot = snap.to_string();
     let recorder = config.record_profile.as_ref().map(|_| {
-        std::sync::Mutex::new((
-            crate::profile::ExtentBuilder::new(
+        std::sync::Mutex::new(Recording {
+            extents: crate::profile::ExtentBuilder::new(
                 image.index().image_size,
                 crate::profile::DEFAULT_BLOCK_SIZE,
                 crate::profile::DEFAULT_COALESCE_NS,
             ),
-            Instant::now(),
-        ))
+            clock: Instant::now(),
+            offset_ns: 0,
+            reads: 0,
+        })
     });
     let prestager = match &profile {
         Some(p) => Some(Arc::new(crate::prestage::Prestager::new(
@@ -376,6 +445,7 @@ pub fn prepare(
             overlay,
             size: device_size,
             recorder,
+            save_lock: std::sync::Mutex::new(()),
         }),
         cache,
         prestager,
@@ -541,6 +611,25 @@ pub fn run(config: MountConfig, opts: RunOptions) -> Result<()> {
         prestager,
         _pin,
     } = prepared;
+    // A recovered daemon continues the learned profile its predecessor wrote.
+    if let (Some(_), Some(path)) = (opts.recover, &config.record_profile) {
+        if path.exists() {
+            match crate::profile::Profile::load(path) {
+                Ok(prev) if backend.resume_recording(&prev) => eprintln!(
+                    "livemount: continuing the learned profile {} ({} extents)",
+                    path.display(),
+                    prev.extents.len()
+                ),
+                Ok(_) => eprintln!(
+                    "livemount: warning: {} is a profile of another disk; recording a new one",
+                    path.display()
+                ),
+                Err(e) => eprintln!(
+                    "livemount: warning: cannot continue the learned profile: {e}; recording a new one"
+                ),
+            }
+        }
+    }
     if let Some(p) = &prestager {
         let window: crate::prestage::PrestageWindow =
             config.prestage.parse().map_err(Error::Invalid)?;
@@ -664,15 +753,38 @@ pub fn run(config: MountConfig, opts: RunOptions) -> Result<()> {
         let _ = writeln!(out, "attach with libvirt: <disk type='block' device='disk'><driver name='qemu' type='raw' cache='none' io='native'/><source dev='{dev}'/><target dev='vdb' bus='virtio'/></disk>");
         let _ = out.flush();
     };
-    // Refresh the status file every second while serving.
+    // Refresh the status file every second while serving; write the learned profile
+    // every `record_profile_every_s` seconds when it changed (a killed daemon then
+    // loses at most that much of it).
     {
         let make_status = make_status.clone();
         let stopping = stopping.clone();
+        let backend = backend.clone();
+        let device = device.clone();
+        let profile_path = config.record_profile.clone();
+        let every = config.record_profile_every_s;
         std::thread::spawn(move || {
+            let (mut tick, mut saved_reads, mut warned) = (0u64, 0u64, false);
             while !stopping.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_secs(1));
-                if !stopping.load(Ordering::SeqCst) {
-                    let _ = write_status(&make_status("running"));
+                if stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                let _ = write_status(&make_status("running"));
+                tick += 1;
+                let Some(path) = profile_path.as_ref().filter(|_| every > 0) else {
+                    continue;
+                };
+                let reads = backend.recorded_reads();
+                if tick % every == 0 && reads != saved_reads {
+                    match backend.save_learned_profile(&device, path) {
+                        Ok(()) => saved_reads = reads,
+                        Err(e) if !warned => {
+                            eprintln!("livemount: warning: cannot write the learned profile: {e}");
+                            warned = true;
+                        }
+                        Err(_) => {}
+                    }
                 }
             }
         });
@@ -681,8 +793,8 @@ pub fn run(config: MountConfig, opts: RunOptions) -> Result<()> {
     stopping.store(true, Ordering::SeqCst);
     // Clean stop: make every write durable, remove the device and our files.
     let flushed = backend.flush();
-    if let (Some(path), Some(p)) = (&config.record_profile, backend.learned_profile(&device)) {
-        match p.save(path) {
+    if let Some(path) = &config.record_profile {
+        match backend.save_learned_profile(&device, path) {
             Ok(()) => eprintln!("livemount: wrote the learned profile to {}", path.display()),
             Err(e) => eprintln!("livemount: cannot write the learned profile: {e}"),
         }

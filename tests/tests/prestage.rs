@@ -206,3 +206,48 @@ fn learned_profile_covers_the_next_boot() {
         "the boot needed no store reads"
     );
 }
+
+/// A daemon that dies keeps what its periodic writes saved, and a recovered one
+/// (`mount --recover`) continues that profile: the first daemon's reads, then its own.
+#[test]
+fn a_recovered_daemon_continues_the_learned_profile() {
+    let d = tempfile::tempdir().unwrap();
+    let store = make_store(d.path());
+    let learned = d.path().join("learned.json");
+    let mut c = MountConfig::new(store.clone(), "vm".into(), None);
+    c.record_profile = Some(learned.clone());
+    let mut buf = vec![0u8; 16384];
+    let first = {
+        let m = prepare(&c, |s| s).unwrap();
+        m.backend.restart_recording();
+        for off in [0u64, 1 << 20] {
+            m.backend.read(off, &mut buf).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // What the periodic writer does; the daemon then "dies" without a final write.
+        m.backend.save_learned_profile("test", &learned).unwrap();
+        Profile::load(&learned).unwrap()
+    };
+    assert_eq!(first.extents.len(), 2);
+    let m = prepare(&c, |s| s).unwrap();
+    assert!(m.backend.resume_recording(&first));
+    m.backend.restart_recording();
+    m.backend.read(3 << 20, &mut buf).unwrap();
+    m.backend.save_learned_profile("test", &learned).unwrap();
+    let p = Profile::load(&learned).unwrap();
+    let order: Vec<(u64, u64)> = p
+        .extents_in_access_order()
+        .map(|e| (e.offset, e.length))
+        .collect();
+    assert_eq!(order, vec![(0, 16384), (1 << 20, 16384), (3 << 20, 16384)]);
+    let last = p.extents_in_access_order().last().unwrap();
+    assert!(
+        last.first_access_ns >= first.stats.duration_ns,
+        "the recovered daemon's reads come after the first daemon's"
+    );
+    assert!(p.stats.duration_ns >= first.stats.duration_ns);
+    // A profile of another disk is not continued.
+    let mut other = first.clone();
+    other.disk_size += 1 << 20;
+    assert!(!m.backend.resume_recording(&other));
+}

@@ -655,6 +655,81 @@ fn ublk_crash_recovery() {
     fx.assert_store_untouched();
 }
 
+/// The learned profile (`--record-profile`) is written while serving, so a daemon
+/// killed with SIGKILL leaves it behind, and the daemon `mount --recover` starts
+/// continues it: the first daemon's reads, then its own, in that order.
+#[test]
+fn ublk_learned_profile_survives_a_crash() {
+    if !have_ublk("ublk_learned_profile_survives_a_crash") {
+        return;
+    }
+    let _t = Timer::start("ublk_learned_profile_survives_a_crash");
+    let fx = fixture();
+    let t = tmp("learned");
+    let learned = t.path().join("learned.json");
+    let m = mount(
+        &[
+            os("--store"),
+            fx.store.as_os_str(),
+            os(&fx.snap),
+            os("--record-profile"),
+            learned.as_os_str(),
+            os("--record-profile-every"),
+            os("1"),
+        ],
+        &t.path().join("m1.log"),
+    );
+    let (first, second) = (8 * MIB, 40 * MIB);
+    let read_at = |dev: &str, off: u64| {
+        let f = open_direct(dev, false).unwrap();
+        read_direct(&f, off, 65536).unwrap();
+    };
+    // (offset, length) in access order, once the file holds a read at `off`.
+    let wait_for = |off: u64, what: &str| -> Vec<(u64, u64)> {
+        let start = Instant::now();
+        loop {
+            if let Ok(p) = livemount::profile::Profile::load(&learned) {
+                let order: Vec<(u64, u64)> = p
+                    .extents_in_access_order()
+                    .map(|e| (e.offset, e.length))
+                    .collect();
+                if order.iter().any(|&(o, l)| o <= off && off < o + l) {
+                    return order;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{what}: no read at {off} in {} after 20 s",
+                learned.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    read_at(&m.dev, first);
+    wait_for(first, "written while serving");
+    sigkill_daemon(&m);
+    let rec = try_mount(
+        &[os("--recover"), os(&m.dev)],
+        &t.path().join("recover.log"),
+    );
+    assert_eq!(rec.code, Some(0), "mount --recover failed: {}", rec.stderr);
+    let m2 = Mount::from_output(&rec.stdout, &t.path().join("recover.log"));
+    std::mem::forget(m);
+    assert!(
+        m2.log_text().contains("continuing the learned profile"),
+        "{}",
+        m2.log_text()
+    );
+    read_at(&m2.dev, second);
+    m2.unmount();
+    let order = wait_for(second, "after recovery and unmount");
+    let pos = |off: u64| order.iter().position(|&(o, l)| o <= off && off < o + l);
+    assert!(
+        matches!((pos(first), pos(second)), (Some(a), Some(b)) if a < b),
+        "the first daemon's read is lost or out of order: {order:?}"
+    );
+}
+
 /// 5a. DISCARD and WRITE_ZEROES read back as zeros; discarding written data shrinks the
 ///     overlay file's allocation.
 #[test]

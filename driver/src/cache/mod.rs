@@ -10,6 +10,7 @@
 
 pub mod disk;
 pub mod memory;
+pub mod readahead;
 
 use crate::error::Result;
 use crate::store::chunk::{ChunkId, ChunkLayout};
@@ -17,11 +18,13 @@ use crate::store::source::ChunkSource;
 use disk::DiskTier;
 use hashbrown::HashMap;
 use memory::{FrameBytes, TwoQueue};
+use readahead::{Fetch, ReadAheadMode, ReadAheadPolicy, ReadAheadReport};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 /// Counters of the read cache (all monotonic).
 #[derive(Debug, Default)]
@@ -73,6 +76,8 @@ pub struct CacheReport {
     pub readahead_chunks: u64,
     /// Ranges served from read-ahead chunks.
     pub readahead_hits: u64,
+    /// The read-ahead policy's choices and the store request times it measured.
+    pub readahead: ReadAheadReport,
     /// Bytes held by the memory tier.
     pub mem_bytes: u64,
     /// Memory budget.
@@ -103,6 +108,8 @@ pub struct ReadCache {
     /// store request instead of one per run of frames), kept compressed and decoded
     /// lazily, frame by frame, as reads need them.
     compressed: Option<Mutex<TwoQueue<ChunkId, Arc<Vec<u8>>>>>,
+    /// Whether a demand miss fetches the whole chunk or only its frames.
+    readahead: ReadAheadPolicy,
     /// Counters.
     pub stats: CacheStats,
 }
@@ -143,13 +150,17 @@ impl ReadCache {
             demand_inflight: AtomicUsize::new(0),
             prestaged: Mutex::new(HashSet::new()),
             compressed: None,
+            readahead: ReadAheadPolicy::new(ReadAheadMode::Off),
             stats: CacheStats::default(),
         }
     }
 
-    /// Enable chunk read-ahead with `budget` bytes of compressed chunk files in memory.
-    pub fn with_chunk_readahead(mut self, budget: u64) -> Self {
-        self.compressed = (budget > 0).then(|| Mutex::new(TwoQueue::new(budget as usize)));
+    /// Enable chunk read-ahead in `mode` with `budget` bytes of compressed chunk files
+    /// in memory (see [`readahead`] for how `auto` chooses).
+    pub fn with_chunk_readahead(mut self, mode: ReadAheadMode, budget: u64) -> Self {
+        let on = budget > 0 && mode != ReadAheadMode::Off;
+        self.compressed = on.then(|| Mutex::new(TwoQueue::new(budget as usize)));
+        self.readahead = ReadAheadPolicy::new(if on { mode } else { ReadAheadMode::Off });
         self
     }
 
@@ -190,7 +201,9 @@ impl ReadCache {
             return Ok(());
         }
         self.demand_inflight.fetch_add(1, Relaxed);
+        let started = Instant::now();
         let res = self.origin.read_all(id).map(|bytes| {
+            self.readahead.observe_whole_chunk(started.elapsed());
             self.stats.store_reads.fetch_add(1, Relaxed);
             self.stats
                 .store_bytes
@@ -328,6 +341,7 @@ impl ReadCache {
             prestage_saved_reads: s.prestage_saved.load(Relaxed),
             readahead_chunks: s.readahead_chunks.load(Relaxed),
             readahead_hits: s.readahead_hits.load(Relaxed),
+            readahead: self.readahead.report(),
             mem_bytes: self.mem.lock().map(|m| m.bytes() as u64).unwrap_or(0),
             mem_budget: self.mem_budget,
             disk_bytes: self.disk.as_ref().map(|d| d.bytes()).unwrap_or(0),
@@ -372,7 +386,9 @@ impl ReadCache {
             }
         }
         self.stats.store_reads.fetch_add(1, Relaxed);
+        let started = Instant::now();
         let bytes = self.origin.read_range(id, range.start, len)?;
+        self.readahead.observe_range(len, started.elapsed());
         self.stats
             .store_bytes
             .fetch_add(bytes.len() as u64, Relaxed);
@@ -483,14 +499,18 @@ impl ReadCache {
         range: Range<u32>,
         out: &mut [u8],
     ) -> Result<()> {
-        // Read-ahead: the first demand miss in a chunk brings the whole compressed
-        // chunk (one request); frames are still decoded only when read. Errors here
-        // are not final: the exact-range path below retries and reports them.
+        // Read-ahead: a demand miss in a chunk may bring the whole compressed chunk
+        // (one request; the policy decides by measured request times); frames are
+        // still decoded only when read. Errors here are not final: the exact-range
+        // path below retries and reports them.
         if self.compressed.is_some()
             && !self.compressed_has(id)
             && !self.frames_cached(id, range.clone())
         {
-            let _ = self.fetch_whole(id);
+            let layout_known = self.layouts.lock().is_ok_and(|m| m.contains_key(id));
+            if self.readahead.choose(layout_known) == Fetch::WholeChunk {
+                let _ = self.fetch_whole(id);
+            }
         }
         let layout = self.layout(id, chunk_len)?;
         let frames = layout.frames_for(range.clone());
@@ -737,7 +757,8 @@ mod tests {
     fn chunk_readahead_is_one_request_and_lazy_decoding() {
         let (src, data) = source();
         let id = src.id;
-        let cache = ReadCache::new(src.clone(), 8 << 20, None, 65536).with_chunk_readahead(4 << 20);
+        let cache = ReadCache::new(src.clone(), 8 << 20, None, 65536)
+            .with_chunk_readahead(ReadAheadMode::Always, 4 << 20);
         let mut out = vec![0u8; 4096];
         cache.read(&id, 1 << 20, 0..4096, &mut out).unwrap();
         assert_eq!(out, data[..4096]);
@@ -772,6 +793,88 @@ mod tests {
         assert_eq!(src.reads.load(Relaxed), 1);
     }
 
+    /// An in-memory store of several chunks (half random, half zero bytes per frame).
+    struct MemSource(HashMap<ChunkId, Vec<u8>>);
+
+    impl ChunkSource for MemSource {
+        fn read_range(&self, id: &ChunkId, offset: u64, len: usize) -> Result<Vec<u8>> {
+            let f = &self.0[id];
+            let end = (offset as usize).saturating_add(len).min(f.len());
+            Ok(f[offset as usize..end].to_vec())
+        }
+        fn read_all(&self, id: &ChunkId) -> Result<Vec<u8>> {
+            Ok(self.0[id].clone())
+        }
+    }
+
+    fn mem_store(chunks: usize) -> (Arc<MemSource>, Vec<(ChunkId, Vec<u8>)>) {
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut files = HashMap::new();
+        let mut contents = Vec::new();
+        for _ in 0..chunks {
+            let data: Vec<u8> = (0..1u32 << 20)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if i % 65536 < 32768 {
+                        x as u8
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            let d = chunk::digest(&data, 65536);
+            files.insert(d.id, chunk::encode(&data, 65536, &d, &mut c).unwrap());
+            contents.push((d.id, data));
+        }
+        (Arc::new(MemSource(files)), contents)
+    }
+
+    /// Cold 4 KiB reads, one per chunk, through `auto` read-ahead over `store`.
+    fn cold_reads(store: Arc<dyn ChunkSource>, chunks: &[(ChunkId, Vec<u8>)]) -> CacheReport {
+        let cache = ReadCache::new(store, 64 << 20, None, 65536)
+            .with_chunk_readahead(ReadAheadMode::Auto, 16 << 20);
+        let mut out = vec![0u8; 4096];
+        for (n, (id, data)) in chunks.iter().enumerate() {
+            let at = ((n as u32 * 200_000) % (1 << 20)) & !4095;
+            cache.read(id, 1 << 20, at..at + 4096, &mut out).unwrap();
+            assert_eq!(out, data[at as usize..at as usize + 4096]);
+        }
+        cache.report()
+    }
+
+    #[test]
+    fn auto_readahead_fetches_whole_chunks_from_a_latency_bound_store() {
+        let (mem, chunks) = mem_store(8);
+        let remote =
+            crate::store::throttle::ThrottledSource::new(mem, Duration::from_millis(5), None);
+        let r = cold_reads(Arc::new(remote), &chunks);
+        // First miss: whole chunk (nothing measured); second: frames (to measure a
+        // small request); then a whole chunk costs about one request: whole chunks.
+        assert_eq!(r.readahead.frame_misses, 1, "{r:?}");
+        assert_eq!(r.readahead.whole_chunk_misses, 7, "{r:?}");
+        assert_eq!(r.readahead_chunks, 7);
+    }
+
+    #[test]
+    fn auto_readahead_fetches_frames_from_a_bandwidth_bound_store() {
+        let (mem, chunks) = mem_store(8);
+        let whole: u64 = chunks.iter().map(|(id, _)| mem.0[id].len() as u64).sum();
+        // 10 MB/s, no latency: a ~530 KB chunk costs ~50 ms, a frame ~3 ms.
+        let slow =
+            crate::store::throttle::ThrottledSource::new(mem, Duration::ZERO, Some(10_000_000));
+        let r = cold_reads(Arc::new(slow), &chunks);
+        assert_eq!(r.readahead.whole_chunk_misses, 1, "{r:?}");
+        assert_eq!(r.readahead.frame_misses, 7, "{r:?}");
+        assert!(
+            r.store_bytes < whole / 4,
+            "fetched {} of {whole} bytes",
+            r.store_bytes
+        );
+    }
+
     #[test]
     fn chunk_readahead_never_returns_damaged_bytes() {
         let (src, _) = source();
@@ -783,7 +886,8 @@ mod tests {
         let at = bad.file.len() - 100;
         bad.file[at] ^= 1;
         let bad = Arc::new(bad);
-        let cache = ReadCache::new(bad.clone(), 8 << 20, None, 65536).with_chunk_readahead(4 << 20);
+        let cache = ReadCache::new(bad.clone(), 8 << 20, None, 65536)
+            .with_chunk_readahead(ReadAheadMode::Always, 4 << 20);
         let mut out = vec![0u8; 4096];
         // Early frames are intact and read fine; the damaged last frame is an error
         // naming the chunk, after one retry of the exact range from the store.
