@@ -394,10 +394,7 @@ fn mount_cmd(a: MountArgs) -> Result<()> {
                     let dir = std::env::var_os("TMPDIR")
                         .map(PathBuf::from)
                         .unwrap_or_else(|| "/var/tmp".into());
-                    (
-                        Some(dir.join(format!("livemount-overlay-{}.img", std::process::id()))),
-                        true,
-                    )
+                    (Some(mount::create_temporary_overlay(&dir)?), true)
                 }
             };
             mount::MountConfig {
@@ -425,7 +422,13 @@ fn mount_cmd(a: MountArgs) -> Result<()> {
             }
         }
     };
-    mount::run(
+    // A new temporary overlay is ours alone until the device exists: if the mount
+    // fails, remove it (a recovered daemon's overlay holds the VM's writes: never).
+    let new_temporary = match (&config.overlay, recover) {
+        (Some(p), None) if config.temporary_overlay => Some(p.clone()),
+        _ => None,
+    };
+    let result = mount::run(
         config,
         mount::RunOptions {
             recover,
@@ -433,7 +436,11 @@ fn mount_cmd(a: MountArgs) -> Result<()> {
             workers: a.workers,
             max_io_bytes: 512 * 1024,
         },
-    )?;
+    );
+    if let (Err(_), Some(p)) = (&result, &new_temporary) {
+        let _ = std::fs::remove_file(p);
+    }
+    result?;
     Ok(())
 }
 

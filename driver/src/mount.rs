@@ -810,6 +810,40 @@ pub fn run(config: MountConfig, opts: RunOptions) -> Result<()> {
     flushed
 }
 
+/// Create a new, empty temporary overlay file (mode 0600) in `dir` and return its
+/// path. Never an existing file (O_EXCL): an overlay left behind by a mount that
+/// crashed must not lend its writes to a new mount that happens to get its name.
+pub fn create_temporary_overlay(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut last = None;
+    for attempt in 0..16u32 {
+        let tag = seed.wrapping_add(attempt.wrapping_mul(0x9e37_79b9));
+        let path = dir.join(format!(
+            "livemount-overlay-{}-{tag:08x}.img",
+            std::process::id()
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(_) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(path),
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+    }
+    Err(Error::Invalid(format!(
+        "cannot create a temporary overlay in {}: names taken (last {})",
+        dir.display(),
+        last.map(|p| p.display().to_string()).unwrap_or_default()
+    )))
+}
+
 /// Stop the daemon serving `dev` and wait for the device to go away.
 pub fn unmount(dev: &str, timeout: Duration) -> Result<()> {
     let id = parse_dev(dev)?;
@@ -839,5 +873,27 @@ pub fn unmount(dev: &str, timeout: Duration) -> Result<()> {
             let _ = std::fs::remove_file(status_path(id));
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn temporary_overlays_are_new_private_files() {
+        let d = tempfile::tempdir().unwrap();
+        let a = create_temporary_overlay(d.path()).unwrap();
+        std::fs::write(&a, b"stale writes of a crashed mount").unwrap();
+        let b = create_temporary_overlay(d.path()).unwrap();
+        assert_ne!(a, b, "an existing overlay file was handed out again");
+        let m = std::fs::metadata(&b).unwrap();
+        assert_eq!(m.len(), 0);
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        let e = create_temporary_overlay(&d.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing"), "{e}");
     }
 }
