@@ -1,6 +1,7 @@
 //! The live mount's read path without the kernel: a 4 KiB read served from the memory
-//! tier (the warm path on the ublk queue thread), and a cold 4 KiB read (store read,
-//! decode and verify of one 64 KiB frame), through `MountBackend` with an overlay.
+//! tier (the warm path on the ublk queue thread), a cold 4 KiB read (store read,
+//! decode and verify of one 64 KiB frame), through `MountBackend` with an overlay,
+//! and a cold sequential reader with and without sequential read-ahead.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use livemount::backup::{backup, BackupOptions};
@@ -71,6 +72,37 @@ fn bench(c: &mut Criterion) {
             criterion::BatchSize::PerIteration,
         )
     });
+    g.finish();
+
+    // A cold sequential reader at QD1 (512 KiB requests, as ublk splits them; tried
+    // on the queue thread first, like the frontend), over the first 32 MiB of a
+    // fresh mount: the local store, and one 5 ms away; sequential read-ahead off
+    // (`--seq-readahead 0`) and at its default.
+    let mut g = c.benchmark_group("sequential_32m_qd1");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(32 << 20));
+    let mut req = vec![0u8; 512 << 10];
+    for (store_name, latency) in [("local", None), ("5ms", Some(5.0))] {
+        for (ra_name, window) in [("off", 0), ("readahead_16m", 16 << 20)] {
+            let mut cfg = MountConfig::new(store.clone(), "vm".into(), None);
+            cfg.store_latency_ms = latency;
+            cfg.seq_readahead = window;
+            g.bench_function(format!("{store_name}_store_{ra_name}"), |b| {
+                b.iter_batched(
+                    || prepare(&cfg, |s| s).unwrap(),
+                    |m2| {
+                        for off in (0..32u64 << 20).step_by(512 << 10) {
+                            if !m2.backend.read_cached(off, &mut req) {
+                                m2.backend.read(off, &mut req).unwrap();
+                            }
+                        }
+                        m2
+                    },
+                    criterion::BatchSize::PerIteration,
+                )
+            });
+        }
+    }
     g.finish();
 
     // The read path's two copies (livemount::copy picks the faster at mount),

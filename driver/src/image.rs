@@ -2,6 +2,7 @@
 
 use crate::cache::ReadCache;
 use crate::error::{Error, Result};
+use crate::sequential::SequentialReadAhead;
 use crate::store::index::{ChunkRef, SnapshotIndex};
 use std::sync::Arc;
 
@@ -12,7 +13,8 @@ pub trait BlockRead: Send + Sync {
     /// Fill `buf` from `offset`. Bytes past the end read as zeros.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Fill `buf` only if that needs no I/O and no decoding (memory-tier hits);
-    /// false means "do it the slow way", off the I/O queue.
+    /// false means "do it the slow way", off the I/O queue. The frontend calls it
+    /// first for every read, in arrival order, so read-ahead watches reads here.
     fn read_cached(&self, _offset: u64, _buf: &mut [u8]) -> bool {
         false
     }
@@ -22,12 +24,45 @@ pub trait BlockRead: Send + Sync {
 pub struct SnapshotImage {
     index: SnapshotIndex,
     cache: Arc<ReadCache>,
+    sequential: Option<SequentialReadAhead>,
 }
 
 impl SnapshotImage {
     /// The image of `index`, read through `cache`.
     pub fn new(index: SnapshotIndex, cache: Arc<ReadCache>) -> Self {
-        SnapshotImage { index, cache }
+        SnapshotImage {
+            index,
+            cache,
+            sequential: None,
+        }
+    }
+
+    /// Read `window` bytes ahead of sequential readers, on `threads` threads (see
+    /// [`crate::sequential`]); a zero window leaves it off.
+    pub fn with_sequential_readahead(mut self, window: u64, threads: usize) -> Self {
+        self.sequential = (window > 0).then(|| {
+            SequentialReadAhead::start(
+                self.cache.clone(),
+                self.index.chunk_size,
+                self.index.chunks.len(),
+                window,
+                threads,
+            )
+        });
+        self
+    }
+
+    /// Tell sequential read-ahead about a read; queue the stored chunks it wants.
+    fn note_read(&self, offset: u64, len: usize) {
+        let Some(seq) = &self.sequential else { return };
+        let Some(chunks) = seq.observe(offset, len as u64) else {
+            return;
+        };
+        for i in chunks {
+            if let Some(ChunkRef::Stored(id)) = self.index.chunks.get(i) {
+                seq.request(*id, self.index.chunk_len(i));
+            }
+        }
     }
 
     /// The index.
@@ -96,6 +131,10 @@ impl BlockRead for SnapshotImage {
     }
 
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
+        // The frontend tries every read here first, on its queue thread, in the order
+        // requests arrive: the place to find sequential streams (read_at runs later,
+        // on workers, in any order).
+        self.note_read(offset, buf.len());
         let size = self.index.image_size;
         let valid = size.saturating_sub(offset).min(buf.len() as u64) as usize;
         for (i, a, b, ba, bb) in self.pieces(offset, valid) {

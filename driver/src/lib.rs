@@ -22,6 +22,7 @@ pub mod overlay;
 pub mod prestage;
 pub mod progress;
 pub mod restore;
+pub mod sequential;
 pub mod ublk;
 pub mod verify;
 pub mod workers;

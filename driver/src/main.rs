@@ -122,7 +122,7 @@ enum Cmd {
         snapshot: String,
     },
     /// Expose a snapshot as a block device (/dev/ublkbN) with a copy-on-write overlay.
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Stop a live mount (flushes the overlay, removes the device).
     Unmount {
         /// The device, e.g. /dev/ublkb0.
@@ -280,6 +280,11 @@ struct MountArgs {
     /// Same as `--readahead off`.
     #[arg(long, conflicts_with = "readahead")]
     no_readahead: bool,
+    /// Sequential read-ahead: when the VM reads a disk region in order, fetch and
+    /// decode this many bytes ahead of it in the background (0: off; at most a
+    /// sixteenth of --cache-mem is used).
+    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
+    seq_readahead: u64,
     /// Supervise the daemon: if it dies (crash, SIGKILL), start a new one that
     /// recovers the device (`--recover`), up to 5 times a minute.
     #[arg(long)]
@@ -419,6 +424,7 @@ fn mount_cmd(a: MountArgs) -> Result<()> {
                 } else {
                     a.readahead
                 },
+                seq_readahead: a.seq_readahead,
             }
         }
     };
@@ -810,7 +816,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             st.forget(&snap)?;
             println!("forgot {snap}; run `livemount gc` to free its chunks");
         }
-        Cmd::Mount(a) => mount_cmd(a)?,
+        Cmd::Mount(a) => mount_cmd(*a)?,
         Cmd::Prestage {
             store,
             snapshot,
@@ -972,6 +978,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                                 r.get("mode").and_then(|v| v.as_str()).unwrap_or("?"),
                                 n("whole_chunk_misses").unwrap_or(0.0), n("frame_misses").unwrap_or(0.0),
                                 t(n("whole_chunk_ms")), t(n("small_request_ms")));
+                        }
+                        if g("seq_readahead_chunks") > 0.0 {
+                            println!("  sequential read-ahead: {} chunks, {} frames decoded ahead of the reader",
+                                g("seq_readahead_chunks"), g("seq_readahead_frames"));
                         }
                     }
                     if let Some(p) = &s.prestage {

@@ -74,7 +74,19 @@ pub struct MountConfig {
     /// chunks): `auto` chooses by measured store request times.
     #[serde(default)]
     pub readahead: ReadAheadMode,
+    /// Sequential read-ahead window in bytes (0: off), capped at `cache_mem / 16` so
+    /// read-ahead frames stay in the memory tier's probation segment until read.
+    #[serde(default = "default_seq_readahead")]
+    pub seq_readahead: u64,
 }
+
+/// Default sequential read-ahead window: 16 MiB.
+pub fn default_seq_readahead() -> u64 {
+    16 << 20
+}
+
+/// Threads of sequential read-ahead: requests in flight ahead of a reader.
+const SEQ_READAHEAD_THREADS: usize = 2;
 
 fn default_record_profile_every() -> u64 {
     30
@@ -108,6 +120,7 @@ impl MountConfig {
             record_profile: None,
             record_profile_every_s: default_record_profile_every(),
             readahead: ReadAheadMode::Auto,
+            seq_readahead: default_seq_readahead(),
         }
     }
 }
@@ -402,7 +415,12 @@ pub fn prepare(
         ReadCache::new(origin, config.cache_mem, disk, index.frame_size)
             .with_chunk_readahead(config.readahead, config.cache_mem / 4),
     );
-    let image = Arc::new(SnapshotImage::new(index, cache.clone()));
+    let image = Arc::new(
+        SnapshotImage::new(index, cache.clone()).with_sequential_readahead(
+            config.seq_readahead.min(config.cache_mem / 16),
+            SEQ_READAHEAD_THREADS,
+        ),
+    );
     let overlay = match (&config.overlay, config.read_only) {
         (Some(p), false) => {
             let id = snapshot_identity(&store, &snap, device_size)?;

@@ -11,6 +11,8 @@
 pub mod disk;
 pub mod memory;
 pub mod readahead;
+#[cfg(test)]
+pub(crate) mod test_utils;
 
 use crate::error::Result;
 use crate::store::chunk::{ChunkId, ChunkLayout};
@@ -49,6 +51,10 @@ pub struct CacheStats {
     pub readahead_chunks: AtomicU64,
     /// Ranges served from read-ahead chunks (store requests saved).
     pub readahead_hits: AtomicU64,
+    /// Chunks brought in by sequential read-ahead.
+    pub seq_readahead_chunks: AtomicU64,
+    /// Frames decoded by sequential read-ahead.
+    pub seq_readahead_frames: AtomicU64,
 }
 
 /// A snapshot of [`CacheStats`] plus sizes, for `status`.
@@ -76,6 +82,10 @@ pub struct CacheReport {
     pub readahead_chunks: u64,
     /// Ranges served from read-ahead chunks.
     pub readahead_hits: u64,
+    /// Chunks brought in by sequential read-ahead (streams ahead of the reader).
+    pub seq_readahead_chunks: u64,
+    /// Frames decoded by sequential read-ahead.
+    pub seq_readahead_frames: u64,
     /// The read-ahead policy's choices and the store request times it measured.
     pub readahead: ReadAheadReport,
     /// Bytes held by the memory tier.
@@ -179,6 +189,11 @@ impl ReadCache {
     /// the compressed tier (and the disk tier). Bytes are verified later, range by
     /// range, when frames are decoded from them.
     fn fetch_whole(&self, id: &ChunkId) -> Result<()> {
+        self.fetch_whole_as(id, true)
+    }
+
+    /// [`fetch_whole`](Self::fetch_whole), counted as a demand fetch or not.
+    fn fetch_whole_as(&self, id: &ChunkId, demand: bool) -> Result<()> {
         let key = (*id, u32::MAX);
         let waiter = {
             let mut inflight = self.inflight.lock().map_err(|_| poisoned())?;
@@ -200,7 +215,9 @@ impl ReadCache {
             }
             return Ok(());
         }
-        self.demand_inflight.fetch_add(1, Relaxed);
+        if demand {
+            self.demand_inflight.fetch_add(1, Relaxed);
+        }
         let started = Instant::now();
         let res = self.origin.read_all(id).map(|bytes| {
             self.readahead.observe_whole_chunk(started.elapsed());
@@ -219,7 +236,9 @@ impl ReadCache {
                 }
             }
         });
-        self.demand_inflight.fetch_sub(1, Relaxed);
+        if demand {
+            self.demand_inflight.fetch_sub(1, Relaxed);
+        }
         if let Ok(mut inflight) = self.inflight.lock() {
             if let Some(w) = inflight.remove(&key) {
                 if let Ok(mut done) = w.0.lock() {
@@ -341,6 +360,8 @@ impl ReadCache {
             prestage_saved_reads: s.prestage_saved.load(Relaxed),
             readahead_chunks: s.readahead_chunks.load(Relaxed),
             readahead_hits: s.readahead_hits.load(Relaxed),
+            seq_readahead_chunks: s.seq_readahead_chunks.load(Relaxed),
+            seq_readahead_frames: s.seq_readahead_frames.load(Relaxed),
             readahead: self.readahead.report(),
             mem_bytes: self.mem.lock().map(|m| m.bytes() as u64).unwrap_or(0),
             mem_budget: self.mem_budget,
@@ -465,6 +486,92 @@ impl ReadCache {
         Ok(out)
     }
 
+    /// Fetch frames `mine` (sorted, claimed in `inflight` by the caller) in runs of
+    /// adjacent ones, one range read per run, hand each decoded frame to `got`, then
+    /// release the claims and wake whoever waits for them, whatever the outcome.
+    fn load_claimed(
+        &self,
+        layout: &ChunkLayout,
+        mine: &[usize],
+        mut got: impl FnMut(usize, FrameBytes),
+    ) -> Result<()> {
+        let mut result = Ok(());
+        let mut start = 0;
+        while start < mine.len() {
+            let mut end = start + 1;
+            while end < mine.len() && mine[end] == mine[end - 1] + 1 {
+                end += 1;
+            }
+            match self.load_frames(layout, mine[start]..mine[end - 1] + 1) {
+                Ok(fs) => {
+                    for (k, f) in (mine[start]..).zip(fs) {
+                        got(k, f);
+                    }
+                }
+                Err(e) => result = Err(e),
+            }
+            start = end;
+        }
+        if let Ok(mut inflight) = self.inflight.lock() {
+            for &i in mine {
+                if let Some(w) = inflight.remove(&(layout.id, i as u32)) {
+                    if let Ok(mut done) = w.0.lock() {
+                        *done = true;
+                    }
+                    w.1.notify_all();
+                }
+            }
+        }
+        result
+    }
+
+    /// Sequential read-ahead of chunk `id` (`chunk_len` bytes of content): bring every
+    /// frame that is neither in memory nor being fetched into the memory tier, as a
+    /// demand read would (probation segment: a long scan still cannot flush the hot
+    /// set). Not counted as demand: pre-staging does not yield to it, and a demand
+    /// read of a frame it is fetching waits for it instead of fetching it again.
+    /// Returns the number of frames it decoded.
+    pub fn read_ahead(&self, id: &ChunkId, chunk_len: u32) -> Result<usize> {
+        if self.frames_cached(id, 0..chunk_len) {
+            return Ok(0);
+        }
+        if self.compressed.is_some() {
+            // One request for the chunk (header, seek table and frames); errors are
+            // not final here either: the range reads below retry and report them.
+            let _ = self.fetch_whole_as(id, false);
+        }
+        let layout = self.layout(id, chunk_len)?;
+        let missing: Vec<usize> = {
+            let mem = self.mem.lock().map_err(|_| poisoned())?;
+            (0..layout.frames.len())
+                .filter(|&i| !mem.contains(&(*id, i as u32)))
+                .collect()
+        };
+        let mine: Vec<usize> = {
+            let mut inflight = self.inflight.lock().map_err(|_| poisoned())?;
+            missing
+                .into_iter()
+                .filter(|&i| {
+                    let key = (*id, i as u32);
+                    if inflight.contains_key(&key) {
+                        return false;
+                    }
+                    inflight.insert(key, Arc::new((Mutex::new(false), Condvar::new())));
+                    true
+                })
+                .collect()
+        };
+        self.load_claimed(&layout, &mine, |_, _| {})?;
+        if !mine.is_empty() {
+            self.release_compressed_if_decoded(&layout);
+            self.stats.seq_readahead_chunks.fetch_add(1, Relaxed);
+            self.stats
+                .seq_readahead_frames
+                .fetch_add(mine.len() as u64, Relaxed);
+        }
+        Ok(mine.len())
+    }
+
     /// Copy bytes `range` of chunk `id` into `out` only if every frame is in the
     /// memory tier (no I/O, no decoding); false otherwise, with nothing counted.
     pub fn read_if_cached(&self, id: &ChunkId, range: Range<u32>, out: &mut [u8]) -> bool {
@@ -551,38 +658,11 @@ impl ReadCache {
                     }
                 }
             }
-            // Fetch our frames in runs of adjacent ones, one range read per run.
             self.demand_inflight.fetch_add(1, Relaxed);
-            let mut result = Ok(());
-            let mut start = 0;
-            while start < mine.len() {
-                let mut end = start + 1;
-                while end < mine.len() && mine[end] == mine[end - 1] + 1 {
-                    end += 1;
-                }
-                match self.load_frames(&layout, mine[start]..mine[end - 1] + 1) {
-                    Ok(fs) => {
-                        for (k, f) in (mine[start]..).zip(fs) {
-                            have.insert(k, f);
-                        }
-                    }
-                    Err(e) => {
-                        result = Err(e);
-                    }
-                }
-                start = end;
-            }
+            let result = self.load_claimed(&layout, &mine, |k, f| {
+                have.insert(k, f);
+            });
             self.demand_inflight.fetch_sub(1, Relaxed);
-            if let Ok(mut inflight) = self.inflight.lock() {
-                for &i in &mine {
-                    if let Some(w) = inflight.remove(&(*id, i as u32)) {
-                        if let Ok(mut done) = w.0.lock() {
-                            *done = true;
-                        }
-                        w.1.notify_all();
-                    }
-                }
-            }
             result?;
             if !mine.is_empty() {
                 self.release_compressed_if_decoded(&layout);
@@ -630,6 +710,7 @@ fn poisoned() -> crate::error::Error {
 
 #[cfg(test)]
 mod tests {
+    use super::test_utils::mem_store;
     use super::*;
     use crate::store::chunk;
     use std::time::Duration;
@@ -791,45 +872,6 @@ mod tests {
         );
         assert!(cache.read_if_cached(&id, 0..1 << 20, &mut all));
         assert_eq!(src.reads.load(Relaxed), 1);
-    }
-
-    /// An in-memory store of several chunks (half random, half zero bytes per frame).
-    struct MemSource(HashMap<ChunkId, Vec<u8>>);
-
-    impl ChunkSource for MemSource {
-        fn read_range(&self, id: &ChunkId, offset: u64, len: usize) -> Result<Vec<u8>> {
-            let f = &self.0[id];
-            let end = (offset as usize).saturating_add(len).min(f.len());
-            Ok(f[offset as usize..end].to_vec())
-        }
-        fn read_all(&self, id: &ChunkId) -> Result<Vec<u8>> {
-            Ok(self.0[id].clone())
-        }
-    }
-
-    fn mem_store(chunks: usize) -> (Arc<MemSource>, Vec<(ChunkId, Vec<u8>)>) {
-        let mut c = zstd::bulk::Compressor::new(3).unwrap();
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut files = HashMap::new();
-        let mut contents = Vec::new();
-        for _ in 0..chunks {
-            let data: Vec<u8> = (0..1u32 << 20)
-                .map(|i| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    if i % 65536 < 32768 {
-                        x as u8
-                    } else {
-                        0
-                    }
-                })
-                .collect();
-            let d = chunk::digest(&data, 65536);
-            files.insert(d.id, chunk::encode(&data, 65536, &d, &mut c).unwrap());
-            contents.push((d.id, data));
-        }
-        (Arc::new(MemSource(files)), contents)
     }
 
     /// Cold 4 KiB reads, one per chunk, through `auto` read-ahead over `store`.
