@@ -18,11 +18,19 @@
 //! are requested, each chunk once per stream. Random reads never reach
 //! [`MIN_RUN`], so they cost a table lookup and nothing else.
 //!
+//! Read-ahead only runs while the store is latency-bound as the read cache measures
+//! it: a store request costs at least half of verifying and decoding a chunk. Then a
+//! reader mostly waits, and fetching ahead overlaps the wait. Otherwise the reader's
+//! time is CPU (BLAKE3, zstd, fresh memory), and fetching ahead only moves that work
+//! to other threads that compete with the reader: measured in the emulated two-vCPU
+//! VM against a local tmpfs store, an ungated read-ahead made the cold sequential
+//! read 30 % slower (docs/performance.md).
+//!
 //! The work runs on its own threads, never on the ublk queue, and below demand
 //! reads: a demand read of a frame being read ahead waits for that fetch instead of
 //! issuing a second one (the cache's single-flight map), and read-ahead frames enter
-//! the memory tier's probation segment like any other miss, so a long scan cannot
-//! push the hot set out.
+//! the memory tier's probation segment marked unread, so the reader's first access
+//! is not taken for a second one: a long scan cannot push the hot set out.
 
 use crate::cache::ReadCache;
 use crate::store::chunk::ChunkId;
@@ -130,6 +138,7 @@ impl StreamDetector {
 pub struct SequentialReadAhead {
     detector: Mutex<StreamDetector>,
     queue: SyncSender<(ChunkId, u32)>,
+    cache: Arc<ReadCache>,
 }
 
 impl SequentialReadAhead {
@@ -147,6 +156,7 @@ impl SequentialReadAhead {
         let jobs = Arc::new(Mutex::new(jobs));
         for n in 0..threads.max(1) {
             let (cache, jobs) = (cache.clone(), jobs.clone());
+
             let spawned = std::thread::Builder::new()
                 .name(format!("lm-seq-ahead-{n}"))
                 .spawn(move || worker(&cache, &jobs));
@@ -158,6 +168,7 @@ impl SequentialReadAhead {
         SequentialReadAhead {
             detector: Mutex::new(StreamDetector::new(chunk_size, chunks, window)),
             queue,
+            cache,
         }
     }
 
@@ -167,8 +178,13 @@ impl SequentialReadAhead {
     }
 
     /// Queue chunk `id` (`chunk_len` bytes of content) for read-ahead; dropped when
-    /// the queue is full.
+    /// the queue is full, and while the store is not latency-bound as measured
+    /// ([`ReadCache::store_latency_bound`]): then the reader's time is CPU, which
+    /// read-ahead would only take from it.
     pub fn request(&self, id: ChunkId, chunk_len: u32) {
+        if !self.cache.store_latency_bound(chunk_len) {
+            return;
+        }
         match self.queue.try_send((id, chunk_len)) {
             Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
         }

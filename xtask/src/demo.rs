@@ -52,6 +52,8 @@ pub fn base_image(dir: &Path) -> Result<PathBuf> {
     if img.exists() {
         return Ok(img);
     }
+    // Callers other than the demo (bench-vm) may be first on a fresh machine.
+    std::fs::create_dir_all(dir)?;
     let tmp = dir.join("base.img.tmp");
     let _ = std::fs::remove_file(&tmp);
     eprintln!(

@@ -24,6 +24,9 @@ struct Node<K, V> {
     value: V,
     bytes: usize,
     segment: Segment,
+    /// Brought in ahead of a reader: its first access is the reader's first, not a
+    /// second one, and does not promote it.
+    unread: bool,
     prev: usize,
     next: usize,
 }
@@ -150,6 +153,7 @@ impl<K: Hash + Eq + Clone, V: Clone> TwoQueue<K, V> {
             value,
             bytes,
             segment: Segment::Probation,
+            unread: false,
             prev: NIL,
             next: NIL,
         };
@@ -168,6 +172,11 @@ impl<K: Hash + Eq + Clone, V: Clone> TwoQueue<K, V> {
     /// Look up `key`, counting it as an access.
     pub fn get(&mut self, key: &K) -> Option<V> {
         let i = *self.map.get(key)?;
+        if let Some(n) = self.slab[i].as_mut().filter(|n| n.unread) {
+            // The first access of a frame read ahead: it stays on probation.
+            n.unread = false;
+            return Some(n.value.clone());
+        }
         // Probation → protected on the second access; protected → most recent.
         self.unlink(i);
         self.push_back(i, Segment::Protected);
@@ -186,6 +195,17 @@ impl<K: Hash + Eq + Clone, V: Clone> TwoQueue<K, V> {
         self.push_back(i, Segment::Probation);
         self.map.insert(key, i);
         self.evict();
+    }
+
+    /// Insert `value` into probation for a reader that has not read it yet
+    /// (read-ahead): its next access counts as the first.
+    pub fn insert_unread(&mut self, key: K, value: V, bytes: usize) {
+        self.insert(key.clone(), value, bytes);
+        if let Some(&i) = self.map.get(&key) {
+            if let Some(n) = self.slab[i].as_mut() {
+                n.unread = true;
+            }
+        }
     }
 
     /// True if `key` is cached (no access is counted, nothing moves).
@@ -325,6 +345,33 @@ mod tests {
         // 500 hot accesses: 2Q misses only the first round; LRU also misses after the scan.
         assert_eq!(hq, 450, "2Q hits");
         assert_eq!(hl, 400, "LRU hits");
+    }
+
+    #[test]
+    fn a_scan_read_ahead_of_its_reader_does_not_flush_the_hot_set_either() {
+        let mut q = TwoQueue::new(100);
+        for _ in 0..2 {
+            for k in 0..50u64 {
+                if q.get(&k).is_none() {
+                    q.insert(k, (), 1);
+                }
+            }
+        }
+        // Read-ahead brings each scan block in, then the reader reads it once.
+        for k in 1000..3000u64 {
+            q.insert_unread(k, (), 1);
+            assert!(q.get(&k).is_some());
+        }
+        let kept = (0..50u64).filter(|k| q.contains(k)).count();
+        assert_eq!(kept, 50, "hot blocks lost to a read-ahead scan");
+        // A frame read twice after read-ahead is hot like any other.
+        q.insert_unread(5000, (), 1);
+        q.get(&5000);
+        q.get(&5000);
+        for k in 6000..6200u64 {
+            q.insert(k, (), 1);
+        }
+        assert!(q.contains(&5000));
     }
 
     /// Random inserts, hits and removals keep the lists, the map and the byte

@@ -268,6 +268,13 @@ impl ReadCache {
         }
     }
 
+    /// True when store requests, as measured, cost enough against decoding a chunk of
+    /// `chunk_len` bytes that fetching ahead of a reader pays (see
+    /// [`ReadAheadPolicy::store_latency_bound`]).
+    pub fn store_latency_bound(&self, chunk_len: u32) -> bool {
+        self.readahead.store_latency_bound(u64::from(chunk_len))
+    }
+
     /// Demand fetches in flight now.
     pub fn demand_inflight(&self) -> usize {
         self.demand_inflight.load(Relaxed)
@@ -467,11 +474,21 @@ impl ReadCache {
         r
     }
 
-    /// Fetch, verify, decode and cache frames `frames` of a chunk (one range read).
-    fn load_frames(&self, layout: &ChunkLayout, frames: Range<usize>) -> Result<Vec<FrameBytes>> {
+    /// Fetch, verify, decode and cache frames `frames` of a chunk (one range read);
+    /// `ahead`: for a reader that has not asked for them yet (read-ahead).
+    fn load_frames(
+        &self,
+        layout: &ChunkLayout,
+        frames: Range<usize>,
+        ahead: bool,
+    ) -> Result<Vec<FrameBytes>> {
         let file_range = layout.file_range(frames.clone());
         let decoded = self.fetch(&layout.id, file_range, |b| {
-            layout.decode_frames(frames.clone(), b)
+            let started = Instant::now();
+            let frames = layout.decode_frames(frames.clone(), b)?;
+            let bytes = frames.iter().map(Vec::len).sum();
+            self.readahead.observe_decode(bytes, started.elapsed());
+            Ok(frames)
         })?;
         let mut out = Vec::with_capacity(decoded.len());
         if let Ok(mut mem) = self.mem.lock() {
@@ -479,7 +496,11 @@ impl ReadCache {
                 self.stats.decoded_bytes.fetch_add(f.len() as u64, Relaxed);
                 let len = f.len();
                 let f = Arc::new(f);
-                mem.insert((layout.id, i as u32), f.clone(), len);
+                if ahead {
+                    mem.insert_unread((layout.id, i as u32), f.clone(), len);
+                } else {
+                    mem.insert((layout.id, i as u32), f.clone(), len);
+                }
                 out.push(f);
             }
         }
@@ -493,6 +514,7 @@ impl ReadCache {
         &self,
         layout: &ChunkLayout,
         mine: &[usize],
+        ahead: bool,
         mut got: impl FnMut(usize, FrameBytes),
     ) -> Result<()> {
         let mut result = Ok(());
@@ -502,7 +524,7 @@ impl ReadCache {
             while end < mine.len() && mine[end] == mine[end - 1] + 1 {
                 end += 1;
             }
-            match self.load_frames(layout, mine[start]..mine[end - 1] + 1) {
+            match self.load_frames(layout, mine[start]..mine[end - 1] + 1, ahead) {
                 Ok(fs) => {
                     for (k, f) in (mine[start]..).zip(fs) {
                         got(k, f);
@@ -561,7 +583,7 @@ impl ReadCache {
                 })
                 .collect()
         };
-        self.load_claimed(&layout, &mine, |_, _| {})?;
+        self.load_claimed(&layout, &mine, true, |_, _| {})?;
         if !mine.is_empty() {
             self.release_compressed_if_decoded(&layout);
             self.stats.seq_readahead_chunks.fetch_add(1, Relaxed);
@@ -659,7 +681,7 @@ impl ReadCache {
                 }
             }
             self.demand_inflight.fetch_add(1, Relaxed);
-            let result = self.load_claimed(&layout, &mine, |k, f| {
+            let result = self.load_claimed(&layout, &mine, false, |k, f| {
                 have.insert(k, f);
             });
             self.demand_inflight.fetch_sub(1, Relaxed);

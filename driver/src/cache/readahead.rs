@@ -118,6 +118,8 @@ impl Measured {
 struct State {
     whole: Measured,
     small: Measured,
+    /// Verifying and decoding frames, seconds per decoded byte.
+    decode: Measured,
     whole_misses: u64,
     frame_misses: u64,
 }
@@ -156,6 +158,37 @@ impl ReadAheadPolicy {
             if let Ok(mut s) = self.state.lock() {
                 s.small.observe(took.as_secs_f64());
             }
+        }
+    }
+
+    /// Record verifying and decoding `bytes` of frames that took `took`.
+    pub fn observe_decode(&self, bytes: usize, took: Duration) {
+        if bytes > 0 {
+            if let Ok(mut s) = self.state.lock() {
+                s.decode.observe(took.as_secs_f64() / bytes as f64);
+            }
+        }
+    }
+
+    /// True when a store request costs at least half of what verifying and decoding
+    /// a chunk of `chunk_bytes` costs, as measured: a reader then spends much of its
+    /// time waiting for the store, and fetching ahead overlaps that wait with its
+    /// work. Below that the work is CPU, which fetching ahead only moves to other
+    /// threads (measured under emulation, with two vCPUs: a local store's cold
+    /// sequential read got slower; docs/performance.md). False until both are
+    /// measured.
+    pub fn store_latency_bound(&self, chunk_bytes: u64) -> bool {
+        let Ok(s) = self.state.lock() else {
+            return false;
+        };
+        let request = match (s.small.mean, s.whole.mean) {
+            (Some(small), _) => small,
+            (None, Some(whole)) => whole,
+            (None, None) => return false,
+        };
+        match s.decode.mean {
+            Some(per_byte) => request >= 0.5 * per_byte * chunk_bytes as f64,
+            None => false,
         }
     }
 
@@ -237,6 +270,23 @@ mod tests {
 
     fn ms(v: f64) -> Duration {
         Duration::from_secs_f64(v / 1000.0)
+    }
+
+    #[test]
+    fn latency_bound_means_requests_cost_at_least_half_a_chunk_decode() {
+        let p = ReadAheadPolicy::new(ReadAheadMode::Auto);
+        assert!(!p.store_latency_bound(1 << 20), "nothing measured");
+        // 1 MiB decodes in 16 ms (emulated CPU); tmpfs requests take 0.5 ms.
+        p.observe_decode(1 << 20, ms(16.0));
+        p.observe_range(30_000, ms(0.5));
+        assert!(!p.store_latency_bound(1 << 20));
+        // Natively: 1 MiB in 1.3 ms, a store 5 ms away.
+        let remote = ReadAheadPolicy::new(ReadAheadMode::Auto);
+        remote.observe_decode(1 << 20, ms(1.3));
+        remote.observe_whole_chunk(ms(6.0));
+        assert!(remote.store_latency_bound(1 << 20), "whole-chunk time only");
+        remote.observe_range(30_000, ms(5.0));
+        assert!(remote.store_latency_bound(1 << 20));
     }
 
     #[test]
