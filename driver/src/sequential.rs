@@ -14,8 +14,9 @@
 //! A read continues a stream when it starts near that end (requests at a queue depth
 //! above one arrive slightly out of order, and a guest may skip a few blocks); it
 //! starts a new stream otherwise, replacing the least recently used one. Once a
-//! stream has read [`MIN_RUN`] bytes, the chunks up to `window` bytes past its end
-//! are requested, each chunk once per stream. Random reads never reach
+//! stream has read [`MIN_RUN`] bytes, the chunks up to one chunk past its end are
+//! requested, each chunk once per stream; that distance doubles each time the
+//! reader moves on, up to `window` bytes (the kernel's read-ahead ramps up alike). Random reads never reach
 //! [`MIN_RUN`], so they cost a table lookup and nothing else.
 //!
 //! Read-ahead only runs while the store is latency-bound as the read cache measures
@@ -66,6 +67,10 @@ struct Stream {
     run: u64,
     /// Chunks below this number were already requested for this stream.
     requested_to: usize,
+    /// How far ahead of its end this stream reads now, bytes (grows to the window).
+    ahead: u64,
+    /// The chunk the reader was in when chunks were last requested.
+    requested_in: usize,
     /// Last use, for replacement.
     used: u64,
     live: bool,
@@ -110,6 +115,8 @@ impl StreamDetector {
                 next: end,
                 run: len,
                 requested_to: 0,
+                ahead: 0,
+                requested_in: usize::MAX,
                 used: self.clock,
                 live: true,
             };
@@ -123,13 +130,24 @@ impl StreamDetector {
             return None;
         }
         // From the chunk holding the stream's next byte (its frames past the reader
-        // are still ahead) to the chunk holding its last byte of the window.
-        let from = ((s.next / self.chunk_size) as usize).max(s.requested_to);
-        let to = ((s.next + self.window).div_ceil(self.chunk_size) as usize).min(self.chunks);
+        // are still ahead) to the chunk holding the last byte `ahead` past it. The
+        // distance starts at one chunk and doubles each time the reader moves into
+        // chunks not yet asked for, up to the window: a 300 KB file costs at most a
+        // chunk of extra work, a long copy soon gets the whole window.
+        let current = (s.next / self.chunk_size) as usize;
+        if s.ahead == 0 {
+            s.ahead = self.chunk_size.min(self.window);
+        } else if current == s.requested_in {
+            return None;
+        }
+        let from = current.max(s.requested_to);
+        let to = ((s.next + s.ahead).div_ceil(self.chunk_size) as usize).min(self.chunks);
         if to <= from {
             return None;
         }
         s.requested_to = to;
+        s.requested_in = current;
+        s.ahead = (s.ahead * 2).min(self.window);
         Some(from..to)
     }
 }
@@ -262,28 +280,30 @@ mod tests {
     fn chunks_ahead_of_a_sequential_reader_are_decoded_before_it_gets_there() {
         let (store, chunks) = mem_store(8);
         let (image, cache) = image_over(store, &chunks, 4 << 20);
-        // Two 128 KiB reads make a stream: chunks 0..5 are requested.
+        // The first 2 MiB in 128 KiB reads: the stream is found at the second read
+        // (chunks 0..2), then reads ahead 2 chunks (2..3), then 4 (3..6).
         let mut buf = vec![0u8; 128 << 10];
-        for at in [0u64, 128 << 10] {
+        for at in (0..2 * CS).step_by(buf.len()) {
             read(&image, at, &mut buf).unwrap();
-            assert_eq!(buf, chunks[0].1[at as usize..at as usize + buf.len()]);
+            let (c, o) = ((at / CS) as usize, (at % CS) as usize);
+            assert_eq!(buf, chunks[c].1[o..o + buf.len()]);
         }
-        assert_eq!(wait_for_readahead(&cache, 5), 5);
-        // Chunks 1..5 are now in memory: read without I/O, byte-exact.
+        assert_eq!(wait_for_readahead(&cache, 6), 6);
+        // Chunks 2..6 are now in memory: read without I/O, byte-exact.
         let store_reads = cache.report().store_reads;
         let mut ahead = vec![0u8; 4 << 20];
         for (k, part) in ahead.chunks_mut(CS as usize).enumerate() {
-            let id = &chunks[k + 1].0;
+            let (id, data) = &chunks[k + 2];
             assert!(
                 cache.read_if_cached(id, 0..CS as u32, part),
                 "chunk {}",
-                k + 1
+                k + 2
             );
-            assert_eq!(part, &chunks[k + 1].1[..], "chunk {}", k + 1);
+            assert_eq!(part, &data[..], "chunk {}", k + 2);
         }
         assert_eq!(cache.report().store_reads, store_reads);
-        // Chunk 5 was beyond the window and is not in memory.
-        assert!(!cache.read_if_cached(&chunks[5].0, 0..4096, &mut buf[..4096]));
+        // Chunk 6 was beyond the window and is not in memory.
+        assert!(!cache.read_if_cached(&chunks[6].0, 0..4096, &mut buf[..4096]));
     }
 
     #[test]
@@ -315,10 +335,12 @@ mod tests {
         }
         let (image, cache) = image_over(Arc::new(MemSource(files)), &chunks, 4 << 20);
         let mut buf = vec![0u8; 256 << 10];
-        read(&image, 0, &mut buf).unwrap();
-        read(&image, 256 << 10, &mut buf).unwrap();
-        // Read-ahead meets chunk 2, fails, and leaves its damaged frames out.
-        wait_for_readahead(&cache, 3);
+        for at in (0..2 * CS).step_by(buf.len()) {
+            read(&image, at, &mut buf).unwrap();
+        }
+        // Read-ahead met chunk 2 (requested when the reader entered chunk 1), failed
+        // and left its frames out; chunks 0, 1 and 3 were read ahead.
+        assert_eq!(wait_for_readahead(&cache, 3), 3);
         let mut whole = vec![0u8; 1 << 20];
         let e = read(&image, 2 * CS, &mut whole).unwrap_err().to_string();
         assert!(e.contains(&bad.to_hex()), "{e}");
@@ -331,7 +353,7 @@ mod tests {
     }
 
     #[test]
-    fn a_sequential_reader_gets_each_chunk_ahead_once() {
+    fn a_sequential_reader_gets_each_chunk_ahead_once_and_the_distance_ramps_up() {
         let mut d = detector();
         let mut asked = Vec::new();
         for i in 0..64u64 {
@@ -339,8 +361,16 @@ mod tests {
                 asked.extend(r);
             }
         }
-        // 64 × 128 KiB = 8 MiB read; 4 MiB ahead of its end: chunks 0..12, once each.
+        // 64 × 128 KiB = 8 MiB read; at most 4 MiB ahead of its end (1, 2, then 4
+        // chunks as the reader moves on): chunks 0..12, once each.
         assert_eq!(asked, (0..12).collect::<Vec<_>>());
+        // A short file (300 KB) costs at most the rest of its chunk and one more.
+        let mut d = detector();
+        let short: Vec<usize> = (0..3u64)
+            .filter_map(|i| d.observe(50 * CS + i * 100_000, 100_000))
+            .flatten()
+            .collect();
+        assert_eq!(short, vec![50, 51]);
     }
 
     #[test]
@@ -369,7 +399,8 @@ mod tests {
                 }
             }
         }
-        // Found at the second request (chunk 0 was being read); 8 MiB read, 4 ahead.
+        // Found at the second request (chunk 0 was being read); 8 MiB read, up to 4
+        // chunks ahead.
         assert_eq!(asked, (1..12).collect::<Vec<_>>());
     }
 

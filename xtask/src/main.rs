@@ -51,7 +51,7 @@ enum Cmd {
         /// Rounds over all cases (the table shows medians).
         #[arg(long, default_value_t = 3)]
         rounds: u32,
-        /// Only these cases, comma-separated (L, Lv, C20, C20nr, P20, M20, R20, P20all, P20n, C0, P0).
+        /// Only these cases, comma-separated (L, Lv, C20, C20nr, C20ns, P20, M20, R20, P20all, P20n, C0, P0).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Keep every boot's console log and figures in .cache/boot/work/runs.

@@ -49,6 +49,7 @@ struct Caps {
     throttle: bool,
     record_profile: bool,
     no_readahead: bool,
+    seq_readahead: bool,
     /// The `--prestage` default the help states.
     default_prestage: String,
 }
@@ -65,6 +66,7 @@ impl Caps {
             throttle: help.contains("--store-latency") && help.contains("--store-bandwidth"),
             record_profile: help.contains("--record-profile"),
             no_readahead: help.contains("--no-readahead"),
+            seq_readahead: help.contains("--seq-readahead"),
             default_prestage: help
                 .split("--prestage")
                 .nth(1)
@@ -138,6 +140,8 @@ struct Case {
     prestage: Option<&'static str>,
     /// `--no-readahead`.
     no_readahead: bool,
+    /// `--seq-readahead 0`.
+    no_seq_readahead: bool,
     /// `--record-profile`: the learned profile is copied here after the boot.
     record: Option<PathBuf>,
 }
@@ -587,6 +591,9 @@ fn mount_args(p: &Prepared, case: &Case) -> Vec<String> {
     if case.no_readahead {
         a.push("--no-readahead".into());
     }
+    if case.no_seq_readahead {
+        a.extend(["--seq-readahead".into(), "0".into()]);
+    }
     if case.record.is_some() {
         a.extend(["--record-profile".into(), "/tmp/lm-learned.json".into()]);
     }
@@ -851,6 +858,7 @@ fn cases(p: &Prepared, profiles: &[ProfileInfo]) -> Vec<Case> {
         profile: None,
         prestage: None,
         no_readahead: false,
+        no_seq_readahead: false,
         record: None,
     };
     let mut v = vec![
@@ -902,6 +910,17 @@ fn cases(p: &Prepared, profiles: &[ProfileInfo]) -> Vec<Case> {
                 ..case(
                     format!("C{n}nr"),
                     format!("cold, no profile, `--no-readahead` (only the frames a read needs), store {how}"),
+                    true,
+                    throttle,
+                )
+            });
+        }
+        if throttle && p.caps.seq_readahead {
+            v.push(Case {
+                no_seq_readahead: true,
+                ..case(
+                    format!("C{n}ns"),
+                    format!("cold, no profile, `--seq-readahead 0` (no sequential read-ahead), store {how}"),
                     true,
                     throttle,
                 )
@@ -1327,6 +1346,15 @@ fn report(
              ({} store requests) vs C20nr {nr:.2} s ({} store requests).",
             opt(med("C20", &|r| r.cache("store_reads")), &|x| format!("{x:.0}")),
             opt(med("C20nr", &|r| r.cache("store_reads")), &|x| format!("{x:.0}"))
+        );
+    }
+    if let (Some(c), Some(ns)) = (c, boot("C20ns")) {
+        let _ = writeln!(
+            s,
+            "\nCold path with sequential read-ahead (driver default) vs `--seq-readahead 0`: C20 {c:.2} s \
+             ({} MiB decoded) vs C20ns {ns:.2} s ({} MiB decoded).",
+            opt(med("C20", &|r| r.cache("decoded_bytes")), &|x| format!("{:.1}", x / 1048576.0)),
+            opt(med("C20ns", &|r| r.cache("decoded_bytes")), &|x| format!("{:.1}", x / 1048576.0))
         );
     }
     if let Some(r) = boot("R20") {
