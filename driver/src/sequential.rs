@@ -20,8 +20,8 @@
 //! [`MIN_RUN`], so they cost a table lookup and nothing else.
 //!
 //! Read-ahead only runs while the store is latency-bound as the read cache measures
-//! it: a store request costs at least half of verifying and decoding a chunk. Then a
-//! reader mostly waits, and fetching ahead overlaps the wait. Otherwise the reader's
+//! it: a store request costs at least a quarter of verifying and decoding a chunk.
+//! Then a reader waits a good part of its time, and fetching ahead overlaps the wait. Otherwise the reader's
 //! time is CPU (BLAKE3, zstd, fresh memory), and fetching ahead only moves that work
 //! to other threads that compete with the reader: measured in the emulated two-vCPU
 //! VM against a local tmpfs store, an ungated read-ahead made the cold sequential
@@ -100,8 +100,10 @@ impl StreamDetector {
     }
 
     /// Note a read of `len` bytes at `offset`; returns the chunks to read ahead now
-    /// (never one this stream already asked for).
-    pub fn observe(&mut self, offset: u64, len: u64) -> Option<Range<usize>> {
+    /// (never one this stream already asked for). With `issue` false the streams
+    /// are followed but nothing is asked for (read-ahead is not worth it now); the
+    /// next call with `issue` true asks from where the reader is then.
+    pub fn observe(&mut self, offset: u64, len: u64, issue: bool) -> Option<Range<usize>> {
         self.clock += 1;
         let end = offset.saturating_add(len);
         let found = self.streams.iter().position(|s| {
@@ -126,7 +128,7 @@ impl StreamDetector {
         s.next = s.next.max(end);
         s.run = s.run.saturating_add(len);
         s.used = self.clock;
-        if s.run < MIN_RUN || self.window == 0 {
+        if s.run < MIN_RUN || self.window == 0 || !issue {
             return None;
         }
         // From the chunk holding the stream's next byte (its frames past the reader
@@ -157,6 +159,7 @@ pub struct SequentialReadAhead {
     detector: Mutex<StreamDetector>,
     queue: SyncSender<(ChunkId, u32)>,
     cache: Arc<ReadCache>,
+    chunk_size: u32,
 }
 
 impl SequentialReadAhead {
@@ -187,22 +190,22 @@ impl SequentialReadAhead {
             detector: Mutex::new(StreamDetector::new(chunk_size, chunks, window)),
             queue,
             cache,
+            chunk_size,
         }
     }
 
     /// Note a read of `len` bytes at `offset`: the chunks to read ahead, if any.
+    /// None while the store is not latency-bound as measured
+    /// ([`ReadCache::store_latency_bound`]): the reader's time is then CPU, which
+    /// read-ahead would only take from it.
     pub fn observe(&self, offset: u64, len: u64) -> Option<Range<usize>> {
-        self.detector.lock().ok()?.observe(offset, len)
+        let worth_it = self.cache.store_latency_bound(self.chunk_size);
+        self.detector.lock().ok()?.observe(offset, len, worth_it)
     }
 
     /// Queue chunk `id` (`chunk_len` bytes of content) for read-ahead; dropped when
-    /// the queue is full, and while the store is not latency-bound as measured
-    /// ([`ReadCache::store_latency_bound`]): then the reader's time is CPU, which
-    /// read-ahead would only take from it.
+    /// the queue is full.
     pub fn request(&self, id: ChunkId, chunk_len: u32) {
-        if !self.cache.store_latency_bound(chunk_len) {
-            return;
-        }
         match self.queue.try_send((id, chunk_len)) {
             Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
         }
@@ -357,7 +360,7 @@ mod tests {
         let mut d = detector();
         let mut asked = Vec::new();
         for i in 0..64u64 {
-            if let Some(r) = d.observe(i * 128 * 1024, 128 * 1024) {
+            if let Some(r) = d.observe(i * 128 * 1024, 128 * 1024, true) {
                 asked.extend(r);
             }
         }
@@ -367,7 +370,7 @@ mod tests {
         // A short file (300 KB) costs at most the rest of its chunk and one more.
         let mut d = detector();
         let short: Vec<usize> = (0..3u64)
-            .filter_map(|i| d.observe(50 * CS + i * 100_000, 100_000))
+            .filter_map(|i| d.observe(50 * CS + i * 100_000, 100_000, true))
             .flatten()
             .collect();
         assert_eq!(short, vec![50, 51]);
@@ -382,7 +385,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let off = (x % (100 * CS)) & !4095;
-            assert_eq!(d.observe(off, 4096), None, "read at {off}");
+            assert_eq!(d.observe(off, 4096, true), None, "read at {off}");
         }
     }
 
@@ -394,7 +397,7 @@ mod tests {
         let mut asked = Vec::new();
         for group in 0..4u64 {
             for k in [1u64, 0, 3, 2] {
-                if let Some(r) = d.observe((group * 4 + k) * half, half) {
+                if let Some(r) = d.observe((group * 4 + k) * half, half, true) {
                     asked.extend(r);
                 }
             }
@@ -409,9 +412,13 @@ mod tests {
         let mut d = StreamDetector::new(CS as u32, 40, 2 << 20);
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for i in 0..40u64 {
-            a.extend(d.observe(i * 256 * 1024, 256 * 1024).into_iter().flatten());
+            a.extend(
+                d.observe(i * 256 * 1024, 256 * 1024, true)
+                    .into_iter()
+                    .flatten(),
+            );
             b.extend(
-                d.observe(30 * CS + i * 256 * 1024, 256 * 1024)
+                d.observe(30 * CS + i * 256 * 1024, 256 * 1024, true)
                     .into_iter()
                     .flatten(),
             );
@@ -421,10 +428,20 @@ mod tests {
     }
 
     #[test]
+    fn while_not_worth_it_streams_are_followed_and_nothing_is_asked() {
+        let mut d = detector();
+        for i in 0..24u64 {
+            assert_eq!(d.observe(i * 128 * 1024, 128 * 1024, false), None);
+        }
+        // Worth it now (the store turned out slow): from the reader's chunk on.
+        assert_eq!(d.observe(24 * 128 * 1024, 128 * 1024, true), Some(3..5));
+    }
+
+    #[test]
     fn a_zero_window_turns_it_off() {
         let mut d = StreamDetector::new(CS as u32, 100, 0);
         for i in 0..64u64 {
-            assert_eq!(d.observe(i * CS, CS), None);
+            assert_eq!(d.observe(i * CS, CS, true), None);
         }
     }
 }
