@@ -974,10 +974,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                                 v.map(|v| format!("{v:.2} ms"))
                                     .unwrap_or_else(|| "-".into())
                             };
-                            println!("  read-ahead: {}, {} whole-chunk and {} frame misses; store: chunk read {}, small read {}",
+                            println!("  read-ahead: {}, {} whole-chunk and {} frame misses; store: chunk read {}, small read {}; decode {}/MiB; sequential read-ahead {}",
                                 r.get("mode").and_then(|v| v.as_str()).unwrap_or("?"),
                                 n("whole_chunk_misses").unwrap_or(0.0), n("frame_misses").unwrap_or(0.0),
-                                t(n("whole_chunk_ms")), t(n("small_request_ms")));
+                                t(n("whole_chunk_ms")), t(n("small_request_ms")), t(n("decode_ms_per_mib")),
+                                if r.get("store_latency_bound").and_then(|v| v.as_bool()).unwrap_or(false) { "active (store latency-bound)" } else { "idle (store not latency-bound)" });
                         }
                         if g("seq_readahead_chunks") > 0.0 {
                             println!("  sequential read-ahead: {} chunks, {} frames decoded ahead of the reader",

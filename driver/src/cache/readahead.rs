@@ -101,6 +101,11 @@ pub struct ReadAheadReport {
     pub whole_chunk_misses: u64,
     /// Misses that fetched only the frames needed.
     pub frame_misses: u64,
+    /// Mean time to verify and decode 1 MiB of frames, milliseconds (wall clock).
+    pub decode_ms_per_mib: Option<f64>,
+    /// Whether sequential read-ahead would run now (the store is latency-bound for
+    /// 1 MiB chunks, as measured).
+    pub store_latency_bound: bool,
 }
 
 #[derive(Debug, Default)]
@@ -249,6 +254,14 @@ impl ReadAheadPolicy {
             small_request_ms: s.as_ref().and_then(|s| ms(s.small.mean)),
             whole_chunk_misses: s.as_ref().map(|s| s.whole_misses).unwrap_or(0),
             frame_misses: s.as_ref().map(|s| s.frame_misses).unwrap_or(0),
+            decode_ms_per_mib: s
+                .as_ref()
+                .and_then(|s| s.decode.mean)
+                .map(|v| (v * 1048576.0 * 1e6).round() / 1e3),
+            store_latency_bound: {
+                drop(s);
+                self.store_latency_bound(1 << 20)
+            },
         }
     }
 }
