@@ -36,7 +36,7 @@
 use crate::cache::ReadCache;
 use crate::store::chunk::ChunkId;
 use std::ops::Range;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 /// Bytes a stream must have read before read-ahead starts: two 128 KiB guest
@@ -100,10 +100,16 @@ impl StreamDetector {
     }
 
     /// Note a read of `len` bytes at `offset`; returns the chunks to read ahead now
-    /// (never one this stream already asked for). With `issue` false the streams
-    /// are followed but nothing is asked for (read-ahead is not worth it now); the
-    /// next call with `issue` true asks from where the reader is then.
-    pub fn observe(&mut self, offset: u64, len: u64, issue: bool) -> Option<Range<usize>> {
+    /// (never one this stream already asked for). `worth_it` is asked only when a
+    /// stream could ask for chunks; while it says no, the streams are followed but
+    /// nothing is asked for, and the first call it says yes asks from where the
+    /// reader is then.
+    pub fn observe(
+        &mut self,
+        offset: u64,
+        len: u64,
+        worth_it: impl FnOnce() -> bool,
+    ) -> Option<Range<usize>> {
         self.clock += 1;
         let end = offset.saturating_add(len);
         let found = self.streams.iter().position(|s| {
@@ -128,7 +134,7 @@ impl StreamDetector {
         s.next = s.next.max(end);
         s.run = s.run.saturating_add(len);
         s.used = self.clock;
-        if s.run < MIN_RUN || self.window == 0 || !issue {
+        if s.run < MIN_RUN || self.window == 0 || !worth_it() {
             return None;
         }
         // From the chunk holding the stream's next byte (its frames past the reader
@@ -177,7 +183,6 @@ impl SequentialReadAhead {
         let jobs = Arc::new(Mutex::new(jobs));
         for n in 0..threads.max(1) {
             let (cache, jobs) = (cache.clone(), jobs.clone());
-
             let spawned = std::thread::Builder::new()
                 .name(format!("lm-seq-ahead-{n}"))
                 .spawn(move || worker(&cache, &jobs));
@@ -199,16 +204,21 @@ impl SequentialReadAhead {
     /// ([`ReadCache::store_latency_bound`]): the reader's time is then CPU, which
     /// read-ahead would only take from it.
     pub fn observe(&self, offset: u64, len: u64) -> Option<Range<usize>> {
-        let worth_it = self.cache.store_latency_bound(self.chunk_size);
-        self.detector.lock().ok()?.observe(offset, len, worth_it)
+        // The measurement is only consulted for reads that continue a stream: a
+        // random read costs the table lookup alone. Called on the ublk queue thread:
+        // never wait for another queue's thread; a read not noted only delays a
+        // stream by one request.
+        self.detector.try_lock().ok()?.observe(offset, len, || {
+            self.cache.store_latency_bound(self.chunk_size)
+        })
     }
 
     /// Queue chunk `id` (`chunk_len` bytes of content) for read-ahead; dropped when
     /// the queue is full.
     pub fn request(&self, id: ChunkId, chunk_len: u32) {
-        match self.queue.try_send((id, chunk_len)) {
-            Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
-        }
+        // Full: the reader is far behind and fetches these itself. Disconnected: no
+        // thread could be started. Neither is an error for the reader.
+        let _ = self.queue.try_send((id, chunk_len));
     }
 }
 
@@ -360,7 +370,7 @@ mod tests {
         let mut d = detector();
         let mut asked = Vec::new();
         for i in 0..64u64 {
-            if let Some(r) = d.observe(i * 128 * 1024, 128 * 1024, true) {
+            if let Some(r) = d.observe(i * 128 * 1024, 128 * 1024, || true) {
                 asked.extend(r);
             }
         }
@@ -370,7 +380,7 @@ mod tests {
         // A short file (300 KB) costs at most the rest of its chunk and one more.
         let mut d = detector();
         let short: Vec<usize> = (0..3u64)
-            .filter_map(|i| d.observe(50 * CS + i * 100_000, 100_000, true))
+            .filter_map(|i| d.observe(50 * CS + i * 100_000, 100_000, || true))
             .flatten()
             .collect();
         assert_eq!(short, vec![50, 51]);
@@ -385,7 +395,9 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let off = (x % (100 * CS)) & !4095;
-            assert_eq!(d.observe(off, 4096, true), None, "read at {off}");
+            // Never even consults the store measurements.
+            let asked = || unreachable!("measurements consulted for a random read");
+            assert_eq!(d.observe(off, 4096, asked), None, "read at {off}");
         }
     }
 
@@ -397,7 +409,7 @@ mod tests {
         let mut asked = Vec::new();
         for group in 0..4u64 {
             for k in [1u64, 0, 3, 2] {
-                if let Some(r) = d.observe((group * 4 + k) * half, half, true) {
+                if let Some(r) = d.observe((group * 4 + k) * half, half, || true) {
                     asked.extend(r);
                 }
             }
@@ -413,12 +425,12 @@ mod tests {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for i in 0..40u64 {
             a.extend(
-                d.observe(i * 256 * 1024, 256 * 1024, true)
+                d.observe(i * 256 * 1024, 256 * 1024, || true)
                     .into_iter()
                     .flatten(),
             );
             b.extend(
-                d.observe(30 * CS + i * 256 * 1024, 256 * 1024, true)
+                d.observe(30 * CS + i * 256 * 1024, 256 * 1024, || true)
                     .into_iter()
                     .flatten(),
             );
@@ -431,17 +443,17 @@ mod tests {
     fn while_not_worth_it_streams_are_followed_and_nothing_is_asked() {
         let mut d = detector();
         for i in 0..24u64 {
-            assert_eq!(d.observe(i * 128 * 1024, 128 * 1024, false), None);
+            assert_eq!(d.observe(i * 128 * 1024, 128 * 1024, || false), None);
         }
         // Worth it now (the store turned out slow): from the reader's chunk on.
-        assert_eq!(d.observe(24 * 128 * 1024, 128 * 1024, true), Some(3..5));
+        assert_eq!(d.observe(24 * 128 * 1024, 128 * 1024, || true), Some(3..5));
     }
 
     #[test]
     fn a_zero_window_turns_it_off() {
         let mut d = StreamDetector::new(CS as u32, 100, 0);
         for i in 0..64u64 {
-            assert_eq!(d.observe(i * CS, CS, true), None);
+            assert_eq!(d.observe(i * CS, CS, || true), None);
         }
     }
 }

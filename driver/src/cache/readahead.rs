@@ -34,9 +34,11 @@ pub const WHOLE_CHUNK_FACTOR: f64 = 3.0;
 /// Try the kind of fetch not chosen once after this many misses.
 pub const STALE_AFTER: u32 = 64;
 /// Sequential read-ahead runs while a store request costs at least this share of a
-/// chunk's verify + decode. Measured bounds: a local store costs 0.04 (native) to
-/// 0.17 (emulated, loaded) of it, where read-ahead must stay off; a store 20 ms away
-/// costs 0.5-1.3 under emulation and ~15 natively, where it pays.
+/// chunk's verify + decode. Measured: a local store costs 0.04 of it natively and
+/// 0.01-0.03 in the loaded bench VM (decode 50-80 ms/MiB on the wall clock there,
+/// small store reads 0.5-1.5 ms), where read-ahead must stay off; a store 20 ms away
+/// costs 0.25-0.4 in that VM (at the edge: boots there neither gained nor lost) and
+/// ~15 natively, where it pays.
 pub const LATENCY_BOUND_SHARE: f64 = 0.25;
 /// Weight of a new measurement in the moving means.
 const EWMA_WEIGHT: f64 = 0.25;
