@@ -673,9 +673,17 @@ pub fn run(config: MountConfig, opts: RunOptions) -> Result<()> {
     {
         let is_ready = is_ready.clone();
         let timeout = opts.create_timeout;
+        // A new temporary overlay holds nothing yet: the exit below must not leave it.
+        let temporary = match (&config.overlay, opts.recover) {
+            (Some(p), None) if config.temporary_overlay => Some(p.clone()),
+            _ => None,
+        };
         std::thread::spawn(move || {
             std::thread::sleep(timeout);
             if !is_ready.load(Ordering::SeqCst) {
+                if let Some(p) = temporary {
+                    let _ = std::fs::remove_file(p);
+                }
                 eprintln!(
                     "livemount: error: the kernel did not answer ublk device creation within {} s; check dmesg",
                     timeout.as_secs()

@@ -987,29 +987,36 @@ fn ublk_create_timeout_is_bounded() {
     let fx = fixture();
     // A kernel that never answers device creation (simulated by a delay before the
     // ADD_DEV command): the mount gives up after --create-timeout with a clear error.
-    let start = std::time::Instant::now();
-    let out = std::process::Command::new(bin())
-        .args([
-            os("mount"),
-            os("--store"),
-            fx.store.as_os_str(),
-            os(&fx.snap),
-            os("--read-only"),
-            os("--create-timeout"),
-            os("1"),
-        ])
-        .env("LIVEMOUNT_FAULT_CREATE_DELAY_MS", "20000")
-        .output()
-        .unwrap();
-    let took = start.elapsed();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("did not answer ublk device creation within 1 s"),
-        "{err}"
-    );
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(took < Duration::from_secs(10), "took {took:?}");
+    // Read-only, and with a temporary overlay, which must not be left behind.
+    let t = tmp("create-timeout");
+    for extra in [&["--read-only"][..], &[][..]] {
+        let start = std::time::Instant::now();
+        let out = std::process::Command::new(bin())
+            .args([
+                os("mount"),
+                os("--store"),
+                fx.store.as_os_str(),
+                os(&fx.snap),
+                os("--create-timeout"),
+                os("1"),
+            ])
+            .args(extra)
+            .env("LIVEMOUNT_FAULT_CREATE_DELAY_MS", "20000")
+            .env("TMPDIR", t.path())
+            .output()
+            .unwrap();
+        let took = start.elapsed();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("did not answer ublk device creation within 1 s"),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+        let left: Vec<_> = fs::read_dir(t.path()).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{extra:?} left {left:?}");
+    }
     fx.assert_store_untouched();
 }
 
