@@ -428,13 +428,7 @@ fn mount_cmd(a: MountArgs) -> Result<()> {
             }
         }
     };
-    // A new temporary overlay is ours alone until the device exists: if the mount
-    // fails, remove it (a recovered daemon's overlay holds the VM's writes: never).
-    let new_temporary = match (&config.overlay, recover) {
-        (Some(p), None) if config.temporary_overlay => Some(p.clone()),
-        _ => None,
-    };
-    let result = mount::run(
+    mount::run(
         config,
         mount::RunOptions {
             recover,
@@ -442,11 +436,7 @@ fn mount_cmd(a: MountArgs) -> Result<()> {
             workers: a.workers,
             max_io_bytes: 512 * 1024,
         },
-    );
-    if let (Err(_), Some(p)) = (&result, &new_temporary) {
-        let _ = std::fs::remove_file(p);
-    }
-    result?;
+    )?;
     Ok(())
 }
 

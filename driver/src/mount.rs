@@ -620,6 +620,21 @@ pub struct RunOptions {
 /// Run a mount in the foreground until SIGTERM/SIGINT or `unmount`. Prints the device
 /// path (and how to attach it) on stdout once it is usable.
 pub fn run(config: MountConfig, opts: RunOptions) -> Result<()> {
+    // A new temporary overlay is ours alone until the device exists: a mount that
+    // fails removes it (a recovered daemon's overlay holds the VM's writes: never).
+    let fresh_overlay = match (&config.overlay, opts.recover) {
+        (Some(p), None) if config.temporary_overlay => Some(p.clone()),
+        _ => None,
+    };
+    let result = serve(config, opts, fresh_overlay.clone());
+    if let (Err(_), Some(p)) = (&result, &fresh_overlay) {
+        let _ = std::fs::remove_file(p);
+    }
+    result
+}
+
+/// [`run`], which removes `fresh_overlay` when this fails.
+fn serve(config: MountConfig, opts: RunOptions, fresh_overlay: Option<PathBuf>) -> Result<()> {
     private_mount_namespace();
     let prepared = prepare(&config, |s| s)?;
     let PreparedMount {
@@ -673,15 +688,11 @@ pub fn run(config: MountConfig, opts: RunOptions) -> Result<()> {
     {
         let is_ready = is_ready.clone();
         let timeout = opts.create_timeout;
-        // A new temporary overlay holds nothing yet: the exit below must not leave it.
-        let temporary = match (&config.overlay, opts.recover) {
-            (Some(p), None) if config.temporary_overlay => Some(p.clone()),
-            _ => None,
-        };
         std::thread::spawn(move || {
             std::thread::sleep(timeout);
             if !is_ready.load(Ordering::SeqCst) {
-                if let Some(p) = temporary {
+                // The exit skips `run`'s clean-up of a new temporary overlay.
+                if let Some(p) = fresh_overlay {
                     let _ = std::fs::remove_file(p);
                 }
                 eprintln!(
@@ -845,8 +856,9 @@ pub fn create_temporary_overlay(dir: &Path) -> Result<PathBuf> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let mut last = None;
-    for attempt in 0..16u32 {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
         let tag = seed.wrapping_add(attempt.wrapping_mul(0x9e37_79b9));
         let path = dir.join(format!(
             "livemount-overlay-{}-{tag:08x}.img",
@@ -859,15 +871,11 @@ pub fn create_temporary_overlay(dir: &Path) -> Result<PathBuf> {
             .open(&path)
         {
             Ok(_) => return Ok(path),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(path),
+            // Taken: try another name (the last failure is the error).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {}
             Err(e) => return Err(Error::io(&path, e)),
         }
     }
-    Err(Error::Invalid(format!(
-        "cannot create a temporary overlay in {}: names taken (last {})",
-        dir.display(),
-        last.map(|p| p.display().to_string()).unwrap_or_default()
-    )))
 }
 
 /// Stop the daemon serving `dev` and wait for the device to go away.

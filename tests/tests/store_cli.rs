@@ -597,6 +597,32 @@ fn nonexistent_snapshots() {
     assert_eq!(list_names(&store), vec![snap]);
 }
 
+/// A mount without `--overlay` makes a temporary overlay in TMPDIR; a mount that fails
+/// (here: before any device, so no ublk is needed) removes it, and a TMPDIR that does
+/// not exist is a one-line error naming it.
+#[test]
+fn a_failed_mount_leaves_no_temporary_overlay() {
+    let t = tempfile::tempdir().unwrap();
+    let (store, _img, _snap) = small_store(t.path());
+    let tmp = t.path().join("tmp");
+    fs::create_dir(&tmp).unwrap();
+    let mount = |tmpdir: &Path| {
+        let args: Vec<std::ffi::OsString> = ["mount", "--store"]
+            .iter()
+            .map(|a| a.into())
+            .chain([store.clone().into_os_string(), "nope".into()])
+            .collect();
+        let mut c = cmd(&args);
+        c.env("TMPDIR", tmpdir);
+        run_cmd(c, &args)
+    };
+    mount(&tmp).error(&["snapshot nope not found"]);
+    let left: Vec<_> = fs::read_dir(&tmp).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left {left:?}");
+    let missing = t.path().join("no-such-tmp");
+    mount(&missing).error(&[&missing.display().to_string()]);
+}
+
 #[test]
 fn damaged_indexes() {
     let t = tempfile::tempdir().unwrap();

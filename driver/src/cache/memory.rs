@@ -187,25 +187,27 @@ impl<K: Hash + Eq + Clone, V: Clone> TwoQueue<K, V> {
 
     /// Insert `value` of `bytes` bytes (into probation).
     pub fn insert(&mut self, key: K, value: V, bytes: usize) {
-        if bytes > self.capacity {
-            return;
-        }
-        self.remove(&key);
-        let i = self.alloc(key.clone(), value, bytes);
-        self.push_back(i, Segment::Probation);
-        self.map.insert(key, i);
-        self.evict();
+        self.insert_probation(key, value, bytes, false);
     }
 
     /// Insert `value` into probation for a reader that has not read it yet
     /// (read-ahead): its next access counts as the first.
     pub fn insert_unread(&mut self, key: K, value: V, bytes: usize) {
-        self.insert(key.clone(), value, bytes);
-        if let Some(&i) = self.map.get(&key) {
-            if let Some(n) = self.slab[i].as_mut() {
-                n.unread = true;
-            }
+        self.insert_probation(key, value, bytes, true);
+    }
+
+    fn insert_probation(&mut self, key: K, value: V, bytes: usize, unread: bool) {
+        if bytes > self.capacity {
+            return;
         }
+        self.remove(&key);
+        let i = self.alloc(key.clone(), value, bytes);
+        if let Some(n) = self.slab[i].as_mut() {
+            n.unread = unread;
+        }
+        self.push_back(i, Segment::Probation);
+        self.map.insert(key, i);
+        self.evict();
     }
 
     /// True if `key` is cached (no access is counted, nothing moves).

@@ -191,18 +191,9 @@ impl ReadAheadPolicy {
     /// is timed on the wall clock, so a CPU-starved machine measures it slower and
     /// reads ahead less, which is what it should do. False until both are measured.
     pub fn store_latency_bound(&self, chunk_bytes: u64) -> bool {
-        let Ok(s) = self.state.lock() else {
-            return false;
-        };
-        let request = match (s.small.mean, s.whole.mean) {
-            (Some(small), _) => small,
-            (None, Some(whole)) => whole,
-            (None, None) => return false,
-        };
-        match s.decode.mean {
-            Some(per_byte) => request >= LATENCY_BOUND_SHARE * per_byte * chunk_bytes as f64,
-            None => false,
-        }
+        self.state
+            .lock()
+            .is_ok_and(|s| s.latency_bound(chunk_bytes))
     }
 
     /// What a demand miss in a chunk fetches; `layout_known`: the chunk's seek table is
@@ -260,15 +251,24 @@ impl ReadAheadPolicy {
                 .as_ref()
                 .and_then(|s| s.decode.mean)
                 .map(|v| (v * 1048576.0 * 1e6).round() / 1e3),
-            store_latency_bound: {
-                drop(s);
-                self.store_latency_bound(1 << 20)
-            },
+            store_latency_bound: s.as_ref().is_some_and(|s| s.latency_bound(1 << 20)),
         }
     }
 }
 
 impl State {
+    /// See [`ReadAheadPolicy::store_latency_bound`].
+    fn latency_bound(&self, chunk_bytes: u64) -> bool {
+        let request = match (self.small.mean, self.whole.mean) {
+            (Some(small), _) => small,
+            (None, Some(whole)) => whole,
+            (None, None) => return false,
+        };
+        self.decode
+            .mean
+            .is_some_and(|per_byte| request >= LATENCY_BOUND_SHARE * per_byte * chunk_bytes as f64)
+    }
+
     fn count(&mut self, choice: Fetch) {
         match choice {
             Fetch::WholeChunk => {
