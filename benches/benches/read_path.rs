@@ -4,11 +4,11 @@
 //! and a cold sequential reader with and without sequential read-ahead.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use livemount::backup::{backup, BackupOptions};
-use livemount::mount::{prepare, MountConfig};
-use livemount::progress::NoProgress;
-use livemount::store::{Access, Store};
-use livemount::ublk::BlockBackend;
+use livemount::daemon::config::MountConfig;
+use livemount::stack::Stack;
+use livemount_store::ops::backup::{backup, BackupOptions};
+use livemount_store::progress::NoProgress;
+use livemount_store::store::{Access, Store};
 
 const SIZE: usize = 64 << 20;
 
@@ -41,12 +41,12 @@ fn bench(c: &mut Criterion) {
     .unwrap();
     let mut cfg = MountConfig::new(store.clone(), "vm".into(), Some(d.path().join("overlay")));
     cfg.cache_mem = 256 << 20;
-    let m = prepare(&cfg, |s| s).unwrap();
+    let m = Stack::open(&cfg).unwrap();
     // Warm the memory tier (twice, so frames are in the protected segment).
     let mut buf = vec![0u8; 1 << 20];
     for _ in 0..2 {
         for off in (0..SIZE as u64).step_by(1 << 20) {
-            m.backend.read(off, &mut buf).unwrap();
+            m.top.read_at(off, &mut buf).unwrap();
         }
     }
     let mut g = c.benchmark_group("read_path");
@@ -56,7 +56,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("warm_4k_memory_hit", |b| {
         b.iter(|| {
             i = (i + 7919) % (SIZE as u64 / 4096);
-            assert!(m.backend.read_cached(i * 4096, &mut small));
+            assert!(m.top.read_cached(i * 4096, &mut small));
         })
     });
     g.sample_size(20);
@@ -64,10 +64,10 @@ fn bench(c: &mut Criterion) {
     let cold = MountConfig::new(store.clone(), "vm".into(), None);
     g.bench_function("cold_4k_fetch_decode_verify", |b| {
         b.iter_batched(
-            || prepare(&cold, |s| s).unwrap(),
+            || Stack::open(&cold).unwrap(),
             |m2| {
                 i = (i + 7919) % (SIZE as u64 / 4096);
-                m2.backend.read(i * 4096, &mut small).unwrap();
+                m2.top.read_at(i * 4096, &mut small).unwrap();
             },
             criterion::BatchSize::PerIteration,
         )
@@ -89,11 +89,11 @@ fn bench(c: &mut Criterion) {
             cfg.seq_readahead = window;
             g.bench_function(format!("{store_name}_store_{ra_name}"), |b| {
                 b.iter_batched(
-                    || prepare(&cfg, |s| s).unwrap(),
+                    || Stack::open(&cfg).unwrap(),
                     |m2| {
                         for off in (0..32u64 << 20).step_by(512 << 10) {
-                            if !m2.backend.read_cached(off, &mut req) {
-                                m2.backend.read(off, &mut req).unwrap();
+                            if !m2.top.read_cached(off, &mut req) {
+                                m2.top.read_at(off, &mut req).unwrap();
                             }
                         }
                         m2

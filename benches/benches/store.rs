@@ -8,13 +8,13 @@
 //! /usr/share/doc (text), the mix a VM disk holds.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
-use livemount::backup::{backup, BackupOptions, BackupReport};
-use livemount::progress::NoProgress;
-use livemount::restore::restore;
-use livemount::store::chunk::{self, ChunkId, ChunkLayout};
-use livemount::store::source::ChunkSource;
-use livemount::store::{Access, Store, DEFAULT_CHUNK_SIZE, DEFAULT_FRAME_SIZE};
-use livemount::workers::default_threads;
+use livemount_store::backend::ChunkSource;
+use livemount_store::format::chunk::{self, ChunkId, ChunkLayout};
+use livemount_store::ops::backup::{backup, BackupOptions, BackupReport};
+use livemount_store::ops::restore::restore;
+use livemount_store::progress::NoProgress;
+use livemount_store::store::{Access, Store, DEFAULT_CHUNK_SIZE, DEFAULT_FRAME_SIZE};
+use livemount_store::workers::default_threads;
 use std::fs;
 use std::hint::black_box;
 use std::io::Write;

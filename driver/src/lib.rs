@@ -1,28 +1,25 @@
 //! livemount: boot virtual machines straight from their backups.
 //!
-//! The data path reads in one direction:
-//! frontend (ublk) → overlay → snapshot index → read cache → chunk source.
-//! This crate holds the chunk store (backups), and the layers of the live mount.
+//! The live-mount side of livemount (backups at rest are crate `livemount_store`).
+//! The data path reads in one direction, and the module tree follows it:
+//!
+//! ```text
+//! cli → daemon → frontend (ublk) → block (recorder → overlay → image) → cache → livemount_store
+//! ```
+//!
+//! [`stack`] builds the block stack from a mount's configuration; [`paths`] and
+//! [`metrics`] sit at the bottom, importable from everywhere. docs/architecture.md
+//! has the rules.
 
-pub mod error;
-pub mod profile;
-pub mod store;
-
-pub use error::{Error, Result};
-pub mod backup;
+pub mod block;
 pub mod cache;
-pub mod commit;
+pub mod cli;
 pub mod copy;
-pub mod gc;
-pub mod image;
-pub mod info;
+pub mod daemon;
+pub mod frontend;
 pub mod metrics;
-pub mod mount;
-pub mod overlay;
-pub mod prestage;
-pub mod progress;
-pub mod restore;
-pub mod sequential;
-pub mod ublk;
-pub mod verify;
-pub mod workers;
+pub mod paths;
+pub mod stack;
+
+pub use livemount_store::error;
+pub use livemount_store::error::{Error, Result};

@@ -1,6 +1,6 @@
 //! I/O counters and latency histograms of a live mount (lock-free, for `status`).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -72,7 +72,7 @@ pub struct IoMetrics {
 }
 
 /// Serializable view of [`IoMetrics`].
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct IoReport {
     /// READ requests.
     pub reads: u64,

@@ -3,7 +3,7 @@
 //! An aya eBPF program on the block tracepoints (or the page-cache tracepoint for
 //! image files) filters reads of the traced disk in the kernel and sends them
 //! through a ring buffer; this binary maps them into the VM disk's address space
-//! and writes `livemount::profile` files that the driver uses for pre-staging.
+//! and writes `livemount_store::format::profile` files that the driver uses for pre-staging.
 
 mod fiemap;
 mod record;
@@ -13,7 +13,7 @@ mod tracer;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use livemount::profile::{MergeOptions, Profile};
+use livemount_store::format::profile::{MergeOptions, Profile};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct TraceArgs {
     /// Profile granularity in bytes (power of two, 512..=1048576).
-    #[arg(long, default_value_t = livemount::profile::DEFAULT_BLOCK_SIZE)]
+    #[arg(long, default_value_t = livemount_store::format::profile::DEFAULT_BLOCK_SIZE)]
     block_size: u32,
     /// Ring buffer size in MiB (power of two). 64 MiB kept up with ~100k IOPS here.
     #[arg(long, default_value_t = 64)]

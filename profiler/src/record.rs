@@ -3,8 +3,8 @@
 use crate::target::{Target, Translate};
 use crate::tracer::{monotonic_ns, Counters, Tracer, TracerConfig};
 use anyhow::{bail, Context, Result};
-use livemount::profile::{ExtentBuilder, Profile, Source, Stats, DEFAULT_BLOCK_SIZE};
 use livemount_ebpf_abi::{Event, InodeKey};
+use livemount_store::format::profile::{ExtentBuilder, Profile, Source, Stats, DEFAULT_BLOCK_SIZE};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -49,7 +49,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             block_size: DEFAULT_BLOCK_SIZE,
-            coalesce_ns: livemount::profile::DEFAULT_COALESCE_NS,
+            coalesce_ns: livemount_store::format::profile::DEFAULT_COALESCE_NS,
             ring_bytes: 64 << 20,
             tgid: 0,
             cgroup_id: 0,

@@ -1,6 +1,6 @@
 //! `show`: a summary of a profile and an SVG picture of its access pattern.
 
-use livemount::profile::Profile;
+use livemount_store::format::profile::Profile;
 use std::fmt::Write as _;
 
 /// Human-readable summary (what `show` prints).
@@ -243,7 +243,7 @@ fn xml(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use livemount::profile::{Extent, Source};
+    use livemount_store::format::profile::{Extent, Source};
 
     #[test]
     fn svg_has_one_mark_per_extent_and_a_strip() {

@@ -1,13 +1,13 @@
 //! `livemount commit` through the library (no ublk needed): base snapshot + overlay
 //! writes become a new snapshot that restores to exactly what the device showed.
 
-use livemount::backup::{backup, BackupOptions};
-use livemount::commit::commit;
-use livemount::mount::{prepare, MountConfig};
-use livemount::progress::NoProgress;
-use livemount::restore::restore;
-use livemount::store::{Access, Store};
-use livemount::ublk::BlockBackend;
+use livemount::daemon::config::MountConfig;
+use livemount::stack::commit;
+use livemount::stack::Stack;
+use livemount_store::ops::backup::{backup, BackupOptions};
+use livemount_store::ops::restore::restore;
+use livemount_store::progress::NoProgress;
+use livemount_store::store::{Access, Store};
 
 fn image(len: usize) -> Vec<u8> {
     let mut x: u64 = 0x9e3779b97f4a7c15;
@@ -47,22 +47,22 @@ fn commit_keeps_overlay_writes_and_dedups() {
     let mut config = MountConfig::new(store_dir.clone(), "vm".into(), Some(overlay.clone()));
     config.cache_mem = 1 << 20;
     {
-        let m = prepare(&config, |s| s).unwrap();
+        let m = Stack::open(&config).unwrap();
         // A second user of the overlay is refused while this one holds it.
-        let e = prepare(&config, |s| s)
+        let e = Stack::open(&config)
             .err()
             .expect("second open must fail")
             .to_string();
         assert!(e.contains("in use"), "{e}");
-        m.backend.write(4096, &[0xab; 8192]).unwrap();
-        m.backend.write(3 * 1024 * 1024, &[0xcd; 512]).unwrap();
-        m.backend.discard(1024 * 1024 + 65536, 65536).unwrap();
-        m.backend.flush().unwrap();
+        m.top.write_at(4096, &[0xab; 8192]).unwrap();
+        m.top.write_at(3 * 1024 * 1024, &[0xcd; 512]).unwrap();
+        m.top.discard(1024 * 1024 + 65536, 65536).unwrap();
+        m.top.flush().unwrap();
         data[4096..4096 + 8192].fill(0xab);
         data[3 * 1024 * 1024..3 * 1024 * 1024 + 512].fill(0xcd);
         data[1024 * 1024 + 65536..1024 * 1024 + 131072].fill(0);
         let mut shown = vec![0u8; 5 * 1024 * 1024 + 1024];
-        m.backend.read(0, &mut shown).unwrap();
+        m.top.read_at(0, &mut shown).unwrap();
         assert_eq!(&shown[..data.len()], &data[..]);
     }
     let r = commit(&store_dir, &overlay, &opts("vm-kept"), &NoProgress).unwrap();
@@ -106,11 +106,8 @@ fn overlay_of_another_snapshot_is_refused() {
     let overlay = d.path().join("ov");
     let mut config = MountConfig::new(store_dir.clone(), "a".into(), Some(overlay));
     config.cache_mem = 1 << 20;
-    drop(prepare(&config, |s| s).unwrap());
+    drop(Stack::open(&config).unwrap());
     config.snapshot = "b".into();
-    let e = prepare(&config, |s| s)
-        .err()
-        .expect("must refuse")
-        .to_string();
+    let e = Stack::open(&config).err().expect("must refuse").to_string();
     assert!(e.contains("belongs to snapshot a@"), "{e}");
 }

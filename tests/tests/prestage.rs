@@ -2,13 +2,14 @@
 //! staged, demand reads are not held up by a busy prefetcher, foreign profiles are
 //! refused, and a learned profile covers what the same "boot" reads next time.
 
-use livemount::backup::{backup, BackupOptions};
-use livemount::mount::{prepare, MountConfig, PreparedMount};
-use livemount::prestage::{plan, PrestageWindow};
-use livemount::profile::{Extent, Profile, Source};
-use livemount::progress::NoProgress;
-use livemount::store::{Access, Store};
-use livemount::ublk::BlockBackend;
+use livemount::block::prestage::{plan, PrestageWindow};
+use livemount::block::BlockDevice;
+use livemount::daemon::config::MountConfig;
+use livemount::stack::Stack;
+use livemount_store::format::profile::{Extent, Profile, Source};
+use livemount_store::ops::backup::{backup, BackupOptions};
+use livemount_store::progress::NoProgress;
+use livemount_store::store::{Access, Store};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -59,12 +60,12 @@ fn profile(extents: &[(u64, u64, u64)]) -> Profile {
     p
 }
 
-fn mount(store: &Path, profile_file: Option<&Path>, latency_ms: Option<f64>) -> PreparedMount {
+fn mount(store: &Path, profile_file: Option<&Path>, latency_ms: Option<f64>) -> Stack {
     let mut c = MountConfig::new(store.to_path_buf(), "vm".into(), None);
     c.cache_mem = 64 << 20;
     c.profile = profile_file.map(Path::to_path_buf);
     c.store_latency_ms = latency_ms;
-    prepare(&c, |s| s).unwrap()
+    Stack::open(&c).unwrap()
 }
 
 #[test]
@@ -98,9 +99,9 @@ fn stages_exactly_the_planned_frames() {
     assert_eq!(c.store_reads, 4);
     // The boot's reads of those bytes now need no store access and count as saved.
     let mut buf = vec![0u8; 4096];
-    assert!(m.backend.read_cached(0, &mut buf));
-    m.backend
-        .read((2 << 20) + 65536, &mut vec![0u8; 65536])
+    assert!(m.top.read_cached(0, &mut buf));
+    m.top
+        .read_at((2 << 20) + 65536, &mut vec![0u8; 65536])
         .unwrap();
     let c2 = m.cache.report();
     assert_eq!(c2.store_reads, 4);
@@ -121,7 +122,7 @@ fn demand_reads_complete_while_prefetcher_is_busy() {
     std::thread::sleep(std::time::Duration::from_millis(50));
     // A demand read at the end of the disk, which the prefetcher reaches last.
     let mut buf = vec![0u8; 4096];
-    m.backend.read((15 << 20) + 12288, &mut buf).unwrap();
+    m.top.read_at((15 << 20) + 12288, &mut buf).unwrap();
     let after_demand = m.prestager.as_ref().unwrap().progress.report();
     assert!(
         !after_demand.finished,
@@ -148,7 +149,7 @@ fn profile_of_another_disk_is_refused() {
     p.save(&pf).unwrap();
     let mut c = MountConfig::new(store.clone(), "vm".into(), None);
     c.profile = Some(pf);
-    let e = prepare(&c, |s| s).err().expect("must refuse").to_string();
+    let e = Stack::open(&c).err().expect("must refuse").to_string();
     assert!(e.contains("another disk"), "{e}");
     let st = Store::open(&store, Access::ReadOnly).unwrap();
     let idx = st.load_index(&st.resolve("vm").unwrap()).unwrap();
@@ -156,13 +157,13 @@ fn profile_of_another_disk_is_refused() {
 }
 
 /// A "boot": scattered reads in a fixed order, some repeated.
-fn boot(backend: &dyn BlockBackend) {
+fn boot(backend: &dyn BlockDevice) {
     let mut buf = vec![0u8; 16384];
     for i in 0..200u64 {
         let off = (i * 7919 * 4096) % (SIZE as u64 - 16384);
         let off = off - off % 4096;
         if !backend.read_cached(off, &mut buf) {
-            backend.read(off, &mut buf).unwrap();
+            backend.read_at(off, &mut buf).unwrap();
         }
     }
 }
@@ -175,10 +176,12 @@ fn learned_profile_covers_the_next_boot() {
     {
         let mut c = MountConfig::new(store.clone(), "vm".into(), None);
         c.record_profile = Some(learned.clone());
-        let m = prepare(&c, |s| s).unwrap();
-        m.backend.restart_recording();
-        boot(m.backend.as_ref());
-        m.backend
+        let m = Stack::open(&c).unwrap();
+        m.recorder.as_ref().unwrap().restart_recording();
+        boot(m.top.as_ref());
+        m.recorder
+            .as_ref()
+            .unwrap()
             .learned_profile("test")
             .unwrap()
             .save(&learned)
@@ -192,7 +195,7 @@ fn learned_profile_covers_the_next_boot() {
         .unwrap()
         .stage_before_ready(PrestageWindow::All);
     let before = m.cache.report();
-    boot(m.backend.as_ref());
+    boot(m.top.as_ref());
     let after = m.cache.report();
     let misses = after.mem_misses - before.mem_misses;
     let hits = after.mem_hits - before.mem_hits;
@@ -218,22 +221,30 @@ fn a_recovered_daemon_continues_the_learned_profile() {
     c.record_profile = Some(learned.clone());
     let mut buf = vec![0u8; 16384];
     let first = {
-        let m = prepare(&c, |s| s).unwrap();
-        m.backend.restart_recording();
+        let m = Stack::open(&c).unwrap();
+        m.recorder.as_ref().unwrap().restart_recording();
         for off in [0u64, 1 << 20] {
-            m.backend.read(off, &mut buf).unwrap();
+            m.top.read_at(off, &mut buf).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         // What the periodic writer does; the daemon then "dies" without a final write.
-        m.backend.save_learned_profile("test", &learned).unwrap();
+        m.recorder
+            .as_ref()
+            .unwrap()
+            .save_learned_profile("test", &learned)
+            .unwrap();
         Profile::load(&learned).unwrap()
     };
     assert_eq!(first.extents.len(), 2);
-    let m = prepare(&c, |s| s).unwrap();
-    assert!(m.backend.resume_recording(&first));
-    m.backend.restart_recording();
-    m.backend.read(3 << 20, &mut buf).unwrap();
-    m.backend.save_learned_profile("test", &learned).unwrap();
+    let m = Stack::open(&c).unwrap();
+    assert!(m.recorder.as_ref().unwrap().resume_recording(&first));
+    m.recorder.as_ref().unwrap().restart_recording();
+    m.top.read_at(3 << 20, &mut buf).unwrap();
+    m.recorder
+        .as_ref()
+        .unwrap()
+        .save_learned_profile("test", &learned)
+        .unwrap();
     let p = Profile::load(&learned).unwrap();
     let order: Vec<(u64, u64)> = p
         .extents_in_access_order()
@@ -249,5 +260,5 @@ fn a_recovered_daemon_continues_the_learned_profile() {
     // A profile of another disk is not continued.
     let mut other = first.clone();
     other.disk_size += 1 << 20;
-    assert!(!m.backend.resume_recording(&other));
+    assert!(!m.recorder.as_ref().unwrap().resume_recording(&other));
 }

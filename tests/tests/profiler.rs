@@ -11,7 +11,7 @@
 //! `cargo build -p livemount-profiler` first; a missing or stale binary fails the
 //! test rather than testing old code.
 
-use livemount::profile::Profile;
+use livemount_store::format::profile::Profile;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;

@@ -10,8 +10,8 @@
 mod helpers;
 
 use helpers::*;
-use livemount::store::index::ChunkRef;
-use livemount::store::{Access, Store};
+use livemount_store::format::index::ChunkRef;
+use livemount_store::store::{Access, Store};
 use rand::{Rng, SeedableRng};
 use std::ffi::OsStr;
 use std::fs;

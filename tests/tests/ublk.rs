@@ -12,7 +12,7 @@
 #[path = "ublk_support/mod.rs"]
 mod support;
 
-use livemount::store::{Access, Store};
+use livemount_store::store::{Access, Store};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::fs;
@@ -761,7 +761,7 @@ fn ublk_learned_profile_survives_a_crash() {
     let wait_for = |off: u64, what: &str| -> Vec<(u64, u64)> {
         let start = Instant::now();
         loop {
-            if let Ok(p) = livemount::profile::Profile::load(&learned) {
+            if let Ok(p) = livemount_store::format::profile::Profile::load(&learned) {
                 let order: Vec<(u64, u64)> = p
                     .extents_in_access_order()
                     .map(|e| (e.offset, e.length))

@@ -177,7 +177,7 @@ fn parse(path: &Path) -> Option<Figures> {
 
 /// Run the benchmark.
 pub fn run() -> Result<()> {
-    crate::util::cargo(&["build", "--release", "-p", "livemount"])?;
+    crate::util::build_release_tools()?;
     let rublk = rublk()?;
     let (img, store) = image()?;
     let results = root().join("results/bench-vm");

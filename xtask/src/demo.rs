@@ -74,7 +74,7 @@ fn row(name: &str, value: String) {
 
 /// Run the demo.
 pub fn run() -> Result<()> {
-    crate::util::cargo(&["build", "--release", "-p", "livemount"])?;
+    crate::util::build_release_tools()?;
     let dir = cache_dir().join("demo");
     std::fs::create_dir_all(&dir)?;
     let base = base_image(&dir)?;

@@ -143,7 +143,7 @@ pub fn bench() -> Result<()> {
     if !crate::util::is_root() {
         bail!("bench-profiler needs root (loop devices, eBPF)");
     }
-    crate::util::cargo(&["build", "--release", "-p", "livemount-profiler"])?;
+    crate::util::build_release_tools()?;
     let bin = root().join("target/release/livemount-profiler");
     let dir = crate::util::cache_dir().join("bench-profiler");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

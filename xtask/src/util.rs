@@ -41,6 +41,23 @@ pub fn cargo(args: &[&str]) -> Result<()> {
     run(Command::new(cargo).args(args).current_dir(root()))
 }
 
+/// The release binaries the demo and the benchmarks run: `livemount` with the
+/// `test-hooks` feature (its remote-store model, `--store-latency`) and the
+/// profiler, in one cargo call so that `demo` (which ends with a boot benchmark)
+/// builds once. Operators' builds (`create-device`) leave the feature off.
+pub fn build_release_tools() -> Result<()> {
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "livemount",
+        "-p",
+        "livemount-profiler",
+        "--features",
+        "livemount/test-hooks",
+    ])
+}
+
 /// True when running as root (uid 0).
 pub fn is_root() -> bool {
     // Reading /proc avoids a libc dependency for one call.

@@ -8,8 +8,8 @@
 //! evicting whole chunk files, least recently used first.
 
 use crate::error::{IoContext, Result};
-use crate::store::chunk::ChunkId;
 use hashbrown::HashMap;
+use livemount_store::format::chunk::ChunkId;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;

@@ -8,98 +8,34 @@
 //! naming it (EIO to the block layer), never wrong bytes. Concurrent misses on one
 //! frame fetch it once: later readers wait for the first.
 
+pub mod compressed;
 pub mod disk;
+pub mod flight;
 pub mod memory;
 pub mod readahead;
+pub mod report;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
-use crate::error::Result;
-use crate::store::chunk::{ChunkId, ChunkLayout};
-use crate::store::source::ChunkSource;
+use crate::error::{Error, Result};
+use compressed::ChunkTier;
 use disk::DiskTier;
+use flight::{DemandGauge, SingleFlight};
 use hashbrown::HashMap;
+use livemount_store::backend::ChunkSource;
+use livemount_store::format::chunk::{ChunkId, ChunkLayout};
 use memory::{FrameBytes, TwoQueue};
-use readahead::{Fetch, ReadAheadMode, ReadAheadPolicy, ReadAheadReport};
-use serde::Serialize;
+use readahead::{Fetch, ReadAheadMode, ReadAheadPolicy};
+pub use report::{CacheReport, CacheStats};
 use std::collections::HashSet;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// Counters of the read cache (all monotonic).
-#[derive(Debug, Default)]
-pub struct CacheStats {
-    /// Frame lookups served from memory.
-    pub mem_hits: AtomicU64,
-    /// Frame lookups that missed memory.
-    pub mem_misses: AtomicU64,
-    /// Range reads served by the disk tier (verified).
-    pub disk_hits: AtomicU64,
-    /// Range reads that went to the chunk source.
-    pub store_reads: AtomicU64,
-    /// Compressed bytes read from the chunk source.
-    pub store_bytes: AtomicU64,
-    /// Bytes decoded (uncompressed output of frames).
-    pub decoded_bytes: AtomicU64,
-    /// Chunks that failed verification (from the store).
-    pub corrupt: AtomicU64,
-    /// Demand reads of frames that pre-staging had brought in.
-    pub prestage_saved: AtomicU64,
-    /// Whole chunks fetched by read-ahead.
-    pub readahead_chunks: AtomicU64,
-    /// Ranges served from read-ahead chunks (store requests saved).
-    pub readahead_hits: AtomicU64,
-    /// Chunks brought in by sequential read-ahead.
-    pub seq_readahead_chunks: AtomicU64,
-    /// Frames decoded by sequential read-ahead.
-    pub seq_readahead_frames: AtomicU64,
-}
-
-/// A snapshot of [`CacheStats`] plus sizes, for `status`.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct CacheReport {
-    /// Memory-tier frame hits.
-    pub mem_hits: u64,
-    /// Memory-tier frame misses.
-    pub mem_misses: u64,
-    /// mem_hits / (hits + misses).
-    pub mem_hit_rate: f64,
-    /// Disk-tier hits.
-    pub disk_hits: u64,
-    /// Range reads from the store.
-    pub store_reads: u64,
-    /// Compressed bytes fetched from the store.
-    pub store_bytes: u64,
-    /// Bytes decoded.
-    pub decoded_bytes: u64,
-    /// Chunks that failed verification.
-    pub corrupt_chunks: u64,
-    /// Demand frame reads served from pre-staged frames.
-    pub prestage_saved_reads: u64,
-    /// Whole chunks fetched by read-ahead.
-    pub readahead_chunks: u64,
-    /// Ranges served from read-ahead chunks.
-    pub readahead_hits: u64,
-    /// Chunks brought in by sequential read-ahead (streams ahead of the reader).
-    pub seq_readahead_chunks: u64,
-    /// Frames decoded by sequential read-ahead.
-    pub seq_readahead_frames: u64,
-    /// The read-ahead policy's choices and the store request times it measured.
-    pub readahead: ReadAheadReport,
-    /// Bytes held by the memory tier.
-    pub mem_bytes: u64,
-    /// Memory budget.
-    pub mem_budget: u64,
-    /// Bytes held by the disk tier.
-    pub disk_bytes: u64,
-    /// Disk budget.
-    pub disk_budget: u64,
-}
-
 type FrameKey = (ChunkId, u32);
-type Waiter = Arc<(Mutex<bool>, Condvar)>;
+/// The frame number under which a whole-chunk fetch is in flight.
+const WHOLE: u32 = u32::MAX;
 
 /// The read cache.
 pub struct ReadCache {
@@ -108,16 +44,17 @@ pub struct ReadCache {
     mem: Mutex<TwoQueue<FrameKey, FrameBytes>>,
     mem_budget: u64,
     layouts: Mutex<HashMap<ChunkId, Arc<ChunkLayout>>>,
-    inflight: Mutex<HashMap<FrameKey, Waiter>>,
+    /// Frames being fetched, and whole chunks (frame number `WHOLE`).
+    flight: SingleFlight<FrameKey>,
     frame_size: u32,
     /// Demand fetches in progress: pre-staging yields to them.
-    demand_inflight: AtomicUsize,
+    demand: DemandGauge,
     /// Frames brought in by pre-staging and not yet read (for "reads saved").
     prestaged: Mutex<HashSet<FrameKey>>,
     /// Chunk read-ahead: whole compressed chunk files fetched on a demand miss (one
     /// store request instead of one per run of frames), kept compressed and decoded
     /// lazily, frame by frame, as reads need them.
-    compressed: Option<Mutex<TwoQueue<ChunkId, Arc<Vec<u8>>>>>,
+    compressed: Option<ChunkTier>,
     /// Whether a demand miss fetches the whole chunk or only its frames.
     readahead: ReadAheadPolicy,
     /// Counters.
@@ -155,9 +92,9 @@ impl ReadCache {
             mem: Mutex::new(TwoQueue::new(mem_budget as usize)),
             mem_budget,
             layouts: Mutex::new(HashMap::new()),
-            inflight: Mutex::new(HashMap::new()),
+            flight: SingleFlight::default(),
             frame_size,
-            demand_inflight: AtomicUsize::new(0),
+            demand: DemandGauge::default(),
             prestaged: Mutex::new(HashSet::new()),
             compressed: None,
             readahead: ReadAheadPolicy::new(ReadAheadMode::Off),
@@ -169,84 +106,69 @@ impl ReadCache {
     /// in memory (see [`readahead`] for how `auto` chooses).
     pub fn with_chunk_readahead(mut self, mode: ReadAheadMode, budget: u64) -> Self {
         let on = budget > 0 && mode != ReadAheadMode::Off;
-        self.compressed = on.then(|| Mutex::new(TwoQueue::new(budget as usize)));
+        self.compressed = on.then(|| ChunkTier::new(budget));
         self.readahead = ReadAheadPolicy::new(if on { mode } else { ReadAheadMode::Off });
         self
     }
 
     fn compressed_get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
-        self.compressed.as_ref()?.lock().ok()?.get(id)
+        self.compressed.as_ref()?.get(id)
     }
 
     fn compressed_has(&self, id: &ChunkId) -> bool {
-        self.compressed
-            .as_ref()
-            .and_then(|c| c.lock().ok().map(|c| c.contains(id)))
-            .unwrap_or(false)
+        self.compressed.as_ref().is_some_and(|c| c.contains(id))
     }
 
-    /// Read-ahead: fetch chunk `id`'s whole file with one request (single flight) into
-    /// the compressed tier (and the disk tier). Bytes are verified later, range by
-    /// range, when frames are decoded from them.
-    fn fetch_whole(&self, id: &ChunkId) -> Result<()> {
-        self.fetch_whole_as(id, true)
-    }
-
-    /// [`fetch_whole`](Self::fetch_whole), counted as a demand fetch or not.
-    fn fetch_whole_as(&self, id: &ChunkId, demand: bool) -> Result<()> {
-        let key = (*id, u32::MAX);
-        let waiter = {
-            let mut inflight = self.inflight.lock().map_err(|_| poisoned())?;
-            if self.compressed_has(id) {
-                return Ok(());
-            }
-            match inflight.get(&key) {
-                Some(w) => Some(w.clone()),
-                None => {
-                    inflight.insert(key, Arc::new((Mutex::new(false), Condvar::new())));
-                    None
-                }
-            }
-        };
-        if let Some(w) = waiter {
-            let mut done = w.0.lock().map_err(|_| poisoned())?;
-            while !*done {
-                done = w.1.wait(done).map_err(|_| poisoned())?;
-            }
+    /// Read-ahead: fetch chunk `id`'s whole file with one request (single flight)
+    /// into the compressed tier (and the disk tier), counted as a demand fetch or not.
+    /// `chunk_len` (from the index) bounds what is read: an oversized file is an
+    /// error naming the chunk, not an allocation. The layout is verified before the
+    /// bytes enter the compressed and disk tiers; frames are verified when decoded.
+    fn fetch_whole_as(&self, id: &ChunkId, chunk_len: u32, demand: bool) -> Result<()> {
+        let key = (*id, WHOLE);
+        let (mine, wait) = self.flight.claim([key], |_| self.compressed_has(id));
+        if let Some(w) = wait {
+            w.wait();
             return Ok(());
         }
-        if demand {
-            self.demand_inflight.fetch_add(1, Relaxed);
+        if mine.is_empty() {
+            return Ok(());
         }
+        let _demand = demand.then(|| self.demand.enter());
         let started = Instant::now();
-        let res = self.origin.read_all(id).map(|bytes| {
+        let limit = ChunkLayout::max_file_len(chunk_len, self.frame_size);
+        let res = self.origin.read_all(id, limit).and_then(|bytes| {
             self.readahead.observe_whole_chunk(started.elapsed());
             self.stats.store_reads.fetch_add(1, Relaxed);
             self.stats
                 .store_bytes
                 .fetch_add(bytes.len() as u64, Relaxed);
+            let layout = self
+                .checked_layout(id, chunk_len, &bytes)
+                .inspect_err(|_| {
+                    self.stats.corrupt.fetch_add(1, Relaxed);
+                })?;
+            if bytes.len() as u64 != layout.file_len() {
+                self.stats.corrupt.fetch_add(1, Relaxed);
+                return Err(Error::CorruptChunk {
+                    id: id.to_hex(),
+                    reason: format!(
+                        "file is {} bytes, its seek table says {}",
+                        bytes.len(),
+                        layout.file_len()
+                    ),
+                });
+            }
             self.stats.readahead_chunks.fetch_add(1, Relaxed);
             if let Some(d) = &self.disk {
                 let _ = d.write(id, 0, &bytes);
             }
             if let Some(c) = &self.compressed {
-                if let Ok(mut c) = c.lock() {
-                    let len = bytes.len();
-                    c.insert(*id, Arc::new(bytes), len);
-                }
+                c.insert(*id, bytes);
             }
+            Ok(())
         });
-        if demand {
-            self.demand_inflight.fetch_sub(1, Relaxed);
-        }
-        if let Ok(mut inflight) = self.inflight.lock() {
-            if let Some(w) = inflight.remove(&key) {
-                if let Ok(mut done) = w.0.lock() {
-                    *done = true;
-                }
-                w.1.notify_all();
-            }
-        }
+        self.flight.release(&mine);
         res
     }
 
@@ -262,9 +184,7 @@ impl ReadCache {
             Err(_) => false,
         };
         if all_decoded {
-            if let Ok(mut c) = c.lock() {
-                c.remove(&layout.id);
-            }
+            c.remove(&layout.id);
         }
     }
 
@@ -277,7 +197,13 @@ impl ReadCache {
 
     /// Demand fetches in flight now.
     pub fn demand_inflight(&self) -> usize {
-        self.demand_inflight.load(Relaxed)
+        self.demand.current()
+    }
+
+    /// Wait until no demand fetch is in flight, at most `limit` (pre-staging yields
+    /// to the VM's own reads this way); true if idle.
+    pub fn wait_for_demand_idle(&self, limit: std::time::Duration) -> bool {
+        self.demand.wait_idle(limit)
     }
 
     fn note_hit(&self, key: &FrameKey) {
@@ -397,9 +323,7 @@ impl ReadCache {
                 // verified again (a corrupt store chunk is then reported).
                 _ => {
                     if let Some(c) = &self.compressed {
-                        if let Ok(mut c) = c.lock() {
-                            c.remove(id);
-                        }
+                        c.remove(id);
                     }
                 }
             }
@@ -436,20 +360,37 @@ impl ReadCache {
             return Ok(l);
         }
         let prefix = ChunkLayout::prefix_len(chunk_len, self.frame_size) as u64;
-        let layout = Arc::new(self.fetch(id, 0..prefix, |b| ChunkLayout::parse(id, b))?);
-        if layout.content_len != chunk_len {
-            return Err(crate::error::Error::CorruptChunk {
-                id: id.to_hex(),
-                reason: format!(
-                    "holds {} bytes, the index expects {chunk_len}",
-                    layout.content_len
-                ),
-            });
-        }
+        let layout =
+            Arc::new(self.fetch(id, 0..prefix, |b| self.checked_layout(id, chunk_len, b))?);
         if let Ok(mut m) = self.layouts.lock() {
             m.insert(*id, layout.clone());
         }
         Ok(layout)
+    }
+
+    /// Parse and authenticate a chunk's layout from `bytes` (its file's start), and
+    /// check it against what the index says: the content length and the frame size.
+    /// A chunk whose name is right but whose frame size differs from the index's is
+    /// refused, so a crafted index cannot make frame arithmetic run off the table.
+    fn checked_layout(&self, id: &ChunkId, chunk_len: u32, bytes: &[u8]) -> Result<ChunkLayout> {
+        let layout = ChunkLayout::parse(id, bytes)?;
+        let reason = if layout.content_len != chunk_len {
+            format!(
+                "holds {} bytes, the index expects {chunk_len}",
+                layout.content_len
+            )
+        } else if layout.frame_size != self.frame_size {
+            format!(
+                "has frames of {} bytes, the index expects {}",
+                layout.frame_size, self.frame_size
+            )
+        } else {
+            return Ok(layout);
+        };
+        Err(Error::CorruptChunk {
+            id: id.to_hex(),
+            reason,
+        })
     }
 
     /// True if the layout and every frame of `range` are in memory (no counting).
@@ -534,16 +475,8 @@ impl ReadCache {
             }
             start = end;
         }
-        if let Ok(mut inflight) = self.inflight.lock() {
-            for &i in mine {
-                if let Some(w) = inflight.remove(&(layout.id, i as u32)) {
-                    if let Ok(mut done) = w.0.lock() {
-                        *done = true;
-                    }
-                    w.1.notify_all();
-                }
-            }
-        }
+        let keys: Vec<FrameKey> = mine.iter().map(|&i| (layout.id, i as u32)).collect();
+        self.flight.release(&keys);
         result
     }
 
@@ -560,7 +493,7 @@ impl ReadCache {
         if self.compressed.is_some() {
             // One request for the chunk (header, seek table and frames); errors are
             // not final here either: the range reads below retry and report them.
-            let _ = self.fetch_whole_as(id, false);
+            let _ = self.fetch_whole_as(id, chunk_len, false);
         }
         let layout = self.layout(id, chunk_len)?;
         let missing: Vec<usize> = {
@@ -569,20 +502,11 @@ impl ReadCache {
                 .filter(|&i| !mem.contains(&(*id, i as u32)))
                 .collect()
         };
-        let mine: Vec<usize> = {
-            let mut inflight = self.inflight.lock().map_err(|_| poisoned())?;
-            missing
-                .into_iter()
-                .filter(|&i| {
-                    let key = (*id, i as u32);
-                    if inflight.contains_key(&key) {
-                        return false;
-                    }
-                    inflight.insert(key, Arc::new((Mutex::new(false), Condvar::new())));
-                    true
-                })
-                .collect()
-        };
+        // Frames someone else is fetching are theirs: no waiting here.
+        let (mine, _) = self
+            .flight
+            .claim(missing.into_iter().map(|i| (*id, i as u32)), |_| false);
+        let mine: Vec<usize> = mine.into_iter().map(|(_, i)| i as usize).collect();
         self.load_claimed(&layout, &mine, true, |_, _| {})?;
         if !mine.is_empty() {
             self.release_compressed_if_decoded(&layout);
@@ -616,8 +540,7 @@ impl ReadCache {
         for i in frames.clone() {
             self.note_hit(&(*id, i as u32));
         }
-        copy_out(self.frame_size, frames.start, &got, range, out);
-        true
+        copy_out(self.frame_size, frames.start, &got, range, out).is_ok()
     }
 
     /// Copy bytes `range` of chunk `id` (whose content is `chunk_len` bytes) into `out`.
@@ -638,7 +561,7 @@ impl ReadCache {
         {
             let layout_known = self.layouts.lock().is_ok_and(|m| m.contains_key(id));
             if self.readahead.choose(layout_known) == Fetch::WholeChunk {
-                let _ = self.fetch_whole(id);
+                let _ = self.fetch_whole_as(id, chunk_len, true);
             }
         }
         let layout = self.layout(id, chunk_len)?;
@@ -664,77 +587,75 @@ impl ReadCache {
                 .mem_misses
                 .fetch_add(missing.len() as u64, Relaxed);
             // Claim the frames nobody is fetching; remember one we must wait for.
-            let mut mine = Vec::new();
-            let mut wait_for = None;
-            if let Ok(mut inflight) = self.inflight.lock() {
-                for &i in &missing {
-                    match inflight.get(&(*id, i as u32)) {
-                        Some(w) => wait_for = Some(w.clone()),
-                        None => {
-                            inflight.insert(
-                                (*id, i as u32),
-                                Arc::new((Mutex::new(false), Condvar::new())),
-                            );
-                            mine.push(i);
-                        }
-                    }
-                }
-            }
-            self.demand_inflight.fetch_add(1, Relaxed);
-            let result = self.load_claimed(&layout, &mine, false, |k, f| {
-                have.insert(k, f);
-            });
-            self.demand_inflight.fetch_sub(1, Relaxed);
+            let (mine, wait_for) = self
+                .flight
+                .claim(missing.iter().map(|&i| (*id, i as u32)), |_| false);
+            let mine: Vec<usize> = mine.into_iter().map(|(_, i)| i as usize).collect();
+            let result = {
+                let _demand = self.demand.enter();
+                self.load_claimed(&layout, &mine, false, |k, f| {
+                    have.insert(k, f);
+                })
+            };
             result?;
             if !mine.is_empty() {
                 self.release_compressed_if_decoded(&layout);
             }
             if let Some(w) = wait_for {
-                let mut done = w.0.lock().map_err(|_| poisoned())?;
-                while !*done {
-                    done = w.1.wait(done).map_err(|_| poisoned())?;
-                }
+                w.wait();
             }
         }
         let got = frames
             .clone()
             .map(|i| have.remove(&i).ok_or_else(poisoned))
             .collect::<Result<Vec<_>>>()?;
-        copy_out(self.frame_size, frames.start, &got, range, out);
-        Ok(())
+        copy_out(self.frame_size, frames.start, &got, range, out)
     }
 }
 
 /// Copy `range` of a chunk out of its decoded frames `frames` (starting at frame
-/// number `first`).
+/// number `first`) into `out`. Every index is checked: frames shorter than the frame
+/// size or fewer than the range needs are an error, never a panic.
 fn copy_out(
     frame_size: u32,
     first: usize,
     frames: &[FrameBytes],
     range: Range<u32>,
     out: &mut [u8],
-) {
+) -> Result<()> {
+    let short = || Error::Invalid(format!("read cache: frames do not cover bytes {range:?}"));
+    if frame_size == 0 || out.len() < (range.end.saturating_sub(range.start)) as usize {
+        return Err(short());
+    }
     let mut pos = range.start;
     let mut written = 0usize;
     while pos < range.end {
-        let f = &frames[(pos / frame_size) as usize - first];
+        let f = ((pos / frame_size) as usize)
+            .checked_sub(first)
+            .and_then(|i| frames.get(i))
+            .ok_or_else(short)?;
         let in_frame = (pos % frame_size) as usize;
+        if in_frame >= f.len() {
+            return Err(short());
+        }
         let n = ((range.end - pos) as usize).min(f.len() - in_frame);
         crate::copy::copy_bytes(&mut out[written..written + n], &f[in_frame..in_frame + n]);
         written += n;
         pos += n as u32;
     }
+    Ok(())
 }
 
-fn poisoned() -> crate::error::Error {
-    crate::error::Error::Invalid("read cache: internal lock poisoned".into())
+fn poisoned() -> Error {
+    Error::Invalid("read cache: internal lock poisoned".into())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::test_utils::mem_store;
+    use super::test_utils::{self, mem_store};
     use super::*;
-    use crate::store::chunk;
+    use livemount_store::format::chunk;
+    use std::sync::atomic::AtomicU64;
     use std::time::Duration;
 
     /// An in-memory store of one chunk that counts and slows down its reads.
@@ -752,8 +673,8 @@ mod tests {
             let end = (offset as usize + len).min(self.file.len());
             Ok(self.file[offset as usize..end].to_vec())
         }
-        fn read_all(&self, id: &ChunkId) -> Result<Vec<u8>> {
-            self.read_range(id, 0, usize::MAX / 2)
+        fn read_all(&self, id: &ChunkId, limit: u64) -> Result<Vec<u8>> {
+            self.read_range(id, 0, limit as usize + 1)
         }
     }
 
@@ -912,8 +833,11 @@ mod tests {
     #[test]
     fn auto_readahead_fetches_whole_chunks_from_a_latency_bound_store() {
         let (mem, chunks) = mem_store(8);
-        let remote =
-            crate::store::throttle::ThrottledSource::new(mem, Duration::from_millis(5), None);
+        let remote = livemount_store::backend::throttle::ThrottledSource::new(
+            mem,
+            Duration::from_millis(5),
+            None,
+        );
         let r = cold_reads(Arc::new(remote), &chunks);
         // First miss: whole chunk (nothing measured); second: frames (to measure a
         // small request); then a whole chunk costs about one request: whole chunks.
@@ -927,8 +851,11 @@ mod tests {
         let (mem, chunks) = mem_store(8);
         let whole: u64 = chunks.iter().map(|(id, _)| mem.0[id].len() as u64).sum();
         // 10 MB/s, no latency: a ~530 KB chunk costs ~50 ms, a frame ~3 ms.
-        let slow =
-            crate::store::throttle::ThrottledSource::new(mem, Duration::ZERO, Some(10_000_000));
+        let slow = livemount_store::backend::throttle::ThrottledSource::new(
+            mem,
+            Duration::ZERO,
+            Some(10_000_000),
+        );
         let r = cold_reads(Arc::new(slow), &chunks);
         assert_eq!(r.readahead.whole_chunk_misses, 1, "{r:?}");
         assert_eq!(r.readahead.frame_misses, 7, "{r:?}");
@@ -961,5 +888,48 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains(&bad.id.to_hex()), "{e}");
         assert_eq!(cache.report().corrupt_chunks, 1);
+    }
+
+    #[test]
+    fn a_chunk_with_another_frame_size_than_the_index_is_an_error_not_a_panic() {
+        // A crafted store: the chunk is valid under its name but was written with
+        // other frames than the index (and so the cache) says, 64 KiB. Frame
+        // arithmetic on the index's size indexed past the frame list, or — a read
+        // across two 128 KiB frames — copied the wrong frame's bytes.
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+        for chunk_frames in [16384u32, 131072] {
+            let d = chunk::digest(&data, chunk_frames);
+            let mut c = zstd::bulk::Compressor::new(1).unwrap();
+            let file = chunk::encode(&data, chunk_frames, &d, &mut c).unwrap();
+            let mut files = HashMap::new();
+            files.insert(d.id, file);
+            let src = Arc::new(test_utils::MemSource(files));
+            for readahead in [ReadAheadMode::Off, ReadAheadMode::Always] {
+                let cache = ReadCache::new(src.clone(), 8 << 20, None, 65536)
+                    .with_chunk_readahead(readahead, 4 << 20);
+                for range in [126_976..135_168u32, 100_000..300_000] {
+                    let mut out = vec![0u8; (range.end - range.start) as usize];
+                    let e = cache.read(&d.id, 1 << 20, range.clone(), &mut out);
+                    let e = e.expect_err("wrong frames must never be read");
+                    assert!(matches!(e, Error::CorruptChunk { .. }), "{e}");
+                    assert!(e.to_string().contains(&d.id.to_hex()), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn copy_out_checks_every_index() {
+        let frames: Vec<FrameBytes> = vec![Arc::new(vec![1u8; 100]), Arc::new(vec![2u8; 50])];
+        let mut out = vec![0u8; 150];
+        copy_out(100, 0, &frames, 0..150, &mut out).unwrap();
+        assert_eq!(out[99..101], [1, 2]);
+        // Fewer frames than the range needs, a short frame, a short buffer, a frame
+        // number below the first: errors.
+        assert!(copy_out(100, 0, &frames, 0..250, &mut vec![0u8; 250]).is_err());
+        assert!(copy_out(100, 0, &frames[1..], 0..100, &mut out).is_err());
+        assert!(copy_out(100, 0, &frames, 0..150, &mut [0u8; 10]).is_err());
+        assert!(copy_out(100, 1, &frames, 0..10, &mut out).is_err());
+        assert!(copy_out(0, 0, &frames, 0..10, &mut out).is_err());
     }
 }

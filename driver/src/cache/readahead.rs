@@ -23,7 +23,7 @@
 //! for [`STALE_AFTER`] misses is tried once, so a store that got slower or faster is
 //! noticed.
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -43,8 +43,8 @@ pub const LATENCY_BOUND_SHARE: f64 = 0.25;
 /// Weight of a new measurement in the moving means.
 const EWMA_WEIGHT: f64 = 0.25;
 
-/// What the operator asked for (`mount --readahead`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, clap::ValueEnum)]
+/// What the operator asked for (`mount --readahead`); by name in status files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ReadAheadMode {
     /// Choose per miss by measured store request times (default).
@@ -54,31 +54,6 @@ pub enum ReadAheadMode {
     Always,
     /// Never: fetch only the frames a read needs.
     Off,
-}
-
-impl<'de> Deserialize<'de> for ReadAheadMode {
-    /// Accepts the mode names and, from status files of earlier versions, a bool
-    /// (`true` was whole-chunk read-ahead, which is now `auto`'s starting point).
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Repr {
-            Flag(bool),
-            Name(String),
-        }
-        match Repr::deserialize(d)? {
-            Repr::Flag(true) => Ok(ReadAheadMode::Auto),
-            Repr::Flag(false) => Ok(ReadAheadMode::Off),
-            Repr::Name(n) => match n.as_str() {
-                "auto" => Ok(ReadAheadMode::Auto),
-                "always" => Ok(ReadAheadMode::Always),
-                "off" => Ok(ReadAheadMode::Off),
-                other => Err(serde::de::Error::custom(format!(
-                    "unknown read-ahead mode {other:?} (auto, always, off)"
-                ))),
-            },
-        }
-    }
 }
 
 /// What a miss fetches.
@@ -91,7 +66,7 @@ pub enum Fetch {
 }
 
 /// The policy's view, for `status`.
-#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 pub struct ReadAheadReport {
     /// The configured mode.
     pub mode: String,
@@ -403,13 +378,10 @@ mod tests {
     }
 
     #[test]
-    fn modes_parse_from_names_and_old_status_files() {
+    fn modes_parse_from_names_only() {
         let m: ReadAheadMode = serde_json::from_str("\"off\"").unwrap();
         assert_eq!(m, ReadAheadMode::Off);
-        let m: ReadAheadMode = serde_json::from_str("true").unwrap();
-        assert_eq!(m, ReadAheadMode::Auto);
-        let m: ReadAheadMode = serde_json::from_str("false").unwrap();
-        assert_eq!(m, ReadAheadMode::Off);
+        assert!(serde_json::from_str::<ReadAheadMode>("true").is_err());
         let e = serde_json::from_str::<ReadAheadMode>("\"sometimes\"").unwrap_err();
         assert!(e.to_string().contains("sometimes"), "{e}");
         assert_eq!(

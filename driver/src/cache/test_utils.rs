@@ -2,9 +2,9 @@
 //! chunk store with real encoded chunks.
 
 use crate::error::Result;
-use crate::store::chunk::{self, ChunkId};
-use crate::store::source::ChunkSource;
 use hashbrown::HashMap;
+use livemount_store::backend::ChunkSource;
+use livemount_store::format::chunk::{self, ChunkId};
 use std::sync::Arc;
 
 /// An in-memory store of encoded chunk files, by id.
@@ -16,7 +16,7 @@ impl ChunkSource for MemSource {
         let end = (offset as usize).saturating_add(len).min(f.len());
         Ok(f[offset as usize..end].to_vec())
     }
-    fn read_all(&self, id: &ChunkId) -> Result<Vec<u8>> {
+    fn read_all(&self, id: &ChunkId, _limit: u64) -> Result<Vec<u8>> {
         Ok(self.0[id].clone())
     }
 }

@@ -241,14 +241,7 @@ fn prepare(build_store: bool, reuse: bool) -> Result<(Prepared, Vec<ProfileInfo>
         eprintln!("bench-boot: another bench-boot uses .cache/boot/work; waiting for it");
         lock.lock().context("locking .cache/boot/work.lock")?;
     }
-    crate::util::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "livemount",
-        "-p",
-        "livemount-profiler",
-    ])?;
+    crate::util::build_release_tools()?;
     let work = boot_dir().join("work");
     fs::create_dir_all(&work)?;
     let bin_dir = work.join("bin");

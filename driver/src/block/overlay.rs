@@ -1,0 +1,643 @@
+//! The copy-on-write overlay: every write to a live mount lands here, never in the store.
+//!
+//! # File format (version 1, little-endian; see docs/format.md)
+//! ```text
+//!  0     header (4096 bytes)
+//!          0 magic        [u8; 8]  b"LMOVERL\x01"
+//!          8 version      u32      1
+//!         12 sector_size  u32      512: the map's granularity
+//!         16 device_size  u64      bytes
+//!         24 map_offset   u64      4096
+//!         32 map_len      u64      bytes of the map, a multiple of 4096
+//!         40 data_offset  u64      where device offset 0 lives (1 MiB aligned)
+//!         48 index_sum    [u8; 32] the BLAKE3 checksum of the base snapshot's index
+//!         80 name_len     u32      then the snapshot name (series@time), UTF-8
+//!         84 name         [u8; name_len ≤ 256]
+//!       4092 header_crc   u32      crc32c of bytes 0..4092
+//!  4096  map: one bit per sector, 1 = the sector's current content is in the overlay
+//!  data_offset + o: the content of device byte o (sparse: only written sectors use space)
+//! ```
+//!
+//! # Durability protocol
+//! Map bits only ever go from 0 to 1 (discards keep the bit and punch a hole, which
+//! reads as zeros). A write goes to the data area (page cache) and sets its bits in
+//! memory. FLUSH (and FUA writes) then: (0) copy the dirty map pages; (1) fdatasync
+//! the file, making the data of every write those pages mark durable; (2) write the
+//! copied map pages; (3) fdatasync again. A crash anywhere leaves
+//! a map whose set bits all have durable data: torn map pages can only lose bits of
+//! writes that were never flushed. Writing a sector twice is harmless, so writes
+//! re-issued after a daemon crash (UBLK_F_USER_RECOVERY_REISSUE) are safe.
+
+use super::BlockDevice;
+use crate::error::{Error, IoContext, Result};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+/// Magic bytes of an overlay file.
+pub const OVERLAY_MAGIC: [u8; 8] = *b"LMOVERL\x01";
+/// Overlay format version.
+pub const OVERLAY_VERSION: u32 = 1;
+/// Map granularity.
+pub const SECTOR: u64 = 512;
+const HEADER_LEN: u64 = 4096;
+const PAGE: u64 = 4096;
+const MAX_NAME: usize = 256;
+
+/// Which snapshot an overlay belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayIdentity {
+    /// `series@time`.
+    pub snapshot: String,
+    /// The BLAKE3 checksum stored at the end of the snapshot's index file.
+    pub index_sum: [u8; 32],
+    /// Device bytes.
+    pub device_size: u64,
+}
+
+struct MapState {
+    bits: Vec<u64>,
+    /// Dirty map pages (index of 4096-byte page of the map).
+    dirty: std::collections::BTreeSet<u64>,
+}
+
+/// An open overlay over a base image.
+pub struct Overlay {
+    file: File,
+    path: PathBuf,
+    base: Arc<dyn BlockDevice>,
+    map: Mutex<MapState>,
+    map_offset: u64,
+    data_offset: u64,
+    device_size: u64,
+    /// Sectors currently mapped.
+    pub mapped_sectors: AtomicU64,
+    /// Serializes flushes so the map pages written are a consistent snapshot.
+    flush_lock: Mutex<()>,
+    /// Copy of the in-memory map on tmpfs (see [`mirror_path`]).
+    mirror: Option<(File, PathBuf)>,
+}
+
+/// Where the in-memory map of the overlay `file` is mirrored: a file on tmpfs, so it
+/// survives the daemon (SIGKILL, panic) but not the machine. Acknowledged writes that
+/// were not yet flushed have their data in the overlay's page cache, which also
+/// survives the daemon; only their map bits would be lost with its memory, and the
+/// device, which never went away for its users, would silently revert them (a file
+/// system on it would see acknowledged writes undone without any crash). The next open
+/// (`mount --recover`, or a new mount after a dead daemon's device was removed) merges
+/// the mirror into the map. After a power loss the tmpfs is gone and the on-disk map,
+/// which only ever holds flushed writes, is what counts.
+fn mirror_path(file: &File) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().ok()?;
+    Some(Path::new(crate::paths::RUN_DIR).join(format!("overlay-{:x}-{}.map", m.dev(), m.ino())))
+}
+
+fn map_len(device_size: u64) -> u64 {
+    device_size
+        .div_ceil(SECTOR)
+        .div_ceil(8)
+        .div_ceil(PAGE)
+        .max(1)
+        * PAGE
+}
+
+fn encode_header(id: &OverlayIdentity) -> Vec<u8> {
+    let ml = map_len(id.device_size);
+    let data_offset = (HEADER_LEN + ml).div_ceil(1 << 20) * (1 << 20);
+    let mut h = vec![0u8; HEADER_LEN as usize];
+    h[..8].copy_from_slice(&OVERLAY_MAGIC);
+    h[8..12].copy_from_slice(&OVERLAY_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&(SECTOR as u32).to_le_bytes());
+    h[16..24].copy_from_slice(&id.device_size.to_le_bytes());
+    h[24..32].copy_from_slice(&HEADER_LEN.to_le_bytes());
+    h[32..40].copy_from_slice(&ml.to_le_bytes());
+    h[40..48].copy_from_slice(&data_offset.to_le_bytes());
+    h[48..80].copy_from_slice(&id.index_sum);
+    let name = id.snapshot.as_bytes();
+    let n = name.len().min(MAX_NAME);
+    h[80..84].copy_from_slice(&(n as u32).to_le_bytes());
+    h[84..84 + n].copy_from_slice(&name[..n]);
+    let crc = crc32c::crc32c(&h[..4092]);
+    h[4092..].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Parse an overlay header, naming `path` in errors.
+pub fn read_identity(path: &Path) -> Result<OverlayIdentity> {
+    let f = File::open(path).at(path)?;
+    let mut h = vec![0u8; HEADER_LEN as usize];
+    f.read_exact_at(&mut h, 0)
+        .map_err(|_| Error::Invalid(format!("overlay {}: truncated header", path.display())))?;
+    parse_header(path, &h).map(|(id, _, _)| id)
+}
+
+fn parse_header(path: &Path, h: &[u8]) -> Result<(OverlayIdentity, u64, u64)> {
+    let bad = |r: &str| Error::Invalid(format!("overlay {}: {r}", path.display()));
+    if h[..8] != OVERLAY_MAGIC {
+        return Err(bad("not a livemount overlay (bad magic)"));
+    }
+    let u32_at = |a: usize| u32::from_le_bytes([h[a], h[a + 1], h[a + 2], h[a + 3]]);
+    let u64_at = |a: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h[a..a + 8]);
+        u64::from_le_bytes(b)
+    };
+    let version = u32_at(8);
+    if version != OVERLAY_VERSION {
+        return Err(Error::UnsupportedVersion {
+            path: path.to_path_buf(),
+            what: "overlay",
+            found: version,
+            supported: OVERLAY_VERSION,
+        });
+    }
+    if crc32c::crc32c(&h[..4092]) != u32_at(4092) {
+        return Err(bad("header checksum mismatch"));
+    }
+    let device_size = u64_at(16);
+    let (map_offset, ml, data_offset) = (u64_at(24), u64_at(32), u64_at(40));
+    if u32_at(12) as u64 != SECTOR
+        || map_offset != HEADER_LEN
+        || ml != map_len(device_size)
+        || data_offset < map_offset + ml
+    {
+        return Err(bad("inconsistent header"));
+    }
+    let n = (u32_at(80) as usize).min(MAX_NAME);
+    let snapshot = String::from_utf8_lossy(&h[84..84 + n]).into_owned();
+    let mut index_sum = [0u8; 32];
+    index_sum.copy_from_slice(&h[48..80]);
+    Ok((
+        OverlayIdentity {
+            snapshot,
+            index_sum,
+            device_size,
+        },
+        map_offset,
+        data_offset,
+    ))
+}
+
+impl Overlay {
+    /// Open the overlay at `path` over `base`, creating it (mode 0600, sparse) if it
+    /// does not exist. An existing overlay of another snapshot is refused.
+    pub fn open(path: &Path, base: Arc<dyn BlockDevice>, id: &OverlayIdentity) -> Result<Overlay> {
+        let exists = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .at(path)?;
+        // One user at a time: two daemons (or a mount and a commit) writing one
+        // overlay would corrupt its map.
+        livemount_store::fsutil::flock(&file, true, false).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                Error::Busy(format!(
+                    "overlay {} is in use by another livemount process",
+                    path.display()
+                ))
+            } else {
+                Error::io(path, e)
+            }
+        })?;
+        let mirror_at = mirror_path(&file);
+        if !exists || file.metadata().at(path)?.len() == 0 {
+            // A mirror left by a dead daemon of an earlier file with this inode.
+            if let Some(m) = &mirror_at {
+                let _ = std::fs::remove_file(m);
+            }
+            let h = encode_header(id);
+            file.write_all_at(&h, 0).at(path)?;
+            file.set_len(
+                u64::from_le_bytes(h[40..48].try_into().unwrap_or([0; 8])) + id.device_size,
+            )
+            .at(path)?;
+            file.sync_all().at(path)?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                livemount_store::fsutil::fsync_dir(dir)?;
+            }
+        }
+        let mut h = vec![0u8; HEADER_LEN as usize];
+        file.read_exact_at(&mut h, 0)
+            .map_err(|_| Error::Invalid(format!("overlay {}: truncated header", path.display())))?;
+        let (found, map_offset, data_offset) = parse_header(path, &h)?;
+        if found.index_sum != id.index_sum || found.device_size != id.device_size {
+            return Err(Error::Invalid(format!(
+                "overlay {} belongs to snapshot {}, not {}; use another overlay file",
+                path.display(),
+                found.snapshot,
+                id.snapshot
+            )));
+        }
+        let ml = map_len(id.device_size);
+        let mut raw = vec![0u8; ml as usize];
+        file.read_exact_at(&mut raw, map_offset)
+            .map_err(|_| Error::Invalid(format!("overlay {}: truncated map", path.display())))?;
+        let mut bits: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        let mut dirty = std::collections::BTreeSet::new();
+        let mirror = mirror_at.and_then(|mp| {
+            if let Ok(old) = std::fs::read(&mp) {
+                if old.len() as u64 == ml {
+                    for (w, c) in old.chunks_exact(8).enumerate() {
+                        let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+                        if v & !bits[w] != 0 {
+                            bits[w] |= v;
+                            dirty.insert(w as u64 * 8 / PAGE);
+                        }
+                    }
+                }
+            }
+            crate::paths::run_dir().ok()?;
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&mp)
+                .ok()?;
+            let bytes: Vec<u8> = bits.iter().flat_map(|w| w.to_le_bytes()).collect();
+            f.write_all_at(&bytes, 0).ok()?;
+            Some((f, mp))
+        });
+        let mapped = bits.iter().map(|w| w.count_ones() as u64).sum();
+        Ok(Overlay {
+            file,
+            path: path.to_path_buf(),
+            base,
+            map: Mutex::new(MapState { bits, dirty }),
+            map_offset,
+            data_offset,
+            device_size: id.device_size,
+            mapped_sectors: AtomicU64::new(mapped),
+            flush_lock: Mutex::new(()),
+            mirror,
+        })
+    }
+
+    /// The overlay file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        if !offset.is_multiple_of(SECTOR)
+            || !len.is_multiple_of(SECTOR)
+            || offset.checked_add(len).is_none_or(|e| e > self.device_size)
+        {
+            return Err(Error::Invalid(format!(
+                "I/O out of range: {len} bytes at {offset}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Per sector of `offset..offset+len`: is it in the overlay? As runs (start, len, mapped).
+    fn runs(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        let Ok(m) = self.map.lock() else {
+            return vec![(offset, len, false)];
+        };
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let first = offset / SECTOR;
+        for s in first..first + len / SECTOR {
+            let bit = m.bits[(s / 64) as usize] >> (s % 64) & 1 == 1;
+            match out.last_mut() {
+                Some(last) if last.2 == bit => last.1 += SECTOR,
+                _ => out.push((s * SECTOR, SECTOR, bit)),
+            }
+        }
+        out
+    }
+
+    /// True if no sector of the range is in the overlay (the read goes to the base).
+    pub fn untouched(&self, offset: u64, len: u64) -> bool {
+        // Hot path of every read: whole 64-bit words of the map at a time, no
+        // allocation (a VM that has written little hits this for nearly every read).
+        if self.mapped_sectors.load(Relaxed) == 0 {
+            return true;
+        }
+        let Ok(m) = self.map.lock() else { return false };
+        let (mut s, end) = (offset / SECTOR, (offset + len).div_ceil(SECTOR));
+        while s < end {
+            let (w, b) = ((s / 64) as usize, s % 64);
+            let n = (64 - b).min(end - s);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << b
+            };
+            match m.bits.get(w) {
+                Some(word) if word & mask == 0 => {}
+                _ => return false,
+            }
+            s += n;
+        }
+        true
+    }
+
+    fn set_bits(&self, offset: u64, len: u64) {
+        let Ok(mut m) = self.map.lock() else { return };
+        let first = offset / SECTOR;
+        let mut newly = 0;
+        let mut changed: Option<(usize, usize)> = None;
+        for s in first..first + len / SECTOR {
+            let (w, b) = ((s / 64) as usize, s % 64);
+            if m.bits[w] >> b & 1 == 0 {
+                m.bits[w] |= 1 << b;
+                newly += 1;
+                m.dirty.insert(w as u64 * 8 / PAGE);
+                changed = Some(changed.map_or((w, w), |(a, _)| (a, w)));
+            }
+        }
+        // Mirror before the write is acknowledged, under the lock so that concurrent
+        // writers cannot store older words over newer ones.
+        if let (Some((f, _)), Some((a, z))) = (&self.mirror, changed) {
+            let bytes: Vec<u8> = m.bits[a..=z].iter().flat_map(|w| w.to_le_bytes()).collect();
+            let _ = f.write_all_at(&bytes, a as u64 * 8);
+        }
+        self.mapped_sectors.fetch_add(newly, Relaxed);
+    }
+
+    fn redirty(&self, pages: &[(u64, Vec<u8>)]) {
+        if let Ok(mut m) = self.map.lock() {
+            m.dirty.extend(pages.iter().map(|(p, _)| *p));
+        }
+    }
+
+    /// Device bytes.
+    pub fn device_size(&self) -> u64 {
+        self.device_size
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        // Everything durable in the on-disk map: the mirror is no longer needed.
+        if let Some((_, p)) = &self.mirror {
+            if self.map.lock().is_ok_and(|m| m.dirty.is_empty()) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+impl BlockDevice for Overlay {
+    fn size(&self) -> u64 {
+        self.device_size
+    }
+
+    /// Read `buf.len()` bytes at `offset`: overlay where written, base elsewhere.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        for (start, len, mapped) in self.runs(offset, buf.len() as u64) {
+            let part = &mut buf[(start - offset) as usize..(start - offset + len) as usize];
+            if mapped {
+                self.file
+                    .read_exact_at(part, self.data_offset + start)
+                    .at(&self.path)?;
+            } else {
+                self.base.read_at(start, part)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `buf` at `offset` (not durable until [`flush`](BlockDevice::flush)).
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        self.file
+            .write_all_at(buf, self.data_offset + offset)
+            .at(&self.path)?;
+        self.set_bits(offset, buf.len() as u64);
+        Ok(())
+    }
+
+    /// Make `offset..offset+len` read as zeros and release its space (DISCARD and
+    /// WRITE_ZEROES): punch a hole and map the sectors.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        // SAFETY: fallocate on our own open descriptor; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (self.data_offset + offset) as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            // No hole punching on this file system: write zeros instead.
+            let zeros = vec![0u8; len.min(1 << 20) as usize];
+            let mut pos = offset;
+            while pos < offset + len {
+                let n = (offset + len - pos).min(zeros.len() as u64) as usize;
+                self.file
+                    .write_all_at(&zeros[..n], self.data_offset + pos)
+                    .at(&self.path)?;
+                pos += n as u64;
+            }
+        }
+        self.set_bits(offset, len);
+        Ok(())
+    }
+
+    /// Make every completed write durable, data and map (see the module docs).
+    fn flush(&self) -> Result<()> {
+        let _g = self
+            .flush_lock
+            .lock()
+            .map_err(|_| Error::Invalid("overlay flush lock poisoned".into()))?;
+        // Snapshot the dirty map pages *before* syncing the data: every bit in the
+        // snapshot belongs to a write whose data reached the page cache before it was
+        // set, so the sync below makes that data durable before the bit. (Taking the
+        // pages after the sync would let a write landing in between get a durable bit
+        // over non-durable data.)
+        let pages: Vec<(u64, Vec<u8>)> = {
+            let Ok(mut m) = self.map.lock() else {
+                return Err(Error::Invalid("overlay map lock poisoned".into()));
+            };
+            let dirty = std::mem::take(&mut m.dirty);
+            dirty
+                .into_iter()
+                .map(|p| {
+                    let words = &m.bits[(p * PAGE / 8) as usize..((p + 1) * PAGE / 8) as usize];
+                    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                    (p, bytes)
+                })
+                .collect()
+        };
+        if let Err(e) = self.file.sync_data() {
+            self.redirty(&pages);
+            return Err(Error::io(&self.path, e));
+        }
+        if pages.is_empty() {
+            return Ok(());
+        }
+        for (p, bytes) in &pages {
+            if let Err(e) = self.file.write_all_at(bytes, self.map_offset + p * PAGE) {
+                self.redirty(&pages);
+                return Err(Error::io(&self.path, e));
+            }
+        }
+        if let Err(e) = self.file.sync_data() {
+            self.redirty(&pages);
+            return Err(Error::io(&self.path, e));
+        }
+        Ok(())
+    }
+
+    /// Only a range the overlay never wrote can be a fast hit: it is then the base's
+    /// to serve (and to watch, for sequential read-ahead).
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
+        self.untouched(offset, buf.len() as u64) && self.base.read_cached(offset, buf)
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    struct Pattern(u64);
+    impl BlockDevice for Pattern {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = ((offset + i as u64) / 512) as u8 | 1;
+            }
+            Ok(())
+        }
+    }
+
+    fn ident(size: u64, sum: u8) -> OverlayIdentity {
+        OverlayIdentity {
+            snapshot: "vm@t".into(),
+            index_sum: [sum; 32],
+            device_size: size,
+        }
+    }
+
+    #[test]
+    fn writes_reads_discards_and_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ov");
+        let size = 4 << 20;
+        let base: Arc<dyn BlockDevice> = Arc::new(Pattern(size));
+        let ov = Overlay::open(&p, base.clone(), &ident(size, 7)).unwrap();
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        ov.write_at(1024, &[0xaa; 1024]).unwrap();
+        ov.discard(8192, 4096).unwrap();
+        let mut buf = vec![0u8; 16384];
+        ov.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf[0], 1);
+        assert!(buf[1024..2048].iter().all(|&b| b == 0xaa));
+        assert_eq!(buf[2048], 5);
+        assert!(buf[8192..12288].iter().all(|&b| b == 0));
+        assert_eq!(buf[12288], 24 | 1);
+        // Flushed writes survive a reopen. An unflushed one survives it too when the
+        // map mirror could be kept (tmpfs /run/livemount, root), else it is lost whole.
+        ov.flush().unwrap();
+        ov.write_at(65536, &[0xbb; 512]).unwrap();
+        drop(ov);
+        let ov = Overlay::open(&p, base.clone(), &ident(size, 7)).unwrap();
+        let mut buf2 = vec![0u8; 16384];
+        ov.read_at(0, &mut buf2).unwrap();
+        assert_eq!(buf, buf2);
+        let mut unflushed = [0u8; 512];
+        ov.read_at(65536, &mut unflushed).unwrap();
+        match ov.mapped_sectors.load(Relaxed) {
+            10 => assert_eq!(unflushed, [128 | 1; 512]),
+            11 => assert_eq!(unflushed, [0xbb; 512]),
+            n => panic!("{n} sectors mapped"),
+        }
+        // Re-applying a write is harmless.
+        ov.write_at(1024, &[0xaa; 1024]).unwrap();
+        ov.read_at(0, &mut buf2).unwrap();
+        assert_eq!(buf, buf2);
+        // Out-of-range I/O is an error, not a wrap-around.
+        assert!(ov.write_at(size, &[0; 512]).is_err());
+        // Another snapshot's overlay is refused, naming both (once it is not in use).
+        drop(ov);
+        let e = Overlay::open(&p, base, &ident(size, 8))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("belongs to snapshot vm@t"), "{e}");
+    }
+
+    #[test]
+    fn untouched_matches_the_map() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 1 << 20;
+        let ov = Overlay::open(
+            &d.path().join("ov"),
+            Arc::new(Pattern(size)),
+            &ident(size, 1),
+        )
+        .unwrap();
+        assert!(ov.untouched(0, size));
+        ov.write_at(512 * 100, &[1; 512]).unwrap();
+        for (off, len, want) in [
+            (0u64, 512 * 100, true),
+            (0, 512 * 101, false),
+            (512 * 100, 512, false),
+            (512 * 101, 512 * 200, true),
+            (512 * 64, 512 * 64, false),
+            (512 * 36, 512 * 64, true),
+            (512 * 37, 512 * 64, false),
+            (512 * 128, size - 512 * 128, true),
+        ] {
+            assert_eq!(ov.untouched(off, len), want, "{off}+{len}");
+            assert_eq!(
+                ov.untouched(off, len),
+                ov.runs(off, len).iter().all(|r| !r.2),
+                "{off}+{len}"
+            );
+        }
+    }
+
+    #[test]
+    fn fast_path_serves_the_base_only_where_the_overlay_never_wrote() {
+        use crate::block::mem::MemDisk;
+        let d = tempfile::tempdir().unwrap();
+        let size = 1u64 << 20;
+        let data: Vec<u8> = (0..size).map(|i| (i / 512) as u8 | 1).collect();
+        let base = Arc::new(MemDisk::new(data.clone(), true));
+        let ov = Overlay::open(&d.path().join("ov"), base.clone(), &ident(size, 1)).unwrap();
+        let mut buf = vec![0u8; 4096];
+        // Untouched: the base's fast path answers.
+        assert!(ov.read_cached(8192, &mut buf));
+        assert_eq!(buf, data[8192..8192 + 4096]);
+        assert_eq!(base.fast_reads.load(Relaxed), 1);
+        // One written sector in the range: never the base's bytes, never fast.
+        ov.write_at(8192 + 1024, &[0xee; 512]).unwrap();
+        assert!(!ov.read_cached(8192, &mut buf));
+        assert_eq!(base.fast_reads.load(Relaxed), 1, "base not asked");
+        ov.read_at(8192, &mut buf).unwrap();
+        assert_eq!(buf[..1024], data[8192..8192 + 1024]);
+        assert!(buf[1024..1536].iter().all(|&b| b == 0xee));
+        assert_eq!(buf[1536..], data[8192 + 1536..8192 + 4096]);
+        // A base with no fast path makes the overlay's miss too.
+        let slow = Arc::new(MemDisk::new(data, false));
+        let ov2 = Overlay::open(&d.path().join("ov2"), slow, &ident(size, 1)).unwrap();
+        assert!(!ov2.read_cached(0, &mut buf));
+    }
+}

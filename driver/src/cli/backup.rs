@@ -1,0 +1,78 @@
+//! `livemount backup`.
+
+use super::parse::parse_size;
+use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
+use livemount_store::ops::backup::{self, BackupOptions};
+use livemount_store::progress::StderrProgress;
+use livemount_store::store::{Access, Store, DEFAULT_CHUNK_SIZE};
+use livemount_store::workers::default_threads;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Arguments of `livemount backup`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Raw image file or block device.
+    source: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Backup series name (one VM disk), e.g. web01.
+    #[arg(long)]
+    name: String,
+    #[arg(long, value_parser = parse_size, help = format!("Chunk size, e.g. 1M, 4M, 256K (default: the series' previous, else {} KiB)", DEFAULT_CHUNK_SIZE >> 10))]
+    chunk_size: Option<u64>,
+    /// zstd compression level (1-22).
+    #[arg(long, default_value_t = backup::DEFAULT_LEVEL)]
+    level: i32,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+/// Run `livemount backup`.
+pub fn run(a: Args) -> Outcome {
+    // Check the source before touching the store, so a bad source leaves no empty
+    // store behind.
+    let (_, size) = backup::open_source(&a.source)?;
+    let st = Store::open(&a.store.store, Access::Write)?;
+    let chunk_size = a
+        .chunk_size
+        .map(|c| u32::try_from(c).map_err(|_| anyhow::anyhow!("invalid chunk size {c}")))
+        .transpose()?;
+    let opts = BackupOptions {
+        series: a.name,
+        chunk_size,
+        level: a.level,
+        threads: a.threads.unwrap_or_else(default_threads),
+    };
+    let progress = StderrProgress::boxed("backup", size, a.out.quiet || a.out.json);
+    let r = backup::backup(&st, &a.source, &opts, progress.as_ref())?;
+    if a.out.json {
+        print_json(&r)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "snapshot {}{}",
+        r.snapshot,
+        r.previous
+            .as_ref()
+            .map(|p| format!(" (incremental to {p})"))
+            .unwrap_or_default()
+    );
+    println!(
+        "read {:.1} MiB in {:.2} s ({:.1} MiB/s): new {:.1} MiB ({} chunks), reused {:.1} MiB ({}), zero {:.1} MiB ({})",
+        mib(r.bytes_read), r.seconds, r.throughput_mib_s, mib(r.bytes_new), r.chunks_new,
+        mib(r.bytes_reused), r.chunks_reused, mib(r.bytes_zero), r.chunks_zero
+    );
+    println!(
+        "stored {:.1} MiB: compression {:.2}x, {}",
+        mib(r.bytes_stored),
+        r.compression_ratio,
+        r.dedup_ratio
+            .map(|d| format!("dedup {d:.2}x"))
+            .unwrap_or_else(|| "nothing new (every chunk was already stored)".into())
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,30 @@
+//! `livemount gc`.
+
+use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
+use livemount_store::ops::gc;
+use livemount_store::store::{Access, Store};
+use std::process::ExitCode;
+
+/// Arguments of `livemount gc`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+/// Run `livemount gc`.
+pub fn run(a: Args) -> Outcome {
+    let st = Store::open(&a.store.store, Access::Exclusive)?;
+    let r = gc::gc(&st)?;
+    if a.out.json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "gc: {} snapshot(s), kept {} chunk(s), removed {} chunk(s) ({:.1} MiB) and {} temp file(s)",
+            r.snapshots, r.chunks_kept, r.chunks_removed, mib(r.bytes_removed), r.temp_files_removed
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,212 @@
+//! Building a live mount's block stack from its configuration: store → read cache
+//! → snapshot image → overlay → recorder, plus pre-staging. Used by the daemon (to
+//! serve it) and by `commit` (to read the merged image), so both see exactly the
+//! same bytes.
+
+use crate::block::image::SnapshotImage;
+use crate::block::overlay::{Overlay, OverlayIdentity};
+use crate::block::prestage::Prestager;
+use crate::block::recording::Recorder;
+use crate::block::{device_size, BlockDevice};
+use crate::cache::disk::DiskTier;
+use crate::cache::ReadCache;
+use crate::daemon::config::MountConfig;
+use crate::error::{Error, Result};
+use livemount_store::backend::dir::DirChunkSource;
+use livemount_store::backend::ChunkSource;
+use livemount_store::format::profile::Profile;
+use livemount_store::ops::backup::{BackupOptions, BackupReport};
+use livemount_store::ops::commit::ImageRead;
+use livemount_store::progress::Progress;
+use livemount_store::store::{Access, SnapshotRef, Store};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Threads of sequential read-ahead: requests in flight ahead of a reader.
+const SEQ_READAHEAD_THREADS: usize = 2;
+/// Concurrent store reads of pre-staging.
+const PRESTAGE_THREADS: usize = 8;
+
+/// An opened mount: layers built, device not yet created.
+pub struct Stack {
+    /// The configuration, with the snapshot resolved to `series@time`.
+    pub config: MountConfig,
+    /// What a frontend serves: the top layer.
+    pub top: Arc<dyn BlockDevice>,
+    /// The recording layer (`--record-profile`).
+    pub recorder: Option<Arc<Recorder>>,
+    /// The overlay (None: read-only).
+    pub overlay: Option<Arc<Overlay>>,
+    /// The snapshot image at the bottom.
+    pub image: Arc<SnapshotImage>,
+    /// The read cache (for status).
+    pub cache: Arc<ReadCache>,
+    /// Pre-staging, when a profile applies.
+    pub prestager: Option<Arc<Prestager>>,
+    /// Keeps the snapshot from being forgotten while the stack lives.
+    _pin: std::fs::File,
+}
+
+/// Identity of `snap` for overlays: the index's checksum and the device size.
+pub fn snapshot_identity(
+    store: &Store,
+    snap: &SnapshotRef,
+    device_size: u64,
+) -> Result<OverlayIdentity> {
+    Ok(OverlayIdentity {
+        snapshot: snap.to_string(),
+        index_sum: store.snapshot_sum(snap)?,
+        device_size,
+    })
+}
+
+/// The store back end a mount reads chunks from. With the `test-hooks` feature, the
+/// throttled model of a remote store (`--store-latency`, `--store-bandwidth`).
+fn origin(store: &Store, config: &MountConfig) -> Arc<dyn ChunkSource> {
+    let dir: Arc<dyn ChunkSource> = Arc::new(DirChunkSource::new(store.chunks().dir()));
+    #[cfg(feature = "test-hooks")]
+    if config.store_latency_ms.is_some() || config.store_bandwidth.is_some() {
+        return Arc::new(livemount_store::backend::throttle::ThrottledSource::new(
+            dir,
+            std::time::Duration::from_secs_f64(config.store_latency_ms.unwrap_or(0.0) / 1000.0),
+            config.store_bandwidth,
+        ));
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    let _ = config;
+    dir
+}
+
+impl Stack {
+    /// Build the layers of a mount (the store opened read-only).
+    pub fn open(config: &MountConfig) -> Result<Stack> {
+        let store = Store::open(&config.store, Access::ReadOnly)?;
+        let snap = store.resolve(&config.snapshot)?;
+        let pin = store.pin_snapshot(&snap)?;
+        let index = store.load_index(&snap)?;
+        let size = device_size(index.image_size);
+        let image_size = index.image_size;
+        let profile = match &config.profile {
+            Some(p) => Some(Profile::load(p).map_err(|e| Error::Invalid(e.to_string()))?),
+            None => store.attached_profile(&snap.series)?,
+        };
+        let disk = match &config.cache_dir {
+            Some(d) => Some(DiskTier::open(d, config.cache_size)?),
+            None => None,
+        };
+        let cache = Arc::new(
+            ReadCache::new(
+                origin(&store, config),
+                config.cache_mem,
+                disk,
+                index.frame_size,
+            )
+            .with_chunk_readahead(config.readahead, config.cache_mem / 4),
+        );
+        let prestager = match &profile {
+            Some(p) => Some(Arc::new(Prestager::new(
+                Arc::new(index.clone()),
+                cache.clone(),
+                p,
+                true,
+                PRESTAGE_THREADS,
+            )?)),
+            None => None,
+        };
+        let image = Arc::new(
+            SnapshotImage::new(index, cache.clone()).with_sequential_readahead(
+                config.seq_readahead.min(config.cache_mem / 16),
+                SEQ_READAHEAD_THREADS,
+            ),
+        );
+        let mut top: Arc<dyn BlockDevice> = image.clone();
+        let overlay = match (&config.overlay, config.read_only) {
+            (Some(p), false) => {
+                let id = snapshot_identity(&store, &snap, size)?;
+                let o = Arc::new(Overlay::open(p, top.clone(), &id)?);
+                top = o.clone();
+                Some(o)
+            }
+            _ => None,
+        };
+        let recorder = config.record_profile.as_ref().map(|_| {
+            let r = Arc::new(Recorder::new(top.clone(), image_size));
+            top = r.clone();
+            r
+        });
+        let mut config = config.clone();
+        config.snapshot = snap.to_string();
+        Ok(Stack {
+            config,
+            top,
+            recorder,
+            overlay,
+            image,
+            cache,
+            prestager,
+            _pin: pin,
+        })
+    }
+
+    /// Bytes in the snapshot's image (the device may be rounded up to 512).
+    pub fn image_size(&self) -> u64 {
+        self.image.image_size()
+    }
+
+    /// Bytes the overlay holds (0 for a read-only mount).
+    pub fn overlay_bytes(&self) -> u64 {
+        self.overlay
+            .as_ref()
+            .map(|o| o.mapped_sectors.load(std::sync::atomic::Ordering::Relaxed) * 512)
+            .unwrap_or(0)
+    }
+}
+
+/// The top of a stack as the store's commit reads it: the image's exact size.
+struct Merged<'a>(&'a Stack);
+
+impl ImageRead for Merged<'_> {
+    fn size(&self) -> u64 {
+        self.0.image_size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.0.top.read_at(offset, buf)
+    }
+}
+
+/// `livemount commit`: back up `overlay` over the snapshot it records as a new
+/// snapshot of `opts.series`. The overlay is locked while it is read, so a running
+/// mount's overlay is refused.
+pub fn commit(
+    store_dir: &Path,
+    overlay: &Path,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    if !overlay.is_file() {
+        return Err(Error::Invalid(format!(
+            "overlay {} does not exist",
+            overlay.display()
+        )));
+    }
+    let identity = crate::block::overlay::read_identity(overlay)?;
+    let mut config = MountConfig::new(
+        store_dir.to_path_buf(),
+        identity.snapshot.clone(),
+        Some(overlay.to_path_buf()),
+    );
+    config.cache_mem = 64 << 20;
+    // Pre-staging is for boots, not for a sequential read of the whole disk.
+    config.prestage = "none".into();
+    let stack = Stack::open(&config)?;
+    let store = Store::open(store_dir, Access::Write)?;
+    let description = format!("{} + overlay {}", identity.snapshot, overlay.display());
+    livemount_store::ops::commit::commit(
+        &store,
+        &Merged(&stack),
+        overlay,
+        &description,
+        opts,
+        progress,
+    )
+}

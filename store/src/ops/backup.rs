@@ -1,0 +1,377 @@
+//! `livemount backup`: split an image into chunks, store the new ones, write an index.
+//!
+//! A reader thread reads the source sequentially (the fastest order for disks and
+//! files); worker threads hash, skip zero and known chunks, and compress and store new
+//! ones. The index is written last, after every chunk it names is durable.
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::chunk::{self, ChunkId};
+use crate::format::index::{ChunkRef, SnapshotIndex};
+use crate::progress::Progress;
+use crate::store::{SnapshotRef, Store, CHUNK_SIZE_RANGE, DEFAULT_CHUNK_SIZE};
+use serde::Serialize;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// zstd level of new chunks unless told otherwise.
+pub const DEFAULT_LEVEL: i32 = 3;
+
+/// What to back up and how.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Backup series (one VM disk).
+    pub series: String,
+    /// Chunk size; default: the series' previous chunk size, else [`DEFAULT_CHUNK_SIZE`].
+    pub chunk_size: Option<u32>,
+    /// zstd level.
+    pub level: i32,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+/// Figures of one backup.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupReport {
+    /// The new snapshot, `series@time`.
+    pub snapshot: String,
+    /// The snapshot it was incremental to, if any.
+    pub previous: Option<String>,
+    /// Bytes in the image.
+    pub image_size: u64,
+    /// Chunk size used.
+    pub chunk_size: u32,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Uncompressed bytes in chunks that were new to the store.
+    pub bytes_new: u64,
+    /// Uncompressed bytes in chunks already in the store (or earlier in this image).
+    pub bytes_reused: u64,
+    /// Bytes in all-zero chunks (not stored).
+    pub bytes_zero: u64,
+    /// Bytes written to the store (compressed chunk files).
+    pub bytes_stored: u64,
+    /// Chunks: new, reused, zero.
+    pub chunks_new: u64,
+    /// Chunks already present.
+    pub chunks_reused: u64,
+    /// All-zero chunks.
+    pub chunks_zero: u64,
+    /// bytes_new / bytes_stored.
+    pub compression_ratio: f64,
+    /// Non-zero bytes read / bytes_new (how much deduplication saved); absent when
+    /// nothing was new (every chunk was already stored).
+    pub dedup_ratio: Option<f64>,
+    /// Wall time.
+    pub seconds: f64,
+    /// bytes_read / seconds, MiB/s.
+    pub throughput_mib_s: f64,
+}
+
+enum Outcome {
+    Zero,
+    New { id: ChunkId, stored: u64 },
+    Reused(ChunkId),
+}
+
+/// Open a source image or block device and return it with its size.
+pub fn open_source(path: &Path) -> Result<(File, u64)> {
+    let meta = std::fs::metadata(path).at(path)?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return Err(Error::Invalid(format!(
+            "source {} is a directory, not a disk image",
+            path.display()
+        )));
+    }
+    if !(ft.is_file() || ft.is_block_device()) {
+        return Err(Error::Invalid(format!(
+            "source {} is not a regular file or block device",
+            path.display()
+        )));
+    }
+    let mut f = File::open(path).at(path)?;
+    let size = f.seek(SeekFrom::End(0)).at(path)?;
+    f.seek(SeekFrom::Start(0)).at(path)?;
+    Ok((f, size))
+}
+
+/// Check a user-given chunk size.
+pub fn validate_chunk_size(size: u32, frame_size: u32) -> Result<()> {
+    if !(CHUNK_SIZE_RANGE.0..=CHUNK_SIZE_RANGE.1).contains(&size)
+        || !size.is_power_of_two()
+        || size < frame_size
+    {
+        return Err(Error::Invalid(format!(
+            "invalid chunk size {size}: use a power of two from {} KiB to {} MiB, at least the store's frame size ({} KiB)",
+            CHUNK_SIZE_RANGE.0 / 1024,
+            CHUNK_SIZE_RANGE.1 >> 20,
+            frame_size / 1024
+        )));
+    }
+    Ok(())
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: u8 → u128 reinterpretation of an initialized slice; align_to handles
+    // the unaligned head and tail.
+    let (head, mid, tail) = unsafe { buf.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Back up `source` into `store` as a new snapshot of `opts.series`.
+pub fn backup(
+    store: &Store,
+    source: &Path,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let (mut file, image_size) = open_source(source)?;
+    let description = format!(
+        "{} ({} bytes) on {}",
+        std::fs::canonicalize(source)
+            .unwrap_or_else(|_| source.to_path_buf())
+            .display(),
+        image_size,
+        hostname()
+    );
+    backup_from(
+        store,
+        &mut file,
+        image_size,
+        source,
+        &description,
+        opts,
+        progress,
+    )
+}
+
+/// Back up `image_size` bytes read sequentially from `reader` (named `source` in
+/// errors, described as `description` in the index) as a new snapshot.
+pub fn backup_from(
+    store: &Store,
+    reader: &mut dyn Read,
+    image_size: u64,
+    source: &Path,
+    description: &str,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let start = Instant::now();
+    crate::store::validate_series(&opts.series)?;
+    let file = reader;
+    let previous = store.list(Some(&opts.series))?.pop();
+    // The previous index only supplies the series' chunk size: a damaged one must not
+    // block new backups (verify reports it).
+    let prev_index = previous.as_ref().and_then(|p| store.load_index(p).ok());
+    let frame_size = store.config().frame_size;
+    let chunk_size = opts
+        .chunk_size
+        .or(prev_index.as_ref().map(|i| i.chunk_size))
+        .unwrap_or(DEFAULT_CHUNK_SIZE);
+    validate_chunk_size(chunk_size, frame_size)?;
+    let level = opts.level;
+    if !(1..=22).contains(&level) {
+        return Err(Error::Invalid(format!(
+            "invalid zstd level {level}: use 1 to 22"
+        )));
+    }
+    let count = SnapshotIndex::chunk_count(image_size, chunk_size) as usize;
+    let threads = opts.threads.max(1);
+
+    // Bounded queues keep memory at about 2 × threads chunks.
+    let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(threads * 2);
+    let work_rx = Mutex::new(work_rx);
+    let (done_tx, done_rx) = mpsc::channel::<Result<(usize, Outcome, u64)>>();
+    let mut refs = vec![ChunkRef::Zero; count];
+    let mut report = BackupReport {
+        snapshot: String::new(),
+        previous: previous.as_ref().map(|p| p.to_string()),
+        image_size,
+        chunk_size,
+        bytes_read: 0,
+        bytes_new: 0,
+        bytes_reused: 0,
+        bytes_zero: 0,
+        bytes_stored: 0,
+        chunks_new: 0,
+        chunks_reused: 0,
+        chunks_zero: 0,
+        compression_ratio: 1.0,
+        dedup_ratio: None,
+        seconds: 0.0,
+        throughput_mib_s: 0.0,
+    };
+    let mut new_ids = Vec::new();
+    let mut first_err: Option<Error> = None;
+
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let done_tx = done_tx.clone();
+            let work_rx = &work_rx;
+            s.spawn(move || {
+                let mut compressor = match zstd::bulk::Compressor::new(level) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = done_tx.send(Err(Error::Invalid(format!("zstd: {e}"))));
+                        return;
+                    }
+                };
+                loop {
+                    let item = match work_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((i, buf)) = item else { return };
+                    let len = buf.len() as u64;
+                    let res = (|| {
+                        if is_zero(&buf) {
+                            return Ok(Outcome::Zero);
+                        }
+                        let digest = chunk::digest(&buf, frame_size);
+                        if store.has_chunk(&digest.id) {
+                            return Ok(Outcome::Reused(digest.id));
+                        }
+                        let bytes = chunk::encode(&buf, frame_size, &digest, &mut compressor)
+                            .map_err(|e| Error::Invalid(format!("zstd: {e}")))?;
+                        store.put_chunk(&digest.id, &bytes)?;
+                        Ok(Outcome::New {
+                            id: digest.id,
+                            stored: bytes.len() as u64,
+                        })
+                    })();
+                    if done_tx.send(res.map(|o| (i, o, len))).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+
+        // Reader: sequential reads, in this thread. Results are drained as they come so
+        // a worker error stops reading early.
+        let mut collect = |r: Result<(usize, Outcome, u64)>,
+                           report: &mut BackupReport,
+                           first_err: &mut Option<Error>| match r {
+            Ok((i, outcome, len)) => {
+                progress.inc(len);
+                match outcome {
+                    Outcome::Zero => {
+                        report.chunks_zero += 1;
+                        report.bytes_zero += len;
+                    }
+                    Outcome::Reused(id) => {
+                        report.chunks_reused += 1;
+                        report.bytes_reused += len;
+                        refs[i] = ChunkRef::Stored(id);
+                    }
+                    Outcome::New { id, stored } => {
+                        report.chunks_new += 1;
+                        report.bytes_new += len;
+                        report.bytes_stored += stored;
+                        refs[i] = ChunkRef::Stored(id);
+                        new_ids.push(id);
+                    }
+                }
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        };
+        for i in 0..count {
+            if first_err.is_some() {
+                break;
+            }
+            let len = (image_size - i as u64 * chunk_size as u64).min(chunk_size as u64) as usize;
+            let mut buf = vec![0u8; len];
+            if let Err(e) = file.read_exact(&mut buf) {
+                first_err = Some(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Error::Invalid(format!(
+                        "source {} shrank while it was being read",
+                        source.display()
+                    ))
+                } else {
+                    Error::io(source, e)
+                });
+                break;
+            }
+            report.bytes_read += len as u64;
+            if work_tx.send((i, buf)).is_err() {
+                break;
+            }
+            while let Ok(r) = done_rx.try_recv() {
+                collect(r, &mut report, &mut first_err);
+            }
+        }
+        drop(work_tx);
+        for r in done_rx.iter() {
+            collect(r, &mut report, &mut first_err);
+        }
+    });
+    progress.finish();
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    // Chunks reused from the store were durable already; make the new ones durable
+    // before the index that names them.
+    store.sync_chunk_dirs(new_ids.iter())?;
+    let mut index = SnapshotIndex {
+        image_size,
+        chunk_size,
+        frame_size,
+        created: crate::store::now_secs(),
+        source: description.to_string(),
+        chunks: refs,
+    };
+    let snap: SnapshotRef = store.commit_index(&opts.series, &mut index)?;
+    let secs = start.elapsed().as_secs_f64();
+    report.snapshot = snap.to_string();
+    report.seconds = secs;
+    report.throughput_mib_s = report.bytes_read as f64 / 1048576.0 / secs.max(1e-9);
+    report.compression_ratio = ratio(report.bytes_new, report.bytes_stored);
+    report.dedup_ratio = (report.bytes_new > 0)
+        .then(|| ratio(report.bytes_new + report.bytes_reused, report.bytes_new));
+    Ok(report)
+}
+
+/// a / b, or 1 when b is 0.
+pub fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        1.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown host".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 4097];
+        assert!(is_zero(&v));
+        assert!(is_zero(&v[1..]));
+        v[4096] = 1;
+        assert!(!is_zero(&v));
+        assert!(!is_zero(&v[3..]));
+    }
+
+    #[test]
+    fn chunk_size_rules() {
+        assert!(validate_chunk_size(1 << 20, 65536).is_ok());
+        assert!(validate_chunk_size(1000, 65536).is_err());
+        assert!(validate_chunk_size(32768, 65536).is_err());
+        assert!(validate_chunk_size(1 << 25, 65536).is_err());
+    }
+}
