@@ -4,7 +4,7 @@
 //! and a cold sequential reader with and without sequential read-ahead.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use livemount::daemon::config::MountConfig;
+use livemount::config::MountConfig;
 use livemount::stack::Stack;
 use livemount_store::ops::backup::{backup, BackupOptions};
 use livemount_store::progress::NoProgress;

@@ -14,6 +14,7 @@
 pub mod block;
 pub mod cache;
 pub mod cli;
+pub mod config;
 pub mod copy;
 pub mod daemon;
 pub mod frontend;

@@ -10,7 +10,7 @@ use crate::block::recording::Recorder;
 use crate::block::{device_size, BlockDevice};
 use crate::cache::disk::DiskTier;
 use crate::cache::ReadCache;
-use crate::daemon::config::MountConfig;
+use crate::config::MountConfig;
 use crate::error::{Error, Result};
 use livemount_store::backend::dir::DirChunkSource;
 use livemount_store::backend::ChunkSource;

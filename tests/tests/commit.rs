@@ -1,7 +1,7 @@
 //! `livemount commit` through the library (no ublk needed): base snapshot + overlay
 //! writes become a new snapshot that restores to exactly what the device showed.
 
-use livemount::daemon::config::MountConfig;
+use livemount::config::MountConfig;
 use livemount::stack::commit;
 use livemount::stack::Stack;
 use livemount_store::ops::backup::{backup, BackupOptions};

@@ -4,7 +4,7 @@
 
 use livemount::block::prestage::{plan, PrestageWindow};
 use livemount::block::BlockDevice;
-use livemount::daemon::config::MountConfig;
+use livemount::config::MountConfig;
 use livemount::stack::Stack;
 use livemount_store::format::profile::{Extent, Profile, Source};
 use livemount_store::ops::backup::{backup, BackupOptions};

@@ -4,7 +4,7 @@
 use super::parse::{parse_prestage, parse_size};
 use super::Outcome;
 use crate::cache::readahead::ReadAheadMode;
-use crate::daemon::config::*;
+use crate::config::*;
 use crate::daemon::ready::{self, Readiness};
 use crate::daemon::{self, status, RunOptions};
 use std::path::PathBuf;

@@ -4,7 +4,7 @@ use super::parse::parse_size;
 use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
 use crate::block::prestage::{PrestageReport, PrestageWindow, Prestager};
 use crate::cache::{disk::DiskTier, ReadCache};
-use crate::daemon::config::DEFAULT_CACHE_SIZE;
+use crate::config::DEFAULT_CACHE_SIZE;
 use livemount_store::backend::dir::DirChunkSource;
 use livemount_store::format::profile::Profile;
 use livemount_store::progress::StderrProgress;

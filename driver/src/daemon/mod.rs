@@ -6,7 +6,6 @@
 //! ([`status`]) that also saves a learned profile. Readiness reaches a parent
 //! through [`ready`]. The daemon runs in its own mount namespace ([`namespace`]).
 
-pub mod config;
 pub mod namespace;
 pub mod ready;
 pub mod status;
@@ -15,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::frontend::ublk::{self, DeviceOptions};
 use crate::metrics::IoMetrics;
 use crate::stack::Stack;
-use config::MountConfig;
+use crate::config::MountConfig;
 use status::{parse_dev, pid_alive, read_status, status_path, write_status, MountStatus};
 use std::io::Write;
 use std::path::{Path, PathBuf};

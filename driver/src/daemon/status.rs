@@ -1,7 +1,7 @@
 //! The run file of a mount, `/run/livemount/ublkbN.json` (0600 in a 0700
 //! directory): what `status`, `unmount` and `mount --recover` read.
 
-use super::config::MountConfig;
+use crate::config::MountConfig;
 use crate::block::prestage::PrestageReport;
 use crate::cache::CacheReport;
 use crate::error::{Error, Result};
