@@ -308,6 +308,20 @@ fn ublk_ext4_write_fsck_remount() {
     assert!(ov_before > 6 * MIB, "overlay holds only {ov_before} bytes");
     m.unmount();
     assert!(ov.exists(), "the overlay file was removed at unmount");
+    // A clean unmount leaves no map mirror behind (a later overlay on the same
+    // inode must not inherit its bits).
+    let mirrors: Vec<_> = fs::read_dir("/run/livemount")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("overlay-") && n.ends_with(".map"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        mirrors.is_empty(),
+        "map mirrors left after a clean unmount: {mirrors:?}"
+    );
     assert_eq!(
         fs::metadata(&ov).unwrap().mode() & 0o777,
         0o600,
@@ -564,6 +578,32 @@ fn ublk_crash_recovery() {
     assert!(
         Path::new(&m.dev).exists(),
         "device vanished with its daemon"
+    );
+    // The dead daemon's flock is gone, but its device still needs every chunk:
+    // forget (and so gc) must refuse the snapshot.
+    let snap_full = m.status()["config"]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let f = lm(
+        &[
+            os("forget"),
+            os("--store"),
+            fx.store.as_os_str(),
+            os(&snap_full),
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        f.code,
+        Some(1),
+        "forget of a mounted snapshot: {}",
+        f.stdout
+    );
+    assert!(
+        f.stderr.contains("is mounted as") && f.stderr.contains(&m.dev),
+        "{}",
+        f.stderr
     );
     let rec = try_mount(
         &[os("--recover"), os(&m.dev)],

@@ -23,6 +23,20 @@ pub fn run(a: Args) -> Outcome {
     }
     let st = Store::open(&a.store.store, Access::ReadOnly)?;
     let snap = st.resolve(&a.snapshot)?;
+    // A device whose daemon was killed keeps no flock on the index, but still
+    // needs every chunk: its status file and the device say so.
+    if let Some(m) = crate::daemon::status::devices_serving(st.root(), &snap.to_string()).first() {
+        anyhow::bail!(
+            "snapshot {snap} is mounted as {} (daemon pid {}{}); unmount it before forgetting it",
+            m.device,
+            m.pid,
+            if crate::daemon::status::pid_alive(m.pid) {
+                ""
+            } else {
+                ", not running: `livemount mount --recover` or `unmount` it"
+            }
+        );
+    }
     st.forget(&snap)?;
     println!("forgot {snap}; run `livemount gc` to free its chunks");
     Ok(ExitCode::SUCCESS)

@@ -10,12 +10,12 @@ pub mod namespace;
 pub mod ready;
 pub mod status;
 
+use crate::config::MountConfig;
 use crate::error::{Error, Result};
 use crate::frontend::ublk::{self, DeviceOptions};
 use crate::metrics::IoMetrics;
 use crate::stack::Stack;
-use crate::config::MountConfig;
-use status::{parse_dev, pid_alive, read_status, status_path, write_status, MountStatus};
+use status::{parse_dev, status_path, write_status, MountStatus};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -248,7 +248,15 @@ impl Daemon {
     /// Clean stop: make every write durable, save the learned profile, remove the
     /// device and our files. Returns the flush's result.
     fn shutdown(&self, ctrl: &libublk::ctrl::UblkCtrl, dev_id: u32, device: &str) -> Result<()> {
-        let flushed = self.stack.top.flush();
+        // The overlay's close also removes its map mirror: nothing is left in /run.
+        let flushed = self
+            .stack
+            .top
+            .flush()
+            .and_then(|()| match &self.stack.overlay {
+                Some(o) => o.close(),
+                None => Ok(()),
+            });
         if let (Some(path), Some(rec)) = (&self.stack.config.record_profile, &self.stack.recorder) {
             match rec.save_learned_profile(device, path) {
                 Ok(()) => eprintln!("livemount: wrote the learned profile to {}", path.display()),
@@ -336,36 +344,105 @@ pub fn create_temporary_overlay(dir: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Stop the daemon serving `dev` and wait for the device to go away.
+/// Stop the daemon serving `dev` and wait for it to exit; if it is gone, remove
+/// the device ourselves.
 pub fn unmount(dev: &str, timeout: Duration) -> Result<()> {
+    unmount_in(Path::new(crate::paths::RUN_DIR), dev, timeout)
+}
+
+fn unmount_in(run_dir: &Path, dev: &str, timeout: Duration) -> Result<()> {
     let id = parse_dev(dev)?;
-    match read_status(dev) {
-        Ok(st) if pid_alive(st.pid) => {
-            // SAFETY: sending SIGTERM to the daemon's pid.
-            unsafe { libc::kill(st.pid as i32, libc::SIGTERM) };
-            let start = Instant::now();
-            while pid_alive(st.pid) {
-                if start.elapsed() > timeout {
-                    return Err(Error::Busy(format!(
-                        "daemon {} of /dev/ublkb{id} did not stop within {} s (is the device still in use?)",
-                        st.pid,
-                        timeout.as_secs()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Ok(())
-        }
-        _ => {
-            // The daemon is gone (crashed, killed): remove the device ourselves.
-            let ctrl = libublk::ctrl::UblkCtrl::new_simple(id as i32)
-                .map_err(|e| Error::Invalid(format!("/dev/ublkb{id}: {e}")))?;
-            ctrl.del_dev()
-                .map_err(|e| Error::Invalid(format!("cannot delete /dev/ublkb{id}: {e}")))?;
-            let _ = std::fs::remove_file(status_path(id));
-            Ok(())
-        }
+    let st = status::read_status_in(run_dir, dev).ok();
+    // Signal only the process that serves this device: a status file can be stale
+    // (a reused pid is an unrelated process) or damaged (pid 0 would be kill(0)).
+    if let Some(daemon) = st.as_ref().and_then(|s| DaemonProcess::find(s.pid, id)) {
+        return daemon.stop(id, timeout);
     }
+    // The daemon is gone (crashed, killed): remove the device ourselves.
+    let ctrl = libublk::ctrl::UblkCtrl::new_simple(id as i32)
+        .map_err(|e| Error::Invalid(format!("/dev/ublkb{id}: {e}")))?;
+    ctrl.del_dev()
+        .map_err(|e| Error::Invalid(format!("cannot delete /dev/ublkb{id}: {e}")))?;
+    let _ = std::fs::remove_file(run_dir.join(format!("ublkb{id}.json")));
+    Ok(())
+}
+
+/// The live daemon of a device, held by a pidfd so that its pid cannot be reused
+/// between the check and the signal.
+struct DaemonProcess {
+    pidfd: std::os::fd::OwnedFd,
+    pid: u32,
+}
+
+impl DaemonProcess {
+    /// `pid` if it is alive and serves `/dev/ublkbN` (holds `/dev/ublkcN` open).
+    fn find(pid: u32, dev_id: u32) -> Option<DaemonProcess> {
+        use std::os::fd::FromRawFd;
+        if pid <= 1 || pid > i32::MAX as u32 || !serves(pid, dev_id) {
+            return None;
+        }
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        // Checked again now that the pidfd pins the process: the one we checked
+        // before might have exited and its pid been reused in between.
+        serves(pid, dev_id).then_some(DaemonProcess { pidfd, pid })
+    }
+
+    /// SIGTERM, then wait (bounded) for the process to exit.
+    fn stop(&self, dev_id: u32, timeout: Duration) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_send_signal on our pidfd with no siginfo.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGTERM,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::io(
+                format!("daemon {} of /dev/ublkb{dev_id}", self.pid),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd we own; a pidfd becomes readable when it exits.
+        let n = unsafe {
+            libc::poll(
+                &mut pfd,
+                1,
+                timeout.as_millis().min(i32::MAX as u128) as i32,
+            )
+        };
+        if n <= 0 {
+            return Err(Error::Busy(format!(
+                "daemon {} of /dev/ublkb{dev_id} did not stop within {} s (is the device still in use?)",
+                self.pid,
+                timeout.as_secs()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// True if process `pid` holds `/dev/ublkcN`, the char device of `/dev/ublkbN`.
+fn serves(pid: u32, dev_id: u32) -> bool {
+    let want = PathBuf::from(format!("/dev/ublkc{dev_id}"));
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|rd| {
+        rd.flatten()
+            .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == want))
+    })
 }
 
 #[cfg(test)]
@@ -387,5 +464,50 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn unmount_never_signals_a_process_that_does_not_serve_the_device() {
+        let run = tempfile::tempdir().unwrap();
+        let mut bystander = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        // Stale status files: an unrelated live pid, pid 0 (kill(0) would signal our
+        // own process group), u32::MAX (kill(-1): every process we may signal).
+        for (id, pid) in [(77u32, bystander.id()), (78, 0), (79, u32::MAX)] {
+            let st = status::MountStatus {
+                device: format!("/dev/ublkb{id}"),
+                dev_id: id,
+                pid,
+                state: "running".into(),
+                config: MountConfig::new("/s".into(), "vm@t".into(), None),
+                size: 0,
+                overlay_bytes: 0,
+                cache: None,
+                io: None,
+                uptime_s: 0.0,
+                prestage: None,
+                read_copy: None,
+            };
+            std::fs::write(
+                run.path().join(format!("ublkb{id}.json")),
+                serde_json::to_vec(&st).unwrap(),
+            )
+            .unwrap();
+            // No such device here: the fallback fails, and nothing was signalled.
+            let _ = unmount_in(
+                run.path(),
+                &format!("/dev/ublkb{id}"),
+                Duration::from_secs(1),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            bystander.try_wait().unwrap().is_none(),
+            "unmount killed a process that was not its daemon"
+        );
+        let _ = bystander.kill();
+        let _ = bystander.wait();
     }
 }

@@ -1,9 +1,9 @@
 //! The run file of a mount, `/run/livemount/ublkbN.json` (0600 in a 0700
 //! directory): what `status`, `unmount` and `mount --recover` read.
 
-use crate::config::MountConfig;
 use crate::block::prestage::PrestageReport;
 use crate::cache::CacheReport;
+use crate::config::MountConfig;
 use crate::error::{Error, Result};
 use crate::metrics::IoReport;
 use crate::paths::RUN_DIR;
@@ -45,13 +45,28 @@ pub struct MountStatus {
 
 /// The status file of device `dev_id`.
 pub fn status_path(dev_id: u32) -> PathBuf {
-    Path::new(RUN_DIR).join(format!("ublkb{dev_id}.json"))
+    status_path_in(Path::new(RUN_DIR), dev_id)
+}
+
+fn status_path_in(dir: &Path, dev_id: u32) -> PathBuf {
+    dir.join(format!("ublkb{dev_id}.json"))
+}
+
+/// True while the kernel still has block device `/dev/ublkbN` (it outlives a
+/// killed daemon, waiting for `mount --recover`).
+pub fn device_exists(dev_id: u32) -> bool {
+    Path::new(&format!("/sys/block/ublkb{dev_id}")).exists()
 }
 
 /// Read the status file of device `dev` (`/dev/ublkbN`, `ublkbN` or `N`).
 pub fn read_status(dev: &str) -> Result<MountStatus> {
+    read_status_in(Path::new(RUN_DIR), dev)
+}
+
+/// [`read_status`] from the run directory `dir`.
+pub fn read_status_in(dir: &Path, dev: &str) -> Result<MountStatus> {
     let id = parse_dev(dev)?;
-    let path = status_path(id);
+    let path = status_path_in(dir, id);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::Invalid(format!(
@@ -68,8 +83,12 @@ pub fn read_status(dev: &str) -> Result<MountStatus> {
 
 /// Every status file.
 pub fn list_status() -> Vec<MountStatus> {
+    list_status_in(Path::new(RUN_DIR))
+}
+
+fn list_status_in(dir: &Path) -> Vec<MountStatus> {
     let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(RUN_DIR) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             if let Some(s) = std::fs::read_to_string(e.path())
                 .ok()
@@ -109,4 +128,74 @@ pub fn write_status(st: &MountStatus) -> Result<()> {
 pub fn pid_alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks for existence.
     unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+/// The devices that serve `snapshot` of the store at `store_root`, by their status
+/// files: also those whose daemon died (SIGKILL, crash) and whose device still
+/// exists, waiting for `mount --recover` — their snapshot's chunks must stay. The
+/// daemon's flock on the index ends with the process; this does not.
+pub fn devices_serving(store_root: &Path, snapshot: &str) -> Vec<MountStatus> {
+    devices_serving_in(Path::new(RUN_DIR), store_root, snapshot, device_exists)
+}
+
+fn devices_serving_in(
+    dir: &Path,
+    store_root: &Path,
+    snapshot: &str,
+    exists: impl Fn(u32) -> bool,
+) -> Vec<MountStatus> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let root = canon(store_root);
+    list_status_in(dir)
+        .into_iter()
+        .filter(|s| s.config.snapshot == snapshot && canon(&s.config.store) == root)
+        .filter(|s| exists(s.dev_id))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(dir: &Path, dev_id: u32, store: &Path, snapshot: &str) {
+        let st = MountStatus {
+            device: format!("/dev/ublkb{dev_id}"),
+            dev_id,
+            pid: 999_999_999,
+            state: "running".into(),
+            config: MountConfig::new(store.to_path_buf(), snapshot.into(), None),
+            size: 0,
+            overlay_bytes: 0,
+            cache: None,
+            io: None,
+            uptime_s: 0.0,
+            prestage: None,
+            read_copy: None,
+        };
+        std::fs::write(
+            status_path_in(dir, dev_id),
+            serde_json::to_vec(&st).unwrap(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_device_whose_daemon_died_still_pins_its_snapshot() {
+        let run = tempfile::tempdir().unwrap();
+        let store = tempfile::tempdir().unwrap();
+        status(run.path(), 3, store.path(), "vm@t1");
+        status(run.path(), 4, store.path(), "vm@t2");
+        status(run.path(), 5, Path::new("/elsewhere"), "vm@t1");
+        // Device 3 exists (its daemon's pid is long gone); device 4 was removed.
+        let exists = |id: u32| id == 3 || id == 5;
+        let found = devices_serving_in(run.path(), store.path(), "vm@t1", exists);
+        assert_eq!(found.iter().map(|s| s.dev_id).collect::<Vec<_>>(), [3]);
+        assert!(devices_serving_in(run.path(), store.path(), "vm@t2", exists).is_empty());
+        // The same store named by another path is the same store.
+        let other_name = store.path().join(".");
+        assert_eq!(
+            devices_serving_in(run.path(), &other_name, "vm@t1", exists).len(),
+            1
+        );
+    }
 }

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Value of the `format` field: identifies a file as a livemount profile.
@@ -302,15 +303,35 @@ impl Profile {
         let name = path
             .file_name()
             .ok_or_else(|| invalid(format!("{} has no file name", path.display())))?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".tmp.{}", std::process::id()));
-        let tmp = dir.join(tmp_name);
         let mut sorted = self.clone();
         sorted.sort_access_order();
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(sorted.to_json().as_bytes())?;
+        let text = sorted.to_json();
+        // A new temp file each time (O_EXCL: never an existing file, never through a
+        // symlink planted under the name), then an atomic rename.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut attempt = 0;
+        let (tmp, mut f) = loop {
+            let mut tmp_name = std::ffi::OsString::from(".");
+            tmp_name.push(name);
+            let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tmp_name.push(format!(".tmp.{}.{n}", std::process::id()));
+            let tmp = dir.join(tmp_name);
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&tmp)
+            {
+                Ok(f) => break (tmp, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
+                    attempt += 1
+                }
+                Err(e) => return Err(io(e)),
+            }
+        };
+        let mut write = || -> std::io::Result<()> {
+            f.write_all(text.as_bytes())?;
             f.sync_all()?;
             std::fs::rename(&tmp, path)?;
             // The rename is only durable once the directory is synced.
@@ -786,5 +807,32 @@ mod tests {
         let m2 = Profile::merge(&[a, b, c], &MergeOptions { min_runs: 2 }).unwrap();
         assert_eq!(m2.extents.len(), 1);
         assert_eq!(m2.extents[0].offset, 0);
+    }
+
+    #[test]
+    fn save_never_writes_through_a_planted_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        // The temp name an earlier version used, planted as a symlink.
+        let planted = d.path().join(format!(".p.json.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let mut p = Profile::new(1 << 20, 4096, Source::default());
+        p.extents.push(Extent {
+            offset: 0,
+            length: 4096,
+            first_access_ns: 0,
+            count: 1,
+            runs: 1,
+        });
+        p.save(d.path().join("p.json")).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(
+            Profile::load(d.path().join("p.json"))
+                .unwrap()
+                .extents
+                .len(),
+            1
+        );
     }
 }

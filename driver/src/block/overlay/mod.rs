@@ -27,14 +27,27 @@
 //! a map whose set bits all have durable data: torn map pages can only lose bits of
 //! writes that were never flushed. Writing a sector twice is harmless, so writes
 //! re-issued after a daemon crash (UBLK_F_USER_RECOVERY_REISSUE) are safe.
+//!
+//! # Failures
+//! After a failed fdatasync the kernel may have dropped the dirty pages it could not
+//! write, and a later, successful sync would make map bits durable over data that
+//! never reached the disk. So the first failed sync puts the overlay in an errored
+//! state: that flush and every later write, discard, flush and read of a sector the
+//! overlay holds fail with EIO (reads of untouched sectors still come from the
+//! snapshot); only a new mount, after the operator has fixed the disk, clears it.
+//! Without its map mirror ([`mirror`]; e.g. /run is full) every write is flushed
+//! before it completes, so a killed daemon still loses no acknowledged write.
+
+pub mod mirror;
 
 use super::BlockDevice;
 use crate::error::{Error, IoContext, Result};
+use mirror::{Mirror, MirrorKey};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 /// Magic bytes of an overlay file.
@@ -62,6 +75,8 @@ struct MapState {
     bits: Vec<u64>,
     /// Dirty map pages (index of 4096-byte page of the map).
     dirty: std::collections::BTreeSet<u64>,
+    /// The map's copy on tmpfs; None once it failed (then writes are synchronous).
+    mirror: Option<Mirror>,
 }
 
 /// An open overlay over a base image.
@@ -77,23 +92,14 @@ pub struct Overlay {
     pub mapped_sectors: AtomicU64,
     /// Serializes flushes so the map pages written are a consistent snapshot.
     flush_lock: Mutex<()>,
-    /// Copy of the in-memory map on tmpfs (see [`mirror_path`]).
-    mirror: Option<(File, PathBuf)>,
-}
-
-/// Where the in-memory map of the overlay `file` is mirrored: a file on tmpfs, so it
-/// survives the daemon (SIGKILL, panic) but not the machine. Acknowledged writes that
-/// were not yet flushed have their data in the overlay's page cache, which also
-/// survives the daemon; only their map bits would be lost with its memory, and the
-/// device, which never went away for its users, would silently revert them (a file
-/// system on it would see acknowledged writes undone without any crash). The next open
-/// (`mount --recover`, or a new mount after a dead daemon's device was removed) merges
-/// the mirror into the map. After a power loss the tmpfs is gone and the on-disk map,
-/// which only ever holds flushed writes, is what counts.
-fn mirror_path(file: &File) -> Option<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let m = file.metadata().ok()?;
-    Some(Path::new(crate::paths::RUN_DIR).join(format!("overlay-{:x}-{}.map", m.dev(), m.ino())))
+    /// Where the mirror lives (removed at a clean close).
+    mirror_path: PathBuf,
+    /// No mirror: every write is flushed before it completes.
+    sync_writes: AtomicBool,
+    /// A sync failed: the overlay refuses I/O (see the module docs).
+    failed: AtomicBool,
+    /// How the file's data is made durable (fdatasync; tests inject failures).
+    sync: fn(&File) -> std::io::Result<()>,
 }
 
 fn map_len(device_size: u64) -> u64 {
@@ -184,17 +190,42 @@ fn parse_header(path: &Path, h: &[u8]) -> Result<(OverlayIdentity, u64, u64)> {
 
 impl Overlay {
     /// Open the overlay at `path` over `base`, creating it (mode 0600, sparse) if it
-    /// does not exist. An existing overlay of another snapshot is refused.
+    /// does not exist, with its map mirror in the run directory. An existing overlay
+    /// of another snapshot is refused.
     pub fn open(path: &Path, base: Arc<dyn BlockDevice>, id: &OverlayIdentity) -> Result<Overlay> {
-        let exists = path.exists();
+        let dir = crate::paths::run_dir().ok().map(Path::to_path_buf);
+        Self::open_with_mirror_in(path, base, id, dir.as_deref())
+    }
+
+    /// [`open`](Self::open) with the mirror in `mirror_dir` (None or unusable: no
+    /// mirror, synchronous writes).
+    pub fn open_with_mirror_in(
+        path: &Path,
+        base: Arc<dyn BlockDevice>,
+        id: &OverlayIdentity,
+        mirror_dir: Option<&Path>,
+    ) -> Result<Overlay> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
-            .at(path)?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => Error::Invalid(format!(
+                    "overlay {} is a symlink; name the file itself",
+                    path.display()
+                )),
+                _ => Error::io(path, e),
+            })?;
+        if !file.metadata().at(path)?.file_type().is_file() {
+            return Err(Error::Invalid(format!(
+                "overlay {} is not a regular file",
+                path.display()
+            )));
+        }
         // One user at a time: two daemons (or a mount and a commit) writing one
         // overlay would corrupt its map.
         livemount_store::fsutil::flock(&file, true, false).map_err(|e| {
@@ -207,22 +238,13 @@ impl Overlay {
                 Error::io(path, e)
             }
         })?;
-        let mirror_at = mirror_path(&file);
-        if !exists || file.metadata().at(path)?.len() == 0 {
+        let ml = map_len(id.device_size);
+        let key = MirrorKey::of(&file, id, ml)?;
+        let mirror_path = key.path_in(mirror_dir.unwrap_or(Path::new(crate::paths::RUN_DIR)));
+        if file.metadata().at(path)?.len() == 0 {
             // A mirror left by a dead daemon of an earlier file with this inode.
-            if let Some(m) = &mirror_at {
-                let _ = std::fs::remove_file(m);
-            }
-            let h = encode_header(id);
-            file.write_all_at(&h, 0).at(path)?;
-            file.set_len(
-                u64::from_le_bytes(h[40..48].try_into().unwrap_or([0; 8])) + id.device_size,
-            )
-            .at(path)?;
-            file.sync_all().at(path)?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                livemount_store::fsutil::fsync_dir(dir)?;
-            }
+            let _ = std::fs::remove_file(&mirror_path);
+            init_file(&file, path, id)?;
         }
         let mut h = vec![0u8; HEADER_LEN as usize];
         file.read_exact_at(&mut h, 0)
@@ -236,7 +258,6 @@ impl Overlay {
                 id.snapshot
             )));
         }
-        let ml = map_len(id.device_size);
         let mut raw = vec![0u8; ml as usize];
         file.read_exact_at(&mut raw, map_offset)
             .map_err(|_| Error::Invalid(format!("overlay {}: truncated map", path.display())))?;
@@ -244,44 +265,103 @@ impl Overlay {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
+        drop(raw);
         let mut dirty = std::collections::BTreeSet::new();
-        let mirror = mirror_at.and_then(|mp| {
-            if let Ok(old) = std::fs::read(&mp) {
-                if old.len() as u64 == ml {
-                    for (w, c) in old.chunks_exact(8).enumerate() {
-                        let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
-                        if v & !bits[w] != 0 {
-                            bits[w] |= v;
-                            dirty.insert(w as u64 * 8 / PAGE);
-                        }
+        match mirror::load(&mirror_path, &key) {
+            Ok(Some(old)) => {
+                for (w, c) in old.chunks_exact(8).enumerate() {
+                    let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+                    if v & !bits[w] != 0 {
+                        bits[w] |= v;
+                        dirty.insert(w as u64 * 8 / PAGE);
                     }
                 }
             }
-            crate::paths::run_dir().ok()?;
-            let f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&mp)
-                .ok()?;
-            let bytes: Vec<u8> = bits.iter().flat_map(|w| w.to_le_bytes()).collect();
-            f.write_all_at(&bytes, 0).ok()?;
-            Some((f, mp))
-        });
+            Ok(None) => {}
+            Err(why) => eprintln!(
+                "livemount: warning: ignoring the map mirror {} of overlay {}: {why}",
+                mirror_path.display(),
+                path.display()
+            ),
+        }
+        let bytes: Vec<u8> = bits.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mirror = match mirror_dir.map(|_| Mirror::create(&mirror_path, &key, &bytes)) {
+            Some(Ok(m)) => Some(m),
+            Some(Err(e)) => {
+                warn_no_mirror(path, &e.to_string());
+                None
+            }
+            None => {
+                warn_no_mirror(path, "no run directory");
+                None
+            }
+        };
+        drop(bytes);
         let mapped = bits.iter().map(|w| w.count_ones() as u64).sum();
+        let sync_writes = AtomicBool::new(mirror.is_none());
         Ok(Overlay {
             file,
             path: path.to_path_buf(),
             base,
-            map: Mutex::new(MapState { bits, dirty }),
+            map: Mutex::new(MapState {
+                bits,
+                dirty,
+                mirror,
+            }),
             map_offset,
             data_offset,
             device_size: id.device_size,
             mapped_sectors: AtomicU64::new(mapped),
             flush_lock: Mutex::new(()),
-            mirror,
+            mirror_path,
+            sync_writes,
+            failed: AtomicBool::new(false),
+            sync: File::sync_data,
         })
+    }
+
+    /// Make every write durable and remove the map mirror: a clean stop leaves no
+    /// run file behind (a later overlay on the same inode must not inherit it).
+    pub fn close(&self) -> Result<()> {
+        self.flush()?;
+        let m = self.map.lock().map_err(|_| poisoned(&self.path))?;
+        if m.dirty.is_empty() {
+            let _ = std::fs::remove_file(&self.mirror_path);
+        }
+        Ok(())
+    }
+
+    /// True while every write is flushed before it completes (no mirror).
+    pub fn synchronous_writes(&self) -> bool {
+        self.sync_writes.load(Relaxed)
+    }
+
+    /// Where the map mirror is (or would be) kept.
+    pub fn mirror_path(&self) -> &Path {
+        &self.mirror_path
+    }
+
+    fn check_failed(&self) -> Result<()> {
+        if self.failed.load(Relaxed) {
+            return Err(Error::io(
+                &self.path,
+                std::io::Error::other(
+                    "an earlier flush failed (the disk lost data it had accepted); the overlay refuses I/O until it is mounted again",
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Enter the errored state after a failed sync of the file.
+    fn fail(&self, e: std::io::Error) -> Error {
+        if !self.failed.swap(true, Relaxed) {
+            eprintln!(
+                "livemount: error: fdatasync of overlay {} failed ({e}); refusing further I/O to it (see docs/architecture.md, Overlay failures)",
+                self.path.display()
+            );
+        }
+        Error::io(&self.path, e)
     }
 
     /// The overlay file.
@@ -302,10 +382,8 @@ impl Overlay {
     }
 
     /// Per sector of `offset..offset+len`: is it in the overlay? As runs (start, len, mapped).
-    fn runs(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
-        let Ok(m) = self.map.lock() else {
-            return vec![(offset, len, false)];
-        };
+    fn runs(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        let m = self.map.lock().map_err(|_| poisoned(&self.path))?;
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
         let first = offset / SECTOR;
         for s in first..first + len / SECTOR {
@@ -315,7 +393,7 @@ impl Overlay {
                 _ => out.push((s * SECTOR, SECTOR, bit)),
             }
         }
-        out
+        Ok(out)
     }
 
     /// True if no sector of the range is in the overlay (the read goes to the base).
@@ -344,8 +422,11 @@ impl Overlay {
         true
     }
 
-    fn set_bits(&self, offset: u64, len: u64) {
-        let Ok(mut m) = self.map.lock() else { return };
+    /// Mark `offset..offset+len` as the overlay's, in memory and in the mirror
+    /// (before the write is acknowledged). A mirror that fails is dropped, loudly,
+    /// and writes become synchronous (the caller flushes this one).
+    fn set_bits(&self, offset: u64, len: u64) -> Result<()> {
+        let mut m = self.map.lock().map_err(|_| poisoned(&self.path))?;
         let first = offset / SECTOR;
         let mut newly = 0;
         let mut changed: Option<(usize, usize)> = None;
@@ -358,13 +439,19 @@ impl Overlay {
                 changed = Some(changed.map_or((w, w), |(a, _)| (a, w)));
             }
         }
-        // Mirror before the write is acknowledged, under the lock so that concurrent
-        // writers cannot store older words over newer ones.
-        if let (Some((f, _)), Some((a, z))) = (&self.mirror, changed) {
+        // Under the lock, so that concurrent writers cannot store older words over
+        // newer ones.
+        if let (Some(mirror), Some((a, z))) = (&m.mirror, changed) {
             let bytes: Vec<u8> = m.bits[a..=z].iter().flat_map(|w| w.to_le_bytes()).collect();
-            let _ = f.write_all_at(&bytes, a as u64 * 8);
+            if let Err(e) = mirror.write(a as u64 * 8, &bytes) {
+                warn_no_mirror(&self.path, &e.to_string());
+                let _ = std::fs::remove_file(mirror.path());
+                m.mirror = None;
+                self.sync_writes.store(true, Relaxed);
+            }
         }
         self.mapped_sectors.fetch_add(newly, Relaxed);
+        Ok(())
     }
 
     fn redirty(&self, pages: &[(u64, Vec<u8>)]) {
@@ -382,12 +469,37 @@ impl Overlay {
 impl Drop for Overlay {
     fn drop(&mut self) {
         // Everything durable in the on-disk map: the mirror is no longer needed.
-        if let Some((_, p)) = &self.mirror {
-            if self.map.lock().is_ok_and(|m| m.dirty.is_empty()) {
-                let _ = std::fs::remove_file(p);
-            }
+        if !self.failed.load(Relaxed) && self.map.lock().is_ok_and(|m| m.dirty.is_empty()) {
+            let _ = std::fs::remove_file(&self.mirror_path);
         }
     }
+}
+
+fn poisoned(path: &Path) -> Error {
+    Error::io(
+        path,
+        std::io::Error::other("overlay map lock poisoned by a panic; refusing I/O"),
+    )
+}
+
+fn warn_no_mirror(path: &Path, why: &str) {
+    eprintln!(
+        "livemount: WARNING: no map mirror for overlay {} ({why}): every write is now flushed before it completes (slower), so that a killed daemon loses no acknowledged write",
+        path.display()
+    );
+}
+
+/// Write the header of a new overlay and size it (sparse), durably.
+fn init_file(file: &File, path: &Path, id: &OverlayIdentity) -> Result<()> {
+    let h = encode_header(id);
+    file.write_all_at(&h, 0).at(path)?;
+    file.set_len(u64::from_le_bytes(h[40..48].try_into().unwrap_or([0; 8])) + id.device_size)
+        .at(path)?;
+    file.sync_all().at(path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        livemount_store::fsutil::fsync_dir(dir)?;
+    }
+    Ok(())
 }
 
 impl BlockDevice for Overlay {
@@ -398,9 +510,12 @@ impl BlockDevice for Overlay {
     /// Read `buf.len()` bytes at `offset`: overlay where written, base elsewhere.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
-        for (start, len, mapped) in self.runs(offset, buf.len() as u64) {
+        for (start, len, mapped) in self.runs(offset, buf.len() as u64)? {
             let part = &mut buf[(start - offset) as usize..(start - offset + len) as usize];
             if mapped {
+                // After a failed sync the page cache may hold neither the new data
+                // nor the old: EIO, never possibly wrong bytes.
+                self.check_failed()?;
                 self.file
                     .read_exact_at(part, self.data_offset + start)
                     .at(&self.path)?;
@@ -414,10 +529,14 @@ impl BlockDevice for Overlay {
     /// Write `buf` at `offset` (not durable until [`flush`](BlockDevice::flush)).
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
+        self.check_failed()?;
         self.file
             .write_all_at(buf, self.data_offset + offset)
             .at(&self.path)?;
-        self.set_bits(offset, buf.len() as u64);
+        self.set_bits(offset, buf.len() as u64)?;
+        if self.sync_writes.load(Relaxed) {
+            self.flush()?;
+        }
         Ok(())
     }
 
@@ -425,6 +544,7 @@ impl BlockDevice for Overlay {
     /// WRITE_ZEROES): punch a hole and map the sectors.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
+        self.check_failed()?;
         // SAFETY: fallocate on our own open descriptor; no memory is passed.
         let rc = unsafe {
             libc::fallocate(
@@ -446,25 +566,25 @@ impl BlockDevice for Overlay {
                 pos += n as u64;
             }
         }
-        self.set_bits(offset, len);
+        self.set_bits(offset, len)?;
+        if self.sync_writes.load(Relaxed) {
+            self.flush()?;
+        }
         Ok(())
     }
 
-    /// Make every completed write durable, data and map (see the module docs).
+    /// Make every completed write durable, data and map (see the module docs). A
+    /// failed sync is final (see Failures in the module docs).
     fn flush(&self) -> Result<()> {
-        let _g = self
-            .flush_lock
-            .lock()
-            .map_err(|_| Error::Invalid("overlay flush lock poisoned".into()))?;
+        let _g = self.flush_lock.lock().map_err(|_| poisoned(&self.path))?;
+        self.check_failed()?;
         // Snapshot the dirty map pages *before* syncing the data: every bit in the
         // snapshot belongs to a write whose data reached the page cache before it was
         // set, so the sync below makes that data durable before the bit. (Taking the
         // pages after the sync would let a write landing in between get a durable bit
         // over non-durable data.)
         let pages: Vec<(u64, Vec<u8>)> = {
-            let Ok(mut m) = self.map.lock() else {
-                return Err(Error::Invalid("overlay map lock poisoned".into()));
-            };
+            let mut m = self.map.lock().map_err(|_| poisoned(&self.path))?;
             let dirty = std::mem::take(&mut m.dirty);
             dirty
                 .into_iter()
@@ -475,24 +595,27 @@ impl BlockDevice for Overlay {
                 })
                 .collect()
         };
-        if let Err(e) = self.file.sync_data() {
+        // The pages stay dirty in memory if anything below fails: the mirror keeps
+        // them, and the errored state keeps them from ever being written.
+        (self.sync)(&self.file).map_err(|e| {
             self.redirty(&pages);
-            return Err(Error::io(&self.path, e));
-        }
+            self.fail(e)
+        })?;
         if pages.is_empty() {
             return Ok(());
         }
         for (p, bytes) in &pages {
             if let Err(e) = self.file.write_all_at(bytes, self.map_offset + p * PAGE) {
+                // The data is durable; the map write (page cache) failed: retrying is
+                // safe, nothing was lost yet.
                 self.redirty(&pages);
                 return Err(Error::io(&self.path, e));
             }
         }
-        if let Err(e) = self.file.sync_data() {
+        (self.sync)(&self.file).map_err(|e| {
             self.redirty(&pages);
-            return Err(Error::io(&self.path, e));
-        }
-        Ok(())
+            self.fail(e)
+        })
     }
 
     /// Only a range the overlay never wrote can be a fast hit: it is then the base's
@@ -524,6 +647,15 @@ mod tests {
         }
     }
 
+    fn open(
+        p: &Path,
+        base: Arc<dyn BlockDevice>,
+        id: &OverlayIdentity,
+        mirrors: &tempfile::TempDir,
+    ) -> Overlay {
+        Overlay::open_with_mirror_in(p, base, id, Some(mirrors.path())).unwrap()
+    }
+
     fn ident(size: u64, sum: u8) -> OverlayIdentity {
         OverlayIdentity {
             snapshot: "vm@t".into(),
@@ -538,7 +670,8 @@ mod tests {
         let p = d.path().join("ov");
         let size = 4 << 20;
         let base: Arc<dyn BlockDevice> = Arc::new(Pattern(size));
-        let ov = Overlay::open(&p, base.clone(), &ident(size, 7)).unwrap();
+        let mirrors = tempfile::tempdir().unwrap();
+        let ov = open(&p, base.clone(), &ident(size, 7), &mirrors);
         assert_eq!(
             std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o600
@@ -552,22 +685,23 @@ mod tests {
         assert_eq!(buf[2048], 5);
         assert!(buf[8192..12288].iter().all(|&b| b == 0));
         assert_eq!(buf[12288], 24 | 1);
-        // Flushed writes survive a reopen. An unflushed one survives it too when the
-        // map mirror could be kept (tmpfs /run/livemount, root), else it is lost whole.
+        // Flushed writes survive a reopen; so does an unflushed one, through the
+        // mirror (the daemon was "killed": dropped without a close).
         ov.flush().unwrap();
         ov.write_at(65536, &[0xbb; 512]).unwrap();
         drop(ov);
-        let ov = Overlay::open(&p, base.clone(), &ident(size, 7)).unwrap();
+        assert!(
+            mirrors.path().read_dir().unwrap().count() == 1,
+            "the mirror stays"
+        );
+        let ov = open(&p, base.clone(), &ident(size, 7), &mirrors);
         let mut buf2 = vec![0u8; 16384];
         ov.read_at(0, &mut buf2).unwrap();
         assert_eq!(buf, buf2);
         let mut unflushed = [0u8; 512];
         ov.read_at(65536, &mut unflushed).unwrap();
-        match ov.mapped_sectors.load(Relaxed) {
-            10 => assert_eq!(unflushed, [128 | 1; 512]),
-            11 => assert_eq!(unflushed, [0xbb; 512]),
-            n => panic!("{n} sectors mapped"),
-        }
+        assert_eq!(unflushed, [0xbb; 512]);
+        assert_eq!(ov.mapped_sectors.load(Relaxed), 11);
         // Re-applying a write is harmless.
         ov.write_at(1024, &[0xaa; 1024]).unwrap();
         ov.read_at(0, &mut buf2).unwrap();
@@ -576,7 +710,7 @@ mod tests {
         assert!(ov.write_at(size, &[0; 512]).is_err());
         // Another snapshot's overlay is refused, naming both (once it is not in use).
         drop(ov);
-        let e = Overlay::open(&p, base, &ident(size, 8))
+        let e = Overlay::open_with_mirror_in(&p, base, &ident(size, 8), Some(mirrors.path()))
             .err()
             .unwrap()
             .to_string();
@@ -587,10 +721,11 @@ mod tests {
     fn untouched_matches_the_map() {
         let d = tempfile::tempdir().unwrap();
         let size = 1 << 20;
-        let ov = Overlay::open(
+        let ov = Overlay::open_with_mirror_in(
             &d.path().join("ov"),
             Arc::new(Pattern(size)),
             &ident(size, 1),
+            Some(d.path()),
         )
         .unwrap();
         assert!(ov.untouched(0, size));
@@ -608,7 +743,7 @@ mod tests {
             assert_eq!(ov.untouched(off, len), want, "{off}+{len}");
             assert_eq!(
                 ov.untouched(off, len),
-                ov.runs(off, len).iter().all(|r| !r.2),
+                ov.runs(off, len).unwrap().iter().all(|r| !r.2),
                 "{off}+{len}"
             );
         }
@@ -621,7 +756,13 @@ mod tests {
         let size = 1u64 << 20;
         let data: Vec<u8> = (0..size).map(|i| (i / 512) as u8 | 1).collect();
         let base = Arc::new(MemDisk::new(data.clone(), true));
-        let ov = Overlay::open(&d.path().join("ov"), base.clone(), &ident(size, 1)).unwrap();
+        let ov = Overlay::open_with_mirror_in(
+            &d.path().join("ov"),
+            base.clone(),
+            &ident(size, 1),
+            Some(d.path()),
+        )
+        .unwrap();
         let mut buf = vec![0u8; 4096];
         // Untouched: the base's fast path answers.
         assert!(ov.read_cached(8192, &mut buf));
@@ -637,7 +778,107 @@ mod tests {
         assert_eq!(buf[1536..], data[8192 + 1536..8192 + 4096]);
         // A base with no fast path makes the overlay's miss too.
         let slow = Arc::new(MemDisk::new(data, false));
-        let ov2 = Overlay::open(&d.path().join("ov2"), slow, &ident(size, 1)).unwrap();
+        let ov2 = Overlay::open_with_mirror_in(
+            &d.path().join("ov2"),
+            slow,
+            &ident(size, 1),
+            Some(d.path()),
+        )
+        .unwrap();
         assert!(!ov2.read_cached(0, &mut buf));
+    }
+
+    fn failing_sync(_: &File) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EIO))
+    }
+
+    #[test]
+    fn a_failed_sync_is_final_and_never_makes_unsynced_writes_durable() {
+        let d = tempfile::tempdir().unwrap();
+        let mirrors = tempfile::tempdir().unwrap();
+        let p = d.path().join("ov");
+        let size = 1u64 << 20;
+        let base: Arc<dyn BlockDevice> = Arc::new(Pattern(size));
+        let mut ov = open(&p, base.clone(), &ident(size, 1), &mirrors);
+        ov.write_at(0, &[0xaa; 512]).unwrap();
+        ov.flush().unwrap();
+        ov.write_at(4096, &[0xbb; 512]).unwrap();
+        ov.sync = failing_sync;
+        let e = ov.flush().unwrap_err();
+        assert_eq!(e.errno(), libc::EIO, "{e}");
+        // The disk works again, but the kernel may have dropped the pages the sync
+        // could not write: the overlay stays errored (a retried flush would make
+        // the map bit of 4096 durable over data that may never have reached disk).
+        ov.sync = File::sync_data;
+        assert!(ov.flush().is_err(), "a failed sync must not be retried");
+        assert!(ov.write_at(8192, &[1; 512]).is_err());
+        assert!(ov.discard(8192, 512).is_err());
+        let mut buf = [0u8; 512];
+        assert!(ov.read_at(4096, &mut buf).is_err(), "mapped sectors: EIO");
+        ov.read_at(65536, &mut buf).unwrap();
+        assert_eq!(
+            buf[0],
+            128 | 1,
+            "untouched sectors still read from the base"
+        );
+        // After a reboot (no mirror), only the flushed write is there.
+        drop(ov);
+        let fresh = tempfile::tempdir().unwrap();
+        let ov = open(&p, base, &ident(size, 1), &fresh);
+        ov.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [0xaa; 512]);
+        ov.read_at(4096, &mut buf).unwrap();
+        assert_eq!(buf[0], 8 | 1, "the write whose flush failed is not mapped");
+    }
+
+    #[test]
+    fn without_a_mirror_writes_are_durable_before_they_complete() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ov");
+        let size = 1u64 << 20;
+        let base: Arc<dyn BlockDevice> = Arc::new(Pattern(size));
+        // The mirror directory is a file: the mirror cannot be made (like ENOSPC in /run).
+        let not_a_dir = d.path().join("run");
+        std::fs::write(&not_a_dir, b"").unwrap();
+        let ov = Overlay::open_with_mirror_in(&p, base.clone(), &ident(size, 1), Some(&not_a_dir))
+            .unwrap();
+        assert!(ov.synchronous_writes());
+        ov.write_at(512, &[0xcc; 512]).unwrap();
+        drop(ov); // killed: no flush, no close
+        let mirrors = tempfile::tempdir().unwrap();
+        let ov = open(&p, base, &ident(size, 1), &mirrors);
+        assert!(!ov.synchronous_writes());
+        let mut buf = [0u8; 512];
+        ov.read_at(512, &mut buf).unwrap();
+        assert_eq!(
+            buf, [0xcc; 512],
+            "the acknowledged write survived without a mirror"
+        );
+    }
+
+    #[test]
+    fn a_mirror_of_another_boot_or_file_is_ignored_and_a_clean_close_removes_it() {
+        let d = tempfile::tempdir().unwrap();
+        let mirrors = tempfile::tempdir().unwrap();
+        let p = d.path().join("ov");
+        let size = 1u64 << 20;
+        let base: Arc<dyn BlockDevice> = Arc::new(Pattern(size));
+        let ov = open(&p, base.clone(), &ident(size, 1), &mirrors);
+        ov.write_at(1024, &[0xdd; 512]).unwrap();
+        let mp = ov.mirror_path().to_path_buf();
+        drop(ov);
+        // Another boot's mirror (its boot id differs): its bits are not trusted.
+        let mut m = std::fs::read(&mp).unwrap();
+        m[8] ^= 0xff;
+        std::fs::write(&mp, &m).unwrap();
+        let ov = open(&p, base.clone(), &ident(size, 1), &mirrors);
+        let mut buf = [0u8; 512];
+        ov.read_at(1024, &mut buf).unwrap();
+        assert_eq!(buf[0], 2 | 1, "a foreign mirror's bits were merged");
+        assert_eq!(ov.mapped_sectors.load(Relaxed), 0);
+        // A clean close leaves no run file.
+        ov.write_at(0, &[1; 512]).unwrap();
+        ov.close().unwrap();
+        assert!(!mp.exists(), "close left the mirror behind");
     }
 }
