@@ -104,23 +104,6 @@ fn bench(c: &mut Criterion) {
         }
     }
     g.finish();
-
-    // The read path's two copies (livemount::copy picks the faster at mount),
-    // natively; docs/performance.md has the same pair measured under emulation.
-    use livemount::copy::{copy_with, Strategy};
-    let mut g = c.benchmark_group("copy");
-    let src: Vec<u8> = (0..(512 << 10) as u32).map(|x| (x * 31) as u8).collect();
-    let mut dst = vec![0u8; 512 << 10];
-    for size in [4096usize, 65536, 512 << 10] {
-        g.throughput(Throughput::Bytes(size as u64));
-        for s in [Strategy::RepMovsq, Strategy::Memmove] {
-            let name = format!("{}_{}k", s.name().replace(' ', "_"), size >> 10);
-            g.bench_function(name, |b| {
-                b.iter(|| copy_with(s, &mut dst[..size], std::hint::black_box(&src[..size])))
-            });
-        }
-    }
-    g.finish();
 }
 
 criterion_group!(benches, bench);

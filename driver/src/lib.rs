@@ -15,7 +15,6 @@ pub mod block;
 pub mod cache;
 pub mod cli;
 pub mod config;
-pub mod copy;
 pub mod daemon;
 pub mod frontend;
 pub mod metrics;

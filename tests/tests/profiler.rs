@@ -114,7 +114,13 @@ fn cannot_trace() -> Option<String> {
 macro_rules! require_tracing {
     ($name:expr) => {
         if let Some(reason) = cannot_trace() {
-            eprintln!("SKIP {}: {}", $name, reason);
+            // SAFETY: geteuid has no preconditions.
+            let tier = if unsafe { libc::geteuid() } == 0 {
+                livemount_tests::Tier::Machine
+            } else {
+                livemount_tests::Tier::Root
+            };
+            livemount_tests::skip($name, tier, &reason);
             return;
         }
     };
@@ -526,14 +532,19 @@ fn cgroup2_root() -> Option<PathBuf> {
 fn cgroup_filter_keeps_only_that_cgroup_reads() {
     require_tracing!("cgroup_filter_keeps_only_that_cgroup_reads");
     let Some(root) = cgroup2_root() else {
-        eprintln!("SKIP cgroup_filter_keeps_only_that_cgroup_reads: no cgroup v2 mount");
+        livemount_tests::skip(
+            "cgroup_filter_keeps_only_that_cgroup_reads",
+            livemount_tests::Tier::Machine,
+            "no cgroup v2 mount",
+        );
         return;
     };
     let cg = TestCgroup(root.join(format!("livemount-test-{}", std::process::id())));
     if let Err(e) = std::fs::create_dir(&cg.0) {
-        eprintln!(
-            "SKIP cgroup_filter_keeps_only_that_cgroup_reads: cannot create {}: {e}",
-            cg.0.display()
+        livemount_tests::skip(
+            "cgroup_filter_keeps_only_that_cgroup_reads",
+            livemount_tests::Tier::Machine,
+            &format!("cannot create {}: {e}", cg.0.display()),
         );
         return;
     }
@@ -677,8 +688,12 @@ fn watch_writes_one_profile_per_boot_and_rotates() {
 
 #[test]
 fn without_privileges_it_says_so_in_one_line() {
-    if cannot_trace().is_some() {
-        eprintln!("SKIP without_privileges_it_says_so_in_one_line: needs root to drop privileges");
+    if let Some(why) = cannot_trace() {
+        livemount_tests::skip(
+            "without_privileges_it_says_so_in_one_line",
+            livemount_tests::Tier::Root,
+            &format!("needs root to drop privileges ({why})"),
+        );
         return;
     }
     let dir = tmpdir();

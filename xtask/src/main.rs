@@ -124,10 +124,95 @@ fn main() -> Result<()> {
 }
 
 /// Every test: the workspace's unit and integration tests (root-only tests run when
-/// root), then the ublk tests inside the VM.
+/// root), then the ublk tests inside the VM. Skips are collected (see
+/// `livemount_tests::skip`), printed with their reasons, and fail the run unless the
+/// VM ran every test that skipped on the host for want of ublk.
 fn test() -> Result<()> {
+    let log = util::root().join("target/test-skips.tsv");
+    let _ = std::fs::remove_file(&log);
+    // Read by the test processes cargo starts (the skip log is theirs to append to).
+    std::env::set_var("LIVEMOUNT_SKIP_LOG", &log);
     util::cargo(&["test", "--workspace", "--all-targets"])?;
     util::cargo(&["test", "--workspace", "--doc"])?;
-    vm::test()?;
+    let skips = std::fs::read_to_string(&log).unwrap_or_default();
+    std::env::remove_var("LIVEMOUNT_SKIP_LOG");
+    let vm = vm::test();
+    let verdict = skip_verdict(&skips, vm.is_ok());
+    print!("{}", verdict.summary);
+    vm?;
+    if let Some(e) = verdict.failure {
+        anyhow::bail!("{e}");
+    }
     Ok(())
+}
+
+/// What the host's skip log means for the run.
+struct SkipVerdict {
+    /// Every skip with its reason, for the summary.
+    summary: String,
+    /// Why the run must fail, if it must.
+    failure: Option<String>,
+}
+
+/// Judge the skip log (`tier<TAB>test<TAB>why` lines): tests that need ublk are
+/// covered when the VM tier ran; any other skip means a tier that can run on this
+/// machine did not (not root, a missing tracefs or cgroup v2, …).
+fn skip_verdict(log: &str, vm_ran: bool) -> SkipVerdict {
+    let mut summary = String::new();
+    let mut uncovered = Vec::new();
+    let skips: Vec<(&str, &str, &str)> = log
+        .lines()
+        .filter_map(|l| {
+            let mut p = l.splitn(3, '\t');
+            Some((p.next()?, p.next()?, p.next().unwrap_or("")))
+        })
+        .collect();
+    if !skips.is_empty() {
+        summary.push_str(&format!(
+            "test: {} test(s) skipped on the host:\n",
+            skips.len()
+        ));
+    }
+    for (tier, test, why) in &skips {
+        let covered = *tier == "ublk" && vm_ran;
+        summary.push_str(&format!(
+            "  SKIP [{tier}] {test}: {why}{}\n",
+            if covered { " — ran in the VM" } else { "" }
+        ));
+        if !covered {
+            uncovered.push(format!("{test} ({tier})"));
+        }
+    }
+    let failure = (!uncovered.is_empty()).then(|| {
+        format!(
+            "{} test(s) were skipped and ran nowhere: {} (run as root on a machine with the VM kit; a skip is not a pass)",
+            uncovered.len(),
+            uncovered.join(", ")
+        )
+    });
+    SkipVerdict { summary, failure }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skip_verdict;
+
+    #[test]
+    fn skips_fail_the_run_unless_the_vm_covered_them() {
+        let log = "ublk\tublk_discard\tneeds ublk\nublk\tublk_read_only\tneeds ublk\n";
+        let v = skip_verdict(log, true);
+        assert!(v.failure.is_none());
+        assert!(v
+            .summary
+            .contains("SKIP [ublk] ublk_discard: needs ublk — ran in the VM"));
+        let v = skip_verdict(log, false);
+        assert!(v.failure.unwrap().contains("ublk_discard (ublk)"));
+        let v = skip_verdict("root\trestore_to_block_devices\tneeds root\n", true);
+        assert!(v
+            .failure
+            .unwrap()
+            .contains("restore_to_block_devices (root)"));
+        let v = skip_verdict("", true);
+        assert!(v.failure.is_none() && v.summary.is_empty());
+    }
 }

@@ -291,6 +291,29 @@ fn run_adhoc(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The number of tests `bins` hold that `extra` selects (`--list --format terse`).
+fn expected_tests(bins: &[TestBinary], extra: &[String]) -> Result<u64> {
+    let mut n = 0;
+    for b in bins {
+        let out = Command::new(&b.exe)
+            .args(["--list", "--format", "terse"])
+            .args(extra.iter().filter(|a| *a != "--nocapture"))
+            .current_dir(&b.manifest_dir)
+            .output()
+            .with_context(|| format!("listing the tests of {}", b.exe.display()))?;
+        if !out.status.success() {
+            bail!("{} --list failed: {}", b.exe.display(), out.status);
+        }
+        n += count_listed(&String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(n)
+}
+
+/// Tests in libtest's terse list output (`name: test` lines).
+fn count_listed(list: &str) -> u64 {
+    list.lines().filter(|l| l.ends_with(": test")).count() as u64
+}
+
 /// Sum of the libtest "test result:" lines in a log: (passed, failed, ignored).
 fn count_tests(log: &str) -> (u64, u64, u64) {
     let mut sum = (0, 0, 0);
@@ -322,7 +345,9 @@ fn count_tests(log: &str) -> (u64, u64, u64) {
 /// `--nocapture`, ...).
 pub fn test() -> Result<()> {
     if skip_vm("ublk tests in the VM") {
-        return Ok(());
+        bail!(
+            "vm-test: the VM tier was skipped (LIVEMOUNT_SKIP_VM=1); a skipped tier is not a pass"
+        );
     }
     if let Ok(what) = std::env::var("LIVEMOUNT_VM_RUN") {
         return run_adhoc(&what);
@@ -342,8 +367,14 @@ pub fn test() -> Result<()> {
         .split_whitespace()
         .map(String::from)
         .collect();
+    // How many tests must pass: libtest's own list, with the same arguments (a
+    // filter that matches nothing must fail, not pass with zero tests).
+    let expected = expected_tests(&bins, &extra)?;
+    if expected == 0 {
+        bail!("vm-test: no test matches (LIVEMOUNT_VM_TEST_ARGS={extra:?})");
+    }
     eprintln!(
-        "vm-test: {} test binaries to run in the VM (kernel {kver})",
+        "vm-test: {} test binaries, {expected} tests to run in the VM (kernel {kver})",
         bins.len()
     );
     let opts = VmOptions {
@@ -381,6 +412,18 @@ pub fn test() -> Result<()> {
         r.script_time.as_secs_f64(),
         r.total_time.as_secs_f64()
     );
+    if r.attempts > 1 {
+        eprintln!(
+            "vm-test: note: {} boots: the guest kernel crashed before the tests started",
+            r.attempts
+        );
+    }
+    if passed + ignored != expected && failed.is_empty() && r.success() {
+        eprintln!("vm-test: guest results kept in {}", results.display());
+        bail!(
+            "vm-test: {expected} tests should have run, {passed} passed and {ignored} were ignored"
+        );
+    }
     if r.success() && failed.is_empty() && ran == bins.len() {
         let _ = fs::remove_dir_all(&results);
         return Ok(());
@@ -408,6 +451,15 @@ pub fn test() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_listed_tests() {
+        assert_eq!(
+            count_listed("ublk_discard: test\nublk_read_only: test\nbench: benchmark\n"),
+            2
+        );
+        assert_eq!(count_listed(""), 0);
+    }
 
     #[test]
     fn counts_libtest_lines() {

@@ -57,6 +57,11 @@ impl SnapshotImage {
         }
     }
 
+    /// Chunks sequential read-ahead has queued (0 when it is off).
+    pub fn sequential_requested(&self) -> u64 {
+        self.sequential.as_ref().map_or(0, |s| s.requested())
+    }
+
     /// The index.
     pub fn index(&self) -> &SnapshotIndex {
         &self.index

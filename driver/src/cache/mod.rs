@@ -639,7 +639,7 @@ fn copy_out(
             return Err(short());
         }
         let n = ((range.end - pos) as usize).min(f.len() - in_frame);
-        crate::copy::copy_bytes(&mut out[written..written + n], &f[in_frame..in_frame + n]);
+        out[written..written + n].copy_from_slice(&f[in_frame..in_frame + n]);
         written += n;
         pos += n as u32;
     }

@@ -63,8 +63,6 @@ pub fn attach_help(dev: &str) -> String {
 struct Daemon {
     stack: Stack,
     metrics: Arc<IoMetrics>,
-    /// The read path's copy as measured at start (shown by `status`).
-    read_copy: String,
     started: Instant,
     stopping: AtomicBool,
     is_ready: AtomicBool,
@@ -83,12 +81,9 @@ impl Daemon {
                 stack.config.prestage.parse().map_err(Error::Invalid)?;
             p.stage_before_ready(window);
         }
-        // Pick the read path's copy now (measured), not on the first request.
-        let (copy, speedup) = crate::copy::init();
         Ok(Arc::new(Daemon {
             stack,
             metrics: Arc::new(IoMetrics::default()),
-            read_copy: format!("{} ({speedup:.1}x memmove's speed here)", copy.name()),
             started: Instant::now(),
             stopping: AtomicBool::new(false),
             is_ready: AtomicBool::new(false),
@@ -142,7 +137,6 @@ impl Daemon {
             io: Some(self.metrics.report()),
             uptime_s: self.started.elapsed().as_secs_f64(),
             prestage: self.stack.prestager.as_ref().map(|p| p.progress.report()),
-            read_copy: Some(self.read_copy.clone()),
         }
     }
 
@@ -476,20 +470,7 @@ mod tests {
         // Stale status files: an unrelated live pid, pid 0 (kill(0) would signal our
         // own process group), u32::MAX (kill(-1): every process we may signal).
         for (id, pid) in [(77u32, bystander.id()), (78, 0), (79, u32::MAX)] {
-            let st = status::MountStatus {
-                device: format!("/dev/ublkb{id}"),
-                dev_id: id,
-                pid,
-                state: "running".into(),
-                config: MountConfig::new("/s".into(), "vm@t".into(), None),
-                size: 0,
-                overlay_bytes: 0,
-                cache: None,
-                io: None,
-                uptime_s: 0.0,
-                prestage: None,
-                read_copy: None,
-            };
+            let st = status::MountStatus::for_test(id, pid, Path::new("/s"), "vm@t");
             std::fs::write(
                 run.path().join(format!("ublkb{id}.json")),
                 serde_json::to_vec(&st).unwrap(),

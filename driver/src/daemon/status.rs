@@ -38,9 +38,26 @@ pub struct MountStatus {
     /// Pre-staging progress, when a profile is used.
     #[serde(default)]
     pub prestage: Option<PrestageReport>,
-    /// The copy the read path uses, as measured at mount (see [`crate::copy`]).
-    #[serde(default)]
-    pub read_copy: Option<String>,
+}
+
+#[cfg(test)]
+impl MountStatus {
+    /// A status of device `dev_id` served by `pid`, for tests of what reads it.
+    pub(crate) fn for_test(dev_id: u32, pid: u32, store: &Path, snapshot: &str) -> MountStatus {
+        MountStatus {
+            device: format!("/dev/ublkb{dev_id}"),
+            dev_id,
+            pid,
+            state: "running".into(),
+            config: MountConfig::new(store.to_path_buf(), snapshot.into(), None),
+            size: 0,
+            overlay_bytes: 0,
+            cache: None,
+            io: None,
+            uptime_s: 0.0,
+            prestage: None,
+        }
+    }
 }
 
 /// The status file of device `dev_id`.
@@ -158,20 +175,7 @@ mod tests {
     use super::*;
 
     fn status(dir: &Path, dev_id: u32, store: &Path, snapshot: &str) {
-        let st = MountStatus {
-            device: format!("/dev/ublkb{dev_id}"),
-            dev_id,
-            pid: 999_999_999,
-            state: "running".into(),
-            config: MountConfig::new(store.to_path_buf(), snapshot.into(), None),
-            size: 0,
-            overlay_bytes: 0,
-            cache: None,
-            io: None,
-            uptime_s: 0.0,
-            prestage: None,
-            read_copy: None,
-        };
+        let st = MountStatus::for_test(dev_id, 999_999_999, store, snapshot);
         std::fs::write(
             status_path_in(dir, dev_id),
             serde_json::to_vec(&st).unwrap(),

@@ -175,9 +175,15 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Print why a test is skipped (shown with `--nocapture`, and in the failure output).
+/// Report a skipped test (see [`livemount_tests::skip`]); `root`: whether running as
+/// root would have let it run.
 pub fn skip(test: &str, why: &str) {
-    eprintln!("SKIP {test}: {why}");
+    let tier = if is_root() {
+        livemount_tests::Tier::Machine
+    } else {
+        livemount_tests::Tier::Root
+    };
+    livemount_tests::skip(test, tier, why);
 }
 
 /// Run an external tool, panicking with its output on failure.

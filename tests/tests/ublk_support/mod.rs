@@ -22,7 +22,11 @@ pub fn have_ublk(test: &str) -> bool {
     if std::env::var("LIVEMOUNT_IN_VM").is_ok_and(|v| v == "1") {
         panic!("{test}: LIVEMOUNT_IN_VM=1 but /dev/ublk-control is missing");
     }
-    eprintln!("SKIP {test}: needs ublk (runs inside the VM via cargo xtask vm-test)");
+    livemount_tests::skip(
+        test,
+        livemount_tests::Tier::Ublk,
+        "needs ublk (runs inside the VM via cargo xtask vm-test)",
+    );
     false
 }
 

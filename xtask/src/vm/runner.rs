@@ -107,7 +107,10 @@ pub fn run_in_vm(script: &str, opts: &VmOptions) -> Result<VmResult> {
                 )))
             }
             Ok(Attempt::Done(mut r)) => {
-                if r.oops && attempt <= opts.retries {
+                // A crash before our script started (the emulated kernel booting) may
+                // be retried; one while our code ran is a result, never retried.
+                let script_started = r.log.contains("@@LMVM-STEP script");
+                if r.oops && !script_started && attempt <= opts.retries {
                     eprintln!(
                         "vm: the guest kernel crashed (Oops; log in {}); retrying ({attempt} of {})",
                         run_dir.display(),
@@ -384,11 +387,19 @@ fn boot(
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok());
     let Some(exit_code) = rc else {
-        return Ok(Attempt::Flaky(format!(
+        let msg = format!(
             "the guest powered off without an exit status (qemu {status}, last step `{}`{})",
             con.last_step(),
             if oops { ", kernel Oops in the log" } else { "" }
-        )));
+        );
+        // Only a boot that never reached our script may be retried.
+        if con.step_time("script").is_some() {
+            bail!(
+                "{msg} (console log in {})",
+                run_dir.join("console.log").display()
+            );
+        }
+        return Ok(Attempt::Flaky(msg));
     };
     let marker = log.contains(&format!("@@LMVM-EXIT {nonce} {exit_code}"));
     if !marker && opts.stream {
