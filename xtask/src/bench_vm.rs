@@ -54,7 +54,8 @@ fn rublk() -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn image() -> Result<(PathBuf, PathBuf)> {
+/// The benchmark image (512 MiB of the demo's ext4 disk) and its store, built once.
+pub(crate) fn image() -> Result<(PathBuf, PathBuf)> {
     let dir = cache_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let img = dir.join("image.img");
@@ -142,7 +143,8 @@ zstd -q -3 -T1 -f /tmp/image.img -o /tmp/image.zst
     s
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median (0 for none).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     match v.len() {
         0 => 0.0,
@@ -151,13 +153,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-struct Figures {
-    iops: f64,
-    p50_us: f64,
-    mib_s: f64,
+/// What one fio job measured.
+pub(crate) struct Figures {
+    pub iops: f64,
+    pub p50_us: f64,
+    pub mib_s: f64,
 }
 
-fn parse(path: &Path) -> Option<Figures> {
+/// The figures of one fio JSON output.
+pub(crate) fn parse(path: &Path) -> Option<Figures> {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
     let job = &v["jobs"][0];
     let side = if job["write"]["io_bytes"].as_f64().unwrap_or(0.0) > 0.0 {

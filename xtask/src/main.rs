@@ -4,6 +4,7 @@
 //! ublk VM tests, bpf-linker and rust-src for the eBPF build) is installed by
 //! `cargo xtask setup`, which `demo`, `test` and the benchmarks call first.
 
+mod bench_nbd;
 mod bench_vm;
 mod boot;
 mod demo;
@@ -34,6 +35,8 @@ enum Cmd {
     VmTest,
     /// fio in the VM: livemount cold/warm vs the loop device and rublk null.
     BenchVm,
+    /// fio's nbd engine on the host: `livemount serve` cold/warm vs qemu-nbd.
+    BenchNbd,
     /// Build the release binary and run `livemount mount` with these arguments
     /// (e.g. `cargo xtask create-device web01 --store /srv/store --daemon`).
     CreateDevice {
@@ -91,6 +94,10 @@ fn main() -> Result<()> {
         Cmd::BenchVm => {
             setup::run()?;
             bench_vm::run()
+        }
+        Cmd::BenchNbd => {
+            setup::run()?;
+            bench_nbd::run()
         }
         Cmd::VmTest => {
             setup::run()?;

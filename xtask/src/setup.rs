@@ -11,6 +11,11 @@ const HOST_PACKAGES: &[(&str, &str)] = &[
     ("e2fsck", "e2fsprogs"),
     ("zstd", "zstd"),
     ("debootstrap", "debootstrap"),
+    // Real NBD clients for the NBD frontend's tests (qemu-img and qemu-io come with
+    // qemu-utils, which the machine has from backports: never replaced here).
+    ("nbdinfo", "libnbd-bin"),
+    ("nbdcopy", "libnbd-bin"),
+    ("qemu-io", "qemu-utils"),
 ];
 
 /// Install every Debian package in `pkgs` whose probe binary is missing.

@@ -14,6 +14,7 @@ pub mod parse;
 mod prestage;
 mod profile;
 mod restore;
+mod serve;
 mod status;
 mod unmount;
 mod verify;
@@ -53,6 +54,8 @@ enum Cmd {
     Forget(forget::Args),
     /// Expose a snapshot as a block device (/dev/ublkbN) with a copy-on-write overlay.
     Mount(Box<mount::Args>),
+    /// Serve snapshots as NBD exports (qemu, libvirt, nbd-client, on this or other hosts).
+    Serve(serve::Args),
     /// Stop a live mount (flushes the overlay, removes the device).
     Unmount(unmount::Args),
     /// State, cache and I/O figures of live mounts.
@@ -105,6 +108,7 @@ fn dispatch(cmd: Cmd) -> Outcome {
         Cmd::Restore(a) => restore::run(a),
         Cmd::Forget(a) => forget::run(a),
         Cmd::Mount(a) => mount::run(*a),
+        Cmd::Serve(a) => serve::run(a),
         Cmd::Unmount(a) => unmount::run(a),
         Cmd::Status(a) => status::run(a),
         Cmd::Prestage(a) => prestage::run(a),

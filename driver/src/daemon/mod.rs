@@ -8,6 +8,7 @@
 
 pub mod namespace;
 pub mod ready;
+pub mod serve;
 pub mod status;
 
 use crate::config::MountConfig;

@@ -9,6 +9,8 @@
 //! and turns every error — a panic on the I/O path included — into an errno for
 //! that request alone.
 
+pub mod nbd;
+pub mod pool;
 pub mod ublk;
 
 use crate::block::BlockDevice;

@@ -6,7 +6,7 @@
 //! with `rublk add null` vs `rublk add null -a`; docs/performance.md). Reads that hit
 //! the memory tier and writes (which land in the overlay's page cache) complete on the
 //! queue thread at once; everything that may block — store reads, decoding, fsync —
-//! goes to a [`pool::Pool`], whose worker signals an eventfd that the queue reads
+//! goes to the [`crate::frontend::pool::Pool`], whose worker signals an eventfd that the queue reads
 //! through its own io_uring (a target I/O of the request's tag), so other tags keep
 //! being served meanwhile (the pattern of rublk's compress target).
 //!
@@ -18,12 +18,13 @@ pub mod pool;
 
 use crate::block::BlockDevice;
 use crate::error::Result as LmResult;
+use crate::frontend::pool::Pool;
 use crate::frontend::{self, Op, Request, Step};
 use crate::metrics::IoMetrics;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, UblkFlags, UblkIORes};
-use pool::{Completion, Pool};
+use pool::Completion;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 

@@ -1,58 +1,9 @@
-//! Blocking work moved off the ublk queue threads.
-//!
-//! Store reads, zstd decoding and fsync can take milliseconds; doing them on a queue
-//! thread would stall every other request of that queue. A job runs on a small pool
-//! of threads and signals its completion on an eventfd that the waiting I/O task reads
-//! through the queue's io_uring, so the queue thread keeps serving other tags
-//! meanwhile (the pattern of rublk's compress target).
+//! How a job on the worker pool ([`crate::frontend::pool`]) tells a ublk queue it is
+//! done: an eventfd that the waiting I/O task reads through the queue's io_uring, so
+//! the queue thread keeps serving other tags meanwhile (the pattern of rublk's
+//! compress target).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// A fixed pool of worker threads.
-pub struct Pool {
-    tx: Mutex<Option<mpsc::Sender<Job>>>,
-}
-
-impl Pool {
-    /// Start `threads` workers.
-    pub fn new(threads: usize) -> Arc<Pool> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..threads.max(1) {
-            let rx = rx.clone();
-            let _ = std::thread::Builder::new()
-                .name(format!("livemount-io-{i}"))
-                .spawn(move || loop {
-                    let job = match rx.lock() {
-                        Ok(r) => r.recv(),
-                        Err(_) => return,
-                    };
-                    match job {
-                        // A panicking job must not take the worker with it.
-                        Ok(job) => {
-                            let _ = crate::frontend::guarded("an I/O worker job", job);
-                        }
-                        Err(_) => return,
-                    }
-                });
-        }
-        Arc::new(Pool {
-            tx: Mutex::new(Some(tx)),
-        })
-    }
-
-    /// Queue `job`; false if the pool is shut down.
-    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) -> bool {
-        match self.tx.lock() {
-            Ok(g) => g.as_ref().is_some_and(|tx| tx.send(Box::new(job)).is_ok()),
-            Err(_) => false,
-        }
-    }
-}
 
 /// An eventfd a worker writes when a job is done.
 pub struct Completion {

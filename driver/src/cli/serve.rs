@@ -1,0 +1,62 @@
+//! `livemount serve`: snapshots as NBD exports.
+
+use super::parse::parse_size;
+use super::{Outcome, StoreArgs};
+use crate::config::{DEFAULT_CACHE_MEM, DEFAULT_WORKERS};
+use crate::daemon::serve::{serve, ServeOptions};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Arguments of `livemount serve`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// An export: NAME serving SNAPSHOT (`series@time`; default: series NAME's
+    /// latest). Repeat for more exports.
+    #[arg(long = "export", value_name = "NAME[=SNAPSHOT]", required = true)]
+    exports: Vec<String>,
+    /// Directory of the exports' overlays (NAME.overlay, kept across restarts).
+    #[arg(long, value_name = "DIR")]
+    overlay_dir: Option<PathBuf>,
+    /// Serve every export read-only (no overlay).
+    #[arg(long)]
+    read_only: bool,
+    /// Unix socket to listen on (default /run/livemount/nbd.sock unless --tcp is given).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// TCP address to listen on, e.g. 127.0.0.1:10809 (no TLS yet: loopback or a
+    /// trusted network only). Repeatable.
+    #[arg(long, value_name = "ADDR:PORT")]
+    tcp: Vec<SocketAddr>,
+    /// Memory tier of each export's read cache, bytes or with K/M/G.
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CACHE_MEM)]
+    cache_mem: u64,
+    /// Worker threads shared by every connection.
+    #[arg(long, default_value_t = DEFAULT_WORKERS)]
+    workers: usize,
+}
+
+/// Run `livemount serve` until SIGTERM/SIGINT.
+pub fn run(a: Args) -> Outcome {
+    let exports = a
+        .exports
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some((n, s)) => (n.to_string(), s.to_string()),
+            None => (e.clone(), e.clone()),
+        })
+        .collect();
+    serve(ServeOptions {
+        store: a.store.store,
+        exports,
+        overlay_dir: a.overlay_dir,
+        read_only: a.read_only,
+        socket: a.socket,
+        tcp: a.tcp,
+        cache_mem: a.cache_mem,
+        workers: a.workers,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

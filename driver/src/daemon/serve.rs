@@ -1,0 +1,200 @@
+//! `livemount serve`: snapshots as NBD exports, each with its own block stack
+//! (overlay or read-only), on a Unix socket and/or TCP, until SIGTERM/SIGINT.
+//!
+//! The Unix socket is created 0600 in a private directory (only root connects);
+//! TCP has no TLS yet, so it is meant for loopback or a trusted storage network, and
+//! the server says so when it binds anything else. A stop flushes every export's
+//! overlay before the process exits: writes a client completed are durable even if
+//! it never sent FLUSH.
+
+use crate::config::MountConfig;
+use crate::error::{Error, IoContext, Result};
+use crate::frontend::nbd::{self, Export, Exports};
+use crate::frontend::pool::Pool;
+use crate::metrics::IoMetrics;
+use crate::stack::Stack;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What to serve and where.
+pub struct ServeOptions {
+    /// The store directory.
+    pub store: PathBuf,
+    /// (export name, snapshot spec).
+    pub exports: Vec<(String, String)>,
+    /// Where each writable export keeps its overlay, `NAME.overlay` (kept across
+    /// restarts: a restarted server keeps every flushed write).
+    pub overlay_dir: Option<PathBuf>,
+    /// Serve every export read-only.
+    pub read_only: bool,
+    /// Unix socket path.
+    pub socket: Option<PathBuf>,
+    /// TCP addresses.
+    pub tcp: Vec<SocketAddr>,
+    /// Memory tier of each export's read cache.
+    pub cache_mem: u64,
+    /// Worker threads shared by all connections.
+    pub workers: usize,
+}
+
+/// Build every export's stack (and stage its profile's start, like a mount).
+fn open_exports(o: &ServeOptions) -> Result<(Vec<Stack>, Exports)> {
+    if !o.read_only && o.overlay_dir.is_none() {
+        return Err(Error::Invalid(
+            "writable exports need --overlay-dir DIR (one overlay file per export, kept across restarts), or use --read-only".into(),
+        ));
+    }
+    if let Some(d) = &o.overlay_dir {
+        crate::paths::ensure_private_dir(d)?;
+    }
+    let mut stacks = Vec::new();
+    let mut exports = Exports::new();
+    for (name, snap) in &o.exports {
+        if name.is_empty() || name.len() > 255 || name.contains(['/', '\0']) {
+            return Err(Error::Invalid(format!(
+                "export name {name:?}: 1 to 255 characters, no '/'"
+            )));
+        }
+        if exports.contains_key(name) {
+            return Err(Error::Invalid(format!("export {name:?} given twice")));
+        }
+        let overlay = match (&o.overlay_dir, o.read_only) {
+            (Some(d), false) => Some(d.join(format!("{name}.overlay"))),
+            _ => None,
+        };
+        let mut config = MountConfig::new(o.store.clone(), snap.clone(), overlay);
+        config.read_only = o.read_only;
+        config.cache_mem = o.cache_mem;
+        let stack = Stack::open(&config)?;
+        if let Some(p) = &stack.prestager {
+            let window = config.prestage.parse().map_err(Error::Invalid)?;
+            p.stage_before_ready(window);
+            let p = p.clone();
+            std::thread::spawn(move || p.continue_in_background());
+        }
+        exports.insert(
+            name.clone(),
+            Export {
+                device: stack.top.clone(),
+                metrics: Arc::new(IoMetrics::default()),
+                description: stack.config.snapshot.clone(),
+            },
+        );
+        stacks.push(stack);
+    }
+    Ok((stacks, exports))
+}
+
+/// Bind the Unix socket: a stale socket file is replaced, anything else is refused.
+fn bind_unix(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        crate::paths::ensure_private_dir(dir)?;
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(Error::Invalid(format!(
+                "{} exists and is not a socket; remove it",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).at(path)?;
+    }
+    let l = UnixListener::bind(path).at(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).at(path)?;
+    Ok(l)
+}
+
+/// Serve until SIGTERM/SIGINT; print one line per export with its URIs.
+pub fn serve(o: ServeOptions) -> Result<()> {
+    let (stacks, exports) = open_exports(&o)?;
+    let exports = Arc::new(exports);
+    let pool = Pool::new(o.workers);
+    let socket = match (&o.socket, o.tcp.is_empty()) {
+        (Some(p), _) => Some(p.clone()),
+        (None, true) => Some(Path::new(crate::paths::RUN_DIR).join("nbd.sock")),
+        (None, false) => None,
+    };
+    if let Some(path) = &socket {
+        let l = bind_unix(path)?;
+        let (e, p) = (exports.clone(), pool.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let (e, p) = (e.clone(), p.clone());
+                std::thread::spawn(move || log_end(nbd::serve_connection(Box::new(c), &e, &p)));
+            }
+        });
+    }
+    for addr in &o.tcp {
+        let l = TcpListener::bind(addr).map_err(|e| Error::io(addr.to_string(), e))?;
+        if !addr.ip().is_loopback() {
+            eprintln!("livemount: warning: serving {addr} without TLS: anyone who can reach it reads and writes these disks; use a trusted network");
+        }
+        let (e, p) = (exports.clone(), pool.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let _ = c.set_nodelay(true);
+                let (e, p) = (e.clone(), p.clone());
+                std::thread::spawn(move || log_end(nbd::serve_connection(Box::new(c), &e, &p)));
+            }
+        });
+    }
+    for (name, e) in exports.iter() {
+        let mut uris = Vec::new();
+        if let Some(s) = &socket {
+            uris.push(format!("nbd+unix:///{name}?socket={}", s.display()));
+        }
+        uris.extend(o.tcp.iter().map(|a| format!("nbd://{a}/{name}")));
+        println!(
+            "export {name}: {} ({} bytes{}) at {}",
+            e.description,
+            e.device.size(),
+            if e.device.read_only() {
+                ", read-only"
+            } else {
+                ""
+            },
+            uris.join(" ")
+        );
+    }
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    super::ready::notify(&super::ready::Readiness::Ready {
+        device: socket
+            .as_ref()
+            .map(|s| s.display().to_string())
+            .unwrap_or_else(|| o.tcp.first().map(|a| a.to_string()).unwrap_or_default()),
+        pid: std::process::id(),
+    });
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+        .map_err(|e| Error::io("signal handler", e))?;
+    signals.forever().next();
+    // Stop: every completed write durable, mirrors removed, the socket gone.
+    let mut result = Ok(());
+    for s in &stacks {
+        let r = s.top.flush().and_then(|()| match &s.overlay {
+            Some(o) => o.close(),
+            None => Ok(()),
+        });
+        if let Err(e) = r {
+            eprintln!("livemount: error: {e}");
+            result = Err(e);
+        }
+    }
+    if let Some(s) = &socket {
+        let _ = std::fs::remove_file(s);
+    }
+    result
+}
+
+/// Log how a connection ended, unless the client simply went away.
+fn log_end(r: std::io::Result<()>) {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    match r {
+        Err(e) if !matches!(e.kind(), BrokenPipe | ConnectionReset | UnexpectedEof) => {
+            eprintln!("livemount: nbd connection closed: {e}")
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,499 @@
+//! The NBD frontend: serves the top of one or many block stacks as named exports
+//! over a Unix socket and/or TCP, for hypervisors on other hosts or without ublk
+//! (qemu, libvirt, Proxmox, `nbd-client`, libnbd).
+//!
+//! One thread per connection reads requests in order; [`frontend::start`] decides
+//! each one exactly as for ublk (memory hits and writes complete at once, anything
+//! that may block goes to the shared worker pool), and replies — out of order, by
+//! the client's handle — are written under one lock per connection. A connection
+//! holds at most [`MAX_IN_FLIGHT`] requests; oversized or out-of-range requests get
+//! the protocol's error, malformed ones close the connection; nothing a client sends
+//! can write outside its export or stop the server. FLUSH makes every completed
+//! write of the export durable, whichever connection made it, so writable exports
+//! advertise multi-conn too.
+
+pub mod proto;
+
+use crate::block::BlockDevice;
+use crate::frontend::pool::Pool;
+use crate::frontend::{self, Op, Request, Step};
+use crate::metrics::IoMetrics;
+use proto::*;
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// Requests of one connection in flight at once (each holds its buffer).
+pub const MAX_IN_FLIGHT: usize = 64;
+/// How long a client may take to finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One named export.
+pub struct Export {
+    /// What it serves.
+    pub device: Arc<dyn BlockDevice>,
+    /// Figures of its I/O.
+    pub metrics: Arc<IoMetrics>,
+    /// A description for `LIST` (the snapshot).
+    pub description: String,
+}
+
+/// The exports a server offers, by name.
+pub type Exports = BTreeMap<String, Export>;
+
+/// A byte stream the server can talk on (Unix or TCP socket).
+pub trait Conn: Read + Write + Send + 'static {
+    /// Another handle on the same socket, for writing replies.
+    fn try_clone_conn(&self) -> io::Result<Box<dyn Write + Send>>;
+    /// Bound reads (None: no bound).
+    fn set_read_deadline(&self, d: Option<Duration>) -> io::Result<()>;
+}
+
+impl Conn for std::os::unix::net::UnixStream {
+    fn try_clone_conn(&self) -> io::Result<Box<dyn Write + Send>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn set_read_deadline(&self, d: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(d)
+    }
+}
+
+impl Conn for std::net::TcpStream {
+    fn try_clone_conn(&self) -> io::Result<Box<dyn Write + Send>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn set_read_deadline(&self, d: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(d)
+    }
+}
+
+fn transmission_flags(dev: &dyn BlockDevice) -> u16 {
+    let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN;
+    if dev.read_only() {
+        f |= TFLAG_READ_ONLY;
+    } else {
+        f |= TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
+    }
+    f
+}
+
+fn protocol_error(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+/// The handshake: options until the client picks an export (GO / EXPORT_NAME) or
+/// leaves. `Ok(None)`: the client aborted or disconnected.
+fn handshake<'e>(c: &mut dyn Conn, exports: &'e Exports) -> io::Result<Option<&'e Export>> {
+    c.write_all(&greeting())?;
+    let mut cf = [0u8; 4];
+    c.read_exact(&mut cf)?;
+    let client_flags = u32::from_be_bytes(cf);
+    if client_flags & CLIENT_FIXED_NEWSTYLE == 0 {
+        return Err(protocol_error("client does not speak fixed newstyle"));
+    }
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    loop {
+        let mut h = [0u8; 16];
+        match c.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let (opt, len) = parse_option_header(&h).map_err(protocol_error)?;
+        let mut payload = vec![0u8; len as usize];
+        c.read_exact(&mut payload)?;
+        match opt {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&payload);
+                // No error reply exists for EXPORT_NAME: an unknown name closes.
+                let Some(e) = exports.get(name.as_ref()) else {
+                    return Err(protocol_error(format!("unknown export {name:?}")));
+                };
+                let mut r = Vec::with_capacity(134);
+                r.extend_from_slice(&e.device.size().to_be_bytes());
+                r.extend_from_slice(&transmission_flags(e.device.as_ref()).to_be_bytes());
+                if !no_zeroes {
+                    r.extend_from_slice(&[0u8; 124]);
+                }
+                c.write_all(&r)?;
+                return Ok(Some(e));
+            }
+            OPT_ABORT => {
+                c.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if !payload.is_empty() {
+                    c.write_all(&option_reply(opt, REP_ERR_INVALID, b"LIST takes no data"))?;
+                    continue;
+                }
+                for name in exports.keys() {
+                    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(name.as_bytes());
+                    c.write_all(&option_reply(opt, REP_SERVER, &d))?;
+                }
+                c.write_all(&option_reply(opt, REP_ACK, &[]))?;
+            }
+            OPT_INFO | OPT_GO => match parse_info_request(&payload) {
+                Err(why) => c.write_all(&option_reply(opt, REP_ERR_INVALID, why.as_bytes()))?,
+                Ok((name, _)) => match exports.get(&name) {
+                    None => c.write_all(&option_reply(
+                        opt,
+                        REP_ERR_UNKNOWN,
+                        format!("no export {name:?}").as_bytes(),
+                    ))?,
+                    Some(e) => {
+                        let flags = transmission_flags(e.device.as_ref());
+                        c.write_all(&option_reply(
+                            opt,
+                            REP_INFO,
+                            &info_export(e.device.size(), flags),
+                        ))?;
+                        c.write_all(&option_reply(opt, REP_INFO, &info_block_size()))?;
+                        c.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                        if opt == OPT_GO {
+                            return Ok(Some(e));
+                        }
+                    }
+                },
+            },
+            OPT_STARTTLS => c.write_all(&option_reply(
+                opt,
+                REP_ERR_POLICY,
+                b"TLS is not available on this server; use a Unix socket or a trusted network",
+            ))?,
+            _ => c.write_all(&option_reply(opt, REP_ERR_UNSUP, &[]))?,
+        }
+    }
+}
+
+/// Requests in flight on one connection, bounded.
+#[derive(Default)]
+struct InFlight {
+    n: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl InFlight {
+    fn acquire(&self) {
+        if let Ok(mut n) = self.n.lock() {
+            while *n >= MAX_IN_FLIGHT {
+                match self.cv.wait(n) {
+                    Ok(g) => n = g,
+                    Err(_) => return,
+                }
+            }
+            *n += 1;
+        }
+    }
+    fn release(&self) {
+        if let Ok(mut n) = self.n.lock() {
+            *n = n.saturating_sub(1);
+        }
+        self.cv.notify_all();
+    }
+    fn drain(&self) {
+        if let Ok(mut n) = self.n.lock() {
+            while *n > 0 {
+                match self.cv.wait(n) {
+                    Ok(g) => n = g,
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+}
+
+type Replies = Arc<Mutex<Box<dyn Write + Send>>>;
+
+fn reply(out: &Replies, handle: u64, res: i32, data: Option<&[u8]>) {
+    let err = nbd_error(res);
+    if let Ok(mut w) = out.lock() {
+        let _ = w.write_all(&simple_reply(handle, err));
+        if err == 0 {
+            if let Some(d) = data {
+                let _ = w.write_all(d);
+            }
+        }
+        let _ = w.flush();
+    }
+}
+
+/// The block request of an NBD command, or the NBD error to answer with.
+fn to_request(r: &proto::Request) -> Result<Request, u32> {
+    let op = match r.kind {
+        CMD_READ => Op::Read,
+        CMD_WRITE => Op::Write,
+        CMD_FLUSH => Op::Flush,
+        CMD_TRIM => Op::Discard,
+        CMD_WRITE_ZEROES => Op::WriteZeroes,
+        _ => return Err(err::EINVAL),
+    };
+    if matches!(op, Op::Read | Op::Write) && r.len > MAX_REQUEST {
+        return Err(err::EINVAL);
+    }
+    Ok(Request {
+        op,
+        fua: r.flags & CMD_FLAG_FUA != 0,
+        offset: r.offset,
+        len: r.len as usize,
+    })
+}
+
+/// Serve one connection until it disconnects (or misbehaves).
+pub fn serve_connection(
+    mut c: Box<dyn Conn>,
+    exports: &Exports,
+    pool: &Arc<Pool>,
+) -> io::Result<()> {
+    c.set_read_deadline(Some(HANDSHAKE_TIMEOUT))?;
+    let Some(export) = handshake(c.as_mut(), exports)? else {
+        return Ok(());
+    };
+    c.set_read_deadline(None)?;
+    let out: Replies = Arc::new(Mutex::new(c.try_clone_conn()?));
+    let inflight = Arc::new(InFlight::default());
+    let result = transmission(c.as_mut(), export, pool, &out, &inflight);
+    // Every reply of an accepted request is written before the connection closes.
+    inflight.drain();
+    result
+}
+
+fn transmission(
+    c: &mut dyn Conn,
+    export: &Export,
+    pool: &Arc<Pool>,
+    out: &Replies,
+    inflight: &Arc<InFlight>,
+) -> io::Result<()> {
+    loop {
+        let mut h = [0u8; 28];
+        match c.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let r = parse_request(&h).map_err(protocol_error)?;
+        if r.kind == CMD_DISC {
+            return Ok(());
+        }
+        if r.kind == CMD_WRITE && r.len > MAX_REQUEST {
+            // Its payload cannot be skipped safely: the stream is lost.
+            return Err(protocol_error(format!("write of {} bytes", r.len)));
+        }
+        let req = match to_request(&r) {
+            Ok(q) => q,
+            Err(e) => {
+                reply(out, r.handle, -(e as i32), None);
+                continue;
+            }
+        };
+        let mut buf = vec![
+            0u8;
+            if matches!(req.op, Op::Read | Op::Write) {
+                req.len
+            } else {
+                0
+            }
+        ];
+        if req.op == Op::Write {
+            c.read_exact(&mut buf)?;
+        }
+        let is_read = req.op == Op::Read;
+        match frontend::start(&export.device, &export.metrics, req, &mut buf) {
+            Step::Done(res) => reply(out, r.handle, res, is_read.then_some(&buf[..])),
+            Step::Offload(job) => {
+                inflight.acquire();
+                let (out2, inflight2) = (out.clone(), inflight.clone());
+                let queued = pool.spawn(move || {
+                    let res = job(&mut buf);
+                    reply(&out2, r.handle, res, is_read.then_some(&buf[..]));
+                    inflight2.release();
+                });
+                if !queued {
+                    inflight.release();
+                    reply(out, r.handle, -libc::EIO, None);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::mem::MemDisk;
+    use std::os::unix::net::UnixStream;
+
+    fn exports(writable: bool) -> Exports {
+        let d = MemDisk::new((0..1u32 << 20).map(|i| (i % 251) as u8).collect(), false);
+        let d: Arc<dyn BlockDevice> = Arc::new(if writable { d.writable() } else { d });
+        let mut e = Exports::new();
+        e.insert(
+            "vm".into(),
+            Export {
+                device: d,
+                metrics: Arc::new(IoMetrics::default()),
+                description: "test".into(),
+            },
+        );
+        e
+    }
+
+    /// A server thread on one end of a socket pair; the client end.
+    fn connect(e: Exports) -> (UnixStream, std::thread::JoinHandle<io::Result<()>>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let pool = Pool::new(2);
+        let t = std::thread::spawn(move || serve_connection(Box::new(b), &e, &pool));
+        (a, t)
+    }
+
+    fn option(c: &mut UnixStream, opt: u32, data: &[u8]) {
+        let mut m = IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        c.write_all(&m).unwrap();
+    }
+
+    /// (option, reply type, data) of the next option reply.
+    fn read_reply(c: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        c.read_exact(&mut h).unwrap();
+        assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), REPLY_MAGIC);
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut d = vec![0u8; len];
+        c.read_exact(&mut d).unwrap();
+        (
+            u32::from_be_bytes(h[8..12].try_into().unwrap()),
+            u32::from_be_bytes(h[12..16].try_into().unwrap()),
+            d,
+        )
+    }
+
+    fn go(c: &mut UnixStream, name: &str) -> u32 {
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        assert_eq!(g, greeting());
+        c.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
+            .unwrap();
+        let mut p = (name.len() as u32).to_be_bytes().to_vec();
+        p.extend_from_slice(name.as_bytes());
+        p.extend_from_slice(&0u16.to_be_bytes());
+        option(c, OPT_GO, &p);
+        loop {
+            let (_, kind, _) = read_reply(c);
+            if kind != REP_INFO {
+                return kind;
+            }
+        }
+    }
+
+    fn request(c: &mut UnixStream, kind: u16, handle: u64, offset: u64, len: u32, data: &[u8]) {
+        let mut h = REQUEST_MAGIC.to_be_bytes().to_vec();
+        h.extend_from_slice(&0u16.to_be_bytes());
+        h.extend_from_slice(&kind.to_be_bytes());
+        h.extend_from_slice(&handle.to_be_bytes());
+        h.extend_from_slice(&offset.to_be_bytes());
+        h.extend_from_slice(&len.to_be_bytes());
+        h.extend_from_slice(data);
+        c.write_all(&h).unwrap();
+    }
+
+    /// (handle, error) of the next simple reply, and `len` bytes of data if no error.
+    fn simple(c: &mut UnixStream, len: usize) -> (u64, u32, Vec<u8>) {
+        let mut h = [0u8; 16];
+        c.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(h[..4].try_into().unwrap()),
+            SIMPLE_REPLY_MAGIC
+        );
+        let e = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        let mut d = vec![0u8; if e == 0 { len } else { 0 }];
+        c.read_exact(&mut d).unwrap();
+        (u64::from_be_bytes(h[8..].try_into().unwrap()), e, d)
+    }
+
+    #[test]
+    fn reads_writes_and_errors_by_the_protocol() {
+        let (mut c, t) = connect(exports(true));
+        assert_eq!(go(&mut c, "vm"), REP_ACK);
+        request(&mut c, CMD_READ, 1, 4096, 512, &[]);
+        let (h, e, d) = simple(&mut c, 512);
+        assert_eq!((h, e), (1, 0));
+        assert_eq!(d[0], (4096 % 251) as u8);
+        request(&mut c, CMD_WRITE, 2, 0, 512, &[0xab; 512]);
+        assert_eq!(simple(&mut c, 0).1, 0);
+        request(&mut c, CMD_READ, 3, 0, 512, &[]);
+        assert_eq!(simple(&mut c, 512).2, vec![0xab; 512]);
+        // Beyond the export, oversized, unknown: errors, and the connection lives on.
+        request(&mut c, CMD_READ, 4, 1 << 20, 512, &[]);
+        assert_eq!(simple(&mut c, 0).1, err::EINVAL);
+        request(&mut c, CMD_READ, 5, 0, MAX_REQUEST + 1, &[]);
+        assert_eq!(simple(&mut c, 0).1, err::EINVAL);
+        request(&mut c, CMD_READ, 6, u64::MAX - 10, 512, &[]);
+        assert_eq!(simple(&mut c, 0).1, err::EINVAL);
+        request(&mut c, 42, 7, 0, 0, &[]);
+        assert_eq!(simple(&mut c, 0).1, err::EINVAL);
+        request(&mut c, CMD_FLUSH, 8, 0, 0, &[]);
+        assert_eq!(simple(&mut c, 0).1, 0);
+        request(&mut c, CMD_DISC, 9, 0, 0, &[]);
+        t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn read_only_exports_refuse_writes_with_eperm() {
+        let (mut c, t) = connect(exports(false));
+        assert_eq!(go(&mut c, "vm"), REP_ACK);
+        request(&mut c, CMD_WRITE, 1, 0, 512, &[1; 512]);
+        assert_eq!(simple(&mut c, 0).1, err::EPERM);
+        request(&mut c, CMD_TRIM, 2, 0, 512, &[]);
+        assert_eq!(simple(&mut c, 0).1, err::EPERM);
+        drop(c);
+        t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn hostile_handshakes_get_errors_or_a_closed_connection() {
+        // An unknown export: an error reply, then the client may try again.
+        let (mut c, t) = connect(exports(true));
+        assert_eq!(go(&mut c, "nope"), REP_ERR_UNKNOWN);
+        option(&mut c, 99, &[]);
+        assert_eq!(read_reply(&mut c).1, REP_ERR_UNSUP);
+        option(&mut c, OPT_STARTTLS, &[]);
+        assert_eq!(read_reply(&mut c).1, REP_ERR_POLICY);
+        option(&mut c, OPT_LIST, &[]);
+        let (_, kind, d) = read_reply(&mut c);
+        assert_eq!((kind, &d[4..]), (REP_SERVER, &b"vm"[..]));
+        assert_eq!(read_reply(&mut c).1, REP_ACK);
+        option(&mut c, OPT_ABORT, &[]);
+        assert_eq!(read_reply(&mut c).1, REP_ACK);
+        t.join().unwrap().unwrap();
+        // A huge option length: the connection is closed without reading it.
+        let (mut c, t) = connect(exports(true));
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        c.write_all(&CLIENT_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
+        let mut m = IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&OPT_GO.to_be_bytes());
+        m.extend_from_slice(&u32::MAX.to_be_bytes());
+        c.write_all(&m).unwrap();
+        assert!(t.join().unwrap().is_err());
+        // Bad request magic after GO: closed. A write cut short: closed, no write.
+        let e = exports(true);
+        let dev = e["vm"].device.clone();
+        let (mut c, t) = connect(e);
+        assert_eq!(go(&mut c, "vm"), REP_ACK);
+        request(&mut c, CMD_WRITE, 1, 0, 4096, &[0xee; 100]);
+        drop(c);
+        assert!(t.join().unwrap().is_err());
+        let mut b = [0u8; 512];
+        dev.read_at(0, &mut b).unwrap();
+        assert_ne!(b[0], 0xee, "a partial write was applied");
+        let (mut c, t) = connect(exports(true));
+        assert_eq!(go(&mut c, "vm"), REP_ACK);
+        c.write_all(&[0u8; 28]).unwrap();
+        assert!(t.join().unwrap().is_err());
+    }
+}

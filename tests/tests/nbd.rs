@@ -1,0 +1,341 @@
+//! The NBD frontend against real clients, natively on the host: `qemu-img`
+//! (info, convert), `qemu-io` (writes, flushes, pattern checks), and libnbd's
+//! `nbdinfo`/`nbdcopy` (installed by `cargo xtask setup`). A `livemount serve` child
+//! serves a backed-up image over a Unix socket (and TCP on loopback); writes go to
+//! per-export overlays that survive a restart and a SIGKILL after FLUSH.
+
+#[path = "common/store.rs"]
+mod helpers;
+
+use helpers::*;
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `livemount serve`.
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    /// What it printed before it was ready (its `export …` lines).
+    banner: String,
+}
+
+impl Server {
+    /// Start `livemount serve ARGS…` on `socket` and wait (bounded) until it lists
+    /// its exports.
+    fn start(socket: &Path, args: &[&OsStr]) -> Server {
+        let mut c = cmd(["serve"]);
+        c.args(args)
+            .arg("--socket")
+            .arg(socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = c.spawn().expect("spawn livemount serve");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut banner = String::new();
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                banner.push_str(&line);
+                banner.push('\n');
+                let _ = tx.send(banner.clone());
+            }
+        });
+        let start = Instant::now();
+        let mut banner = String::new();
+        while !(banner.contains("export ") && socket.exists()) {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("livemount serve exited early ({st}): {banner}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "serve not ready: {banner}"
+            );
+            if let Ok(b) = rx.recv_timeout(Duration::from_millis(50)) {
+                banner = b;
+            }
+        }
+        Server {
+            child,
+            socket: socket.to_path_buf(),
+            banner,
+        }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// SIGTERM and wait: a clean stop (overlays flushed).
+    fn stop(mut self) {
+        // SAFETY: signalling the child this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "serve exited {st} after SIGTERM");
+        assert!(!self.socket.exists(), "socket left behind");
+        std::mem::forget(self);
+    }
+
+    /// SIGKILL: a crash.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run a tool, returning (success, stdout + stderr).
+fn tool(prog: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e} (installed by `cargo xtask setup`)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[track_caller]
+fn ok(prog: &str, args: &[&str]) -> String {
+    let (success, text) = tool(prog, args);
+    assert!(success, "{prog} {args:?} failed:\n{text}");
+    text
+}
+
+/// A store with one backed-up image of `size` bytes (data, then a zero region).
+fn store_with_image(dir: &Path, size: usize) -> (PathBuf, Vec<u8>) {
+    let mut img = compressible_image(size.div_ceil(1 << 20), 7);
+    img.truncate(size);
+    img[size / 2..].fill(0);
+    let src = dir.join("disk.img");
+    std::fs::write(&src, &img).unwrap();
+    let store = dir.join("store");
+    lm([
+        OsStr::new("backup"),
+        src.as_os_str(),
+        OsStr::new("--store"),
+        store.as_os_str(),
+        OsStr::new("--name"),
+        OsStr::new("vm"),
+        OsStr::new("--quiet"),
+    ])
+    .ok();
+    (store, img)
+}
+
+#[test]
+fn qemu_img_and_libnbd_read_exactly_the_backup() {
+    let d = tempfile::tempdir().unwrap();
+    let size = (6 << 20) + 4096;
+    let (store, img) = store_with_image(d.path(), size);
+    let sock = d.path().join("run/nbd.sock");
+    let s = Server::start(
+        &sock,
+        &[
+            OsStr::new("--store"),
+            store.as_os_str(),
+            OsStr::new("--export"),
+            OsStr::new("vm"),
+            OsStr::new("--read-only"),
+        ],
+    );
+    assert!(s.banner.contains("read-only"), "{}", s.banner);
+    let mode = std::fs::metadata(&sock).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o600, "socket mode");
+    let info = ok("qemu-img", &["info", "--output=json", &s.uri("vm")]);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["virtual-size"].as_u64(), Some(size as u64), "{info}");
+    let out = d.path().join("out.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &s.uri("vm"),
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == img,
+        "qemu-img convert differs"
+    );
+    // libnbd: the export list, and a copy with several connections.
+    let list = ok(
+        "nbdinfo",
+        &["--list", &format!("nbd+unix:///?socket={}", sock.display())],
+    );
+    assert!(
+        list.contains("export=\"vm\"") || list.contains("vm"),
+        "{list}"
+    );
+    let out2 = d.path().join("out2.raw");
+    ok(
+        "nbdcopy",
+        &["--connections=4", &s.uri("vm"), out2.to_str().unwrap()],
+    );
+    assert!(std::fs::read(&out2).unwrap() == img, "nbdcopy differs");
+    // Writes to a read-only export fail, and the client says so.
+    let (success, text) = tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 0 4096", &s.uri("vm")],
+    );
+    assert!(!success || text.contains("failed"), "{text}");
+    // An export that does not exist: a clear client error, and the server lives on.
+    let (success, text) = tool("qemu-img", &["info", &s.uri("nope")]);
+    assert!(!success, "{text}");
+    ok("qemu-img", &["info", &s.uri("vm")]);
+    s.stop();
+}
+
+#[test]
+fn flushed_writes_survive_a_restart_and_a_crash_and_the_store_is_untouched() {
+    let d = tempfile::tempdir().unwrap();
+    let (store, img) = store_with_image(d.path(), 4 << 20);
+    let sock = d.path().join("run/nbd.sock");
+    let ovdir = d.path().join("overlays");
+    let args = [
+        OsStr::new("--store"),
+        store.as_os_str(),
+        OsStr::new("--export"),
+        OsStr::new("vm"),
+        OsStr::new("--overlay-dir"),
+        ovdir.as_os_str(),
+    ];
+    let s = Server::start(&sock, &args);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 4096 8192",
+            "-c",
+            "write -z 1048576 65536",
+            "-c",
+            "flush",
+            &s.uri("vm"),
+        ],
+    );
+    s.stop();
+    // A clean restart on the same overlay.
+    let s = Server::start(&sock, &args);
+    let text = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xab 4096 8192",
+            "-c",
+            "read -P 0 1048576 65536",
+            "-c",
+            "write -P 0xcd 65536 4096",
+            "-c",
+            "flush",
+            &s.uri("vm"),
+        ],
+    );
+    assert!(!text.contains("verification failed"), "{text}");
+    // A crash after the FLUSH: the flushed write is there after a restart.
+    s.kill();
+    let s = Server::start(&sock, &args);
+    let text = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xcd 65536 4096",
+            "-c",
+            "read -P 0xab 4096 8192",
+            &s.uri("vm"),
+        ],
+    );
+    assert!(!text.contains("verification failed"), "{text}");
+    // Untouched bytes still come from the backup.
+    let out = d.path().join("out.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &s.uri("vm"),
+            out.to_str().unwrap(),
+        ],
+    );
+    let got = std::fs::read(&out).unwrap();
+    assert_eq!(got[8192 + 4096..65536], img[8192 + 4096..65536]);
+    assert_eq!(got[2 << 20..], img[2 << 20..]);
+    s.stop();
+    assert!(ovdir.join("vm.overlay").exists());
+    lm([
+        OsStr::new("verify"),
+        OsStr::new("--store"),
+        store.as_os_str(),
+    ])
+    .ok();
+}
+
+#[test]
+fn serve_refuses_bad_setups_with_one_line_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let (store, _) = store_with_image(d.path(), 1 << 20);
+    let sock = d.path().join("nbd.sock");
+    // Writable without a place for overlays.
+    lm([
+        OsStr::new("serve"),
+        OsStr::new("--store"),
+        store.as_os_str(),
+        OsStr::new("--export"),
+        OsStr::new("vm"),
+        OsStr::new("--socket"),
+        sock.as_os_str(),
+    ])
+    .error(&["--overlay-dir"]);
+    // An unknown snapshot.
+    lm([
+        OsStr::new("serve"),
+        OsStr::new("--store"),
+        store.as_os_str(),
+        OsStr::new("--export"),
+        OsStr::new("x=nosuch"),
+        OsStr::new("--read-only"),
+        OsStr::new("--socket"),
+        sock.as_os_str(),
+    ])
+    .error(&["nosuch"]);
+    // A regular file where the socket should go is not replaced.
+    std::fs::write(&sock, b"keep").unwrap();
+    lm([
+        OsStr::new("serve"),
+        OsStr::new("--store"),
+        store.as_os_str(),
+        OsStr::new("--export"),
+        OsStr::new("vm"),
+        OsStr::new("--read-only"),
+        OsStr::new("--socket"),
+        sock.as_os_str(),
+    ])
+    .error(&["not a socket"]);
+    assert_eq!(std::fs::read(&sock).unwrap(), b"keep");
+}
