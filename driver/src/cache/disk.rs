@@ -11,7 +11,7 @@ use crate::error::{IoContext, Result};
 use hashbrown::HashMap;
 use livemount_store::format::chunk::ChunkId;
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -34,11 +34,9 @@ impl DiskTier {
     /// bytes, taking stock of files left by an earlier run.
     pub fn open(dir: impl Into<PathBuf>, budget: u64) -> Result<DiskTier> {
         let dir = dir.into();
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .at(&dir)?;
+        // A root daemon writes here: a planted symlink (the directory itself, or a
+        // file in it) must never redirect those writes.
+        crate::paths::ensure_private_dir(&dir)?;
         let mut files = HashMap::new();
         let mut total = 0;
         let mut by_age = Vec::new();
@@ -48,6 +46,9 @@ impl DiskTier {
                 continue;
             };
             let m = e.metadata().at(e.path())?;
+            if !m.file_type().is_file() {
+                continue; // not ours (a symlink or a FIFO planted here): never opened
+            }
             by_age.push((m.mtime(), id, m.blocks() * 512));
         }
         by_age.sort();
@@ -86,7 +87,11 @@ impl DiskTier {
     /// Read `len` bytes at `offset` of chunk `id`'s cached file, if the file exists.
     /// Holes read as zeros (and then fail the caller's verification).
     pub fn read(&self, id: &ChunkId, offset: u64, len: usize) -> Option<Vec<u8>> {
-        let f = fs::File::open(self.path(id)).ok()?;
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(self.path(id))
+            .ok()?;
         let mut buf = vec![0u8; len];
         f.read_exact_at(&mut buf, offset).ok()?;
         if let Ok(mut s) = self.state.lock() {
@@ -110,8 +115,15 @@ impl DiskTier {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&path)
             .at(&path)?;
+        if !f.metadata().at(&path)?.file_type().is_file() {
+            return Err(crate::error::Error::Invalid(format!(
+                "disk cache: {} is not a regular file",
+                path.display()
+            )));
+        }
         f.write_all_at(bytes, offset).at(&path)?;
         let allocated = f.metadata().at(&path)?.blocks() * 512;
         let victims = {
@@ -146,5 +158,33 @@ impl DiskTier {
             let _ = fs::remove_file(self.path(&v));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planted_symlinks_are_never_written_through() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        // The cache directory itself a symlink: refused.
+        let link_dir = d.path().join("cache-link");
+        std::os::unix::fs::symlink(d.path(), &link_dir).unwrap();
+        assert!(DiskTier::open(&link_dir, 1 << 20).is_err());
+        // A chunk file in it a symlink: the write fails, the target is untouched,
+        // and a read does not follow it either.
+        let dir = d.path().join("cache");
+        let tier = DiskTier::open(&dir, 1 << 20).unwrap();
+        let id = ChunkId([7; 32]);
+        std::os::unix::fs::symlink(&victim, dir.join(id.to_hex())).unwrap();
+        assert!(tier.write(&id, 0, b"planted").is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(tier.read(&id, 0, 4).is_none());
+        // Reopening skips it instead of counting it as a cached chunk.
+        let again = DiskTier::open(&dir, 1 << 20).unwrap();
+        assert_eq!(again.bytes(), 0);
     }
 }

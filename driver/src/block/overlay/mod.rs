@@ -258,45 +258,9 @@ impl Overlay {
                 id.snapshot
             )));
         }
-        let mut raw = vec![0u8; ml as usize];
-        file.read_exact_at(&mut raw, map_offset)
-            .map_err(|_| Error::Invalid(format!("overlay {}: truncated map", path.display())))?;
-        let mut bits: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
-        drop(raw);
-        let mut dirty = std::collections::BTreeSet::new();
-        match mirror::load(&mirror_path, &key) {
-            Ok(Some(old)) => {
-                for (w, c) in old.chunks_exact(8).enumerate() {
-                    let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
-                    if v & !bits[w] != 0 {
-                        bits[w] |= v;
-                        dirty.insert(w as u64 * 8 / PAGE);
-                    }
-                }
-            }
-            Ok(None) => {}
-            Err(why) => eprintln!(
-                "livemount: warning: ignoring the map mirror {} of overlay {}: {why}",
-                mirror_path.display(),
-                path.display()
-            ),
-        }
-        let bytes: Vec<u8> = bits.iter().flat_map(|w| w.to_le_bytes()).collect();
-        let mirror = match mirror_dir.map(|_| Mirror::create(&mirror_path, &key, &bytes)) {
-            Some(Ok(m)) => Some(m),
-            Some(Err(e)) => {
-                warn_no_mirror(path, &e.to_string());
-                None
-            }
-            None => {
-                warn_no_mirror(path, "no run directory");
-                None
-            }
-        };
-        drop(bytes);
+        let mut bits = read_map(&file, path, map_offset, ml)?;
+        let dirty = merge_mirror(&mut bits, &mirror_path, &key, path);
+        let mirror = start_mirror(&bits, mirror_dir.map(|_| mirror_path.as_path()), &key, path);
         let mapped = bits.iter().map(|w| w.count_ones() as u64).sum();
         let sync_writes = AtomicBool::new(mirror.is_none());
         Ok(Overlay {
@@ -487,6 +451,64 @@ fn warn_no_mirror(path: &Path, why: &str) {
         "livemount: WARNING: no map mirror for overlay {} ({why}): every write is now flushed before it completes (slower), so that a killed daemon loses no acknowledged write",
         path.display()
     );
+}
+
+/// The on-disk map of an overlay: `ml` bytes at `map_offset`, as words.
+fn read_map(file: &File, path: &Path, map_offset: u64, ml: u64) -> Result<Vec<u64>> {
+    let mut raw = vec![0u8; ml as usize];
+    file.read_exact_at(&mut raw, map_offset)
+        .map_err(|_| Error::Invalid(format!("overlay {}: truncated map", path.display())))?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect())
+}
+
+/// Merge the bits of this overlay's mirror (a dead daemon's acknowledged writes)
+/// into `bits`; the map pages that gained bits are dirty (to be made durable at the
+/// next flush). A mirror of another file or boot is ignored, with a warning.
+fn merge_mirror(
+    bits: &mut [u64],
+    mirror_path: &Path,
+    key: &MirrorKey,
+    path: &Path,
+) -> std::collections::BTreeSet<u64> {
+    let mut dirty = std::collections::BTreeSet::new();
+    match mirror::load(mirror_path, key) {
+        Ok(Some(old)) => {
+            for (w, c) in old.chunks_exact(8).enumerate() {
+                let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+                if v & !bits[w] != 0 {
+                    bits[w] |= v;
+                    dirty.insert(w as u64 * 8 / PAGE);
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(why) => eprintln!(
+            "livemount: warning: ignoring the map mirror {} of overlay {}: {why}",
+            mirror_path.display(),
+            path.display()
+        ),
+    }
+    dirty
+}
+
+/// A fresh mirror holding `bits` at `at` (None: no run directory), or None with a
+/// loud warning: writes are then synchronous.
+fn start_mirror(bits: &[u64], at: Option<&Path>, key: &MirrorKey, path: &Path) -> Option<Mirror> {
+    let Some(at) = at else {
+        warn_no_mirror(path, "no run directory");
+        return None;
+    };
+    let bytes: Vec<u8> = bits.iter().flat_map(|w| w.to_le_bytes()).collect();
+    match Mirror::create(at, key, &bytes) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            warn_no_mirror(path, &e.to_string());
+            None
+        }
+    }
 }
 
 /// Write the header of a new overlay and size it (sparse), durably.
