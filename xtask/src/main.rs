@@ -9,6 +9,7 @@ mod bench_vm;
 mod boot;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod setup;
 mod util;
 mod vm;
@@ -33,6 +34,12 @@ enum Cmd {
     Test,
     /// Run the ublk tests inside a qemu VM with the backports kernel.
     VmTest,
+    /// Run every fuzz target (cargo-fuzz) for --runs executions.
+    Fuzz {
+        /// Executions per target.
+        #[arg(long, default_value_t = 1_000_000)]
+        runs: u64,
+    },
     /// fio in the VM: livemount cold/warm vs the loop device and rublk null.
     BenchVm,
     /// fio's nbd engine on the host: `livemount serve` cold/warm vs qemu-nbd.
@@ -103,6 +110,7 @@ fn main() -> Result<()> {
             setup::run()?;
             vm::test()
         }
+        Cmd::Fuzz { runs } => fuzz::run_all(runs, None),
         Cmd::BenchProfiler => ebpf::bench(),
         Cmd::BootImage => {
             setup::run()?;
@@ -141,6 +149,8 @@ fn test() -> Result<()> {
     std::env::set_var("LIVEMOUNT_SKIP_LOG", &log);
     util::cargo(&["test", "--workspace", "--all-targets"])?;
     util::cargo(&["test", "--workspace", "--doc"])?;
+    // A short fuzz run over the committed corpora: known inputs stay handled.
+    fuzz::run_all(0, Some(5))?;
     let skips = std::fs::read_to_string(&log).unwrap_or_default();
     std::env::remove_var("LIVEMOUNT_SKIP_LOG");
     let vm = vm::test();

@@ -51,5 +51,6 @@ pub fn run() -> Result<()> {
     apt_install(HOST_PACKAGES)?;
     crate::vm::setup()?;
     crate::ebpf::setup()?;
+    crate::fuzz::setup()?;
     Ok(())
 }

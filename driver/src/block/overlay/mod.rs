@@ -141,6 +141,14 @@ pub fn read_identity(path: &Path) -> Result<OverlayIdentity> {
     parse_header(path, &h).map(|(id, _, _)| id)
 }
 
+/// Parse an overlay header from its bytes (at least 4096 of them).
+pub fn parse_identity(h: &[u8]) -> Result<OverlayIdentity> {
+    let h = h
+        .get(..HEADER_LEN as usize)
+        .ok_or_else(|| Error::Invalid("overlay: truncated header".into()))?;
+    parse_header(Path::new("overlay"), h).map(|(id, _, _)| id)
+}
+
 fn parse_header(path: &Path, h: &[u8]) -> Result<(OverlayIdentity, u64, u64)> {
     let bad = |r: &str| Error::Invalid(format!("overlay {}: {r}", path.display()));
     if h[..8] != OVERLAY_MAGIC {
