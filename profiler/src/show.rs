@@ -87,9 +87,29 @@ const STRIP_H: f64 = 36.0;
 const H: f64 = STRIP_TOP + STRIP_H + 50.0;
 const BUCKETS: usize = 425;
 
+/// Bytes read in each of the heat strip's `BUCKETS` slices of `bucket` bytes.
+fn strip_fill(p: &Profile, bucket: f64) -> Vec<u64> {
+    let mut filled = vec![0u64; BUCKETS];
+    for e in &p.extents {
+        let (mut a, b) = (e.offset as f64, e.end() as f64);
+        while a < b {
+            let i = ((a / bucket) as usize).min(BUCKETS - 1);
+            let end = ((i + 1) as f64 * bucket).min(b);
+            filled[i] += (end - a).max(0.0) as u64;
+            if end <= a {
+                break;
+            }
+            a = end;
+        }
+    }
+    filled
+}
+
 /// An SVG: disk offset (y) against first-access time (x), one mark per extent
 /// colored by access count, and below it a heat strip of the whole disk (share of
 /// each slice that was read).
+// One function (~120 lines) on purpose: every element is placed with the same plot
+// geometry (margins, scales, time and disk ranges), which pieces would each recompute.
 pub fn svg(p: &Profile) -> String {
     let pw = W - LEFT - RIGHT;
     let t_max = p
@@ -179,20 +199,8 @@ pub fn svg(p: &Profile) -> String {
         STRIP_TOP - 8.0,
         human(p.disk_size / BUCKETS as u64)
     );
-    let mut filled = vec![0u64; BUCKETS];
     let bucket = disk / BUCKETS as f64;
-    for e in &p.extents {
-        let (mut a, b) = (e.offset as f64, e.end() as f64);
-        while a < b {
-            let i = ((a / bucket) as usize).min(BUCKETS - 1);
-            let end = ((i + 1) as f64 * bucket).min(b);
-            filled[i] += (end - a).max(0.0) as u64;
-            if end <= a {
-                break;
-            }
-            a = end;
-        }
-    }
+    let filled = strip_fill(p, bucket);
     let bw = pw / BUCKETS as f64;
     for (i, f) in filled.iter().enumerate() {
         let share = (*f as f64 / bucket).min(1.0);

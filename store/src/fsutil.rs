@@ -18,7 +18,15 @@ pub fn temp_path(tmp_dir: &Path, tag: &str) -> PathBuf {
 
 /// fsync a directory so that a rename or create inside it is durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
+    #[cfg(test)]
+    SYNCED_DIRS.with(|s| s.borrow_mut().push(dir.to_path_buf()));
     File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Directories this thread fsynced (tests check the durability protocol with it).
+    pub static SYNCED_DIRS: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Write `bytes` to `tmp` (mode 0600 or 0644 per `mode`), fsync it and rename it to

@@ -555,6 +555,9 @@ impl Store {
             match res {
                 Ok(()) => {
                     fsutil::fsync_dir(&dir)?;
+                    // The series directory may be another backup's, created a moment
+                    // ago and not yet durable in `snapshots/`: sync it every time.
+                    fsutil::fsync_dir(&self.root.join("snapshots"))?;
                     return Ok(snap);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => index.created += 1,

@@ -462,35 +462,7 @@ impl Profile {
                 }),
             }
         }
-        let total_runs: u32 = inputs.iter().map(|p| p.source.runs.max(1)).sum();
-        let join = |f: &dyn Fn(&Profile) -> &str| {
-            let mut v: Vec<&str> = inputs.iter().map(f).filter(|s| !s.is_empty()).collect();
-            v.sort_unstable();
-            v.dedup();
-            v.join(",")
-        };
-        let source = Source {
-            host: join(&|p| p.source.host.as_str()),
-            device: join(&|p| p.source.device.as_str()),
-            kernel: join(&|p| p.source.kernel.as_str()),
-            tracer: "merge".into(),
-            started_unix: inputs
-                .iter()
-                .map(|p| p.source.started_unix)
-                .min()
-                .unwrap_or(0),
-            runs: total_runs,
-        };
-        let stats = Stats {
-            events_seen: inputs.iter().map(|p| p.stats.events_seen).sum(),
-            events_lost: inputs.iter().map(|p| p.stats.events_lost).sum(),
-            events_outside: inputs.iter().map(|p| p.stats.events_outside).sum(),
-            duration_ns: inputs
-                .iter()
-                .map(|p| p.stats.duration_ns)
-                .max()
-                .unwrap_or(0),
-        };
+        let (source, stats) = merged_provenance(inputs);
         let mut out = Profile::new(first.disk_size, first.block_size, source);
         out.stats = stats;
         out.extents = segments;
@@ -498,6 +470,41 @@ impl Profile {
         out.validate()?;
         Ok(out)
     }
+}
+
+/// The source and statistics of a merge of `inputs`: hosts, devices and kernels
+/// joined, runs and events summed, the earliest start and the longest duration.
+fn merged_provenance(inputs: &[Profile]) -> (Source, Stats) {
+    let total_runs: u32 = inputs.iter().map(|p| p.source.runs.max(1)).sum();
+    let join = |f: &dyn Fn(&Profile) -> &str| {
+        let mut v: Vec<&str> = inputs.iter().map(f).filter(|s| !s.is_empty()).collect();
+        v.sort_unstable();
+        v.dedup();
+        v.join(",")
+    };
+    let source = Source {
+        host: join(&|p| p.source.host.as_str()),
+        device: join(&|p| p.source.device.as_str()),
+        kernel: join(&|p| p.source.kernel.as_str()),
+        tracer: "merge".into(),
+        started_unix: inputs
+            .iter()
+            .map(|p| p.source.started_unix)
+            .min()
+            .unwrap_or(0),
+        runs: total_runs,
+    };
+    let stats = Stats {
+        events_seen: inputs.iter().map(|p| p.stats.events_seen).sum(),
+        events_lost: inputs.iter().map(|p| p.stats.events_lost).sum(),
+        events_outside: inputs.iter().map(|p| p.stats.events_outside).sum(),
+        duration_ns: inputs
+            .iter()
+            .map(|p| p.stats.duration_ns)
+            .max()
+            .unwrap_or(0),
+    };
+    (source, stats)
 }
 
 /// Options of [`Profile::merge`].

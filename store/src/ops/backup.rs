@@ -152,6 +152,10 @@ pub fn backup(
 
 /// Back up `image_size` bytes read sequentially from `reader` (named `source` in
 /// errors, described as `description` in the index) as a new snapshot.
+// One function (~120 lines) on purpose: the reader loop and the result collector
+// share the bounded queues and drain results while reading, so that a worker's
+// error stops the reading early; split, the channels and tallies would be threaded
+// through every piece.
 pub fn backup_from(
     store: &Store,
     reader: &mut dyn Read,
@@ -188,67 +192,17 @@ pub fn backup_from(
     let work_rx = Mutex::new(work_rx);
     let (done_tx, done_rx) = mpsc::channel::<Result<(usize, Outcome, u64)>>();
     let mut refs = vec![ChunkRef::Zero; count];
-    let mut report = BackupReport {
-        snapshot: String::new(),
-        previous: previous.as_ref().map(|p| p.to_string()),
-        image_size,
-        chunk_size,
-        bytes_read: 0,
-        bytes_new: 0,
-        bytes_reused: 0,
-        bytes_zero: 0,
-        bytes_stored: 0,
-        chunks_new: 0,
-        chunks_reused: 0,
-        chunks_zero: 0,
-        compression_ratio: 1.0,
-        dedup_ratio: None,
-        seconds: 0.0,
-        throughput_mib_s: 0.0,
-    };
-    let mut new_ids = Vec::new();
+    let mut report = BackupReport::empty(previous.as_ref(), image_size, chunk_size);
+    // Every chunk the index will name, new or reused: a reused chunk may have been
+    // renamed into place by a concurrent backup that has not synced its directory yet.
+    let mut synced_ids = Vec::new();
     let mut first_err: Option<Error> = None;
 
     std::thread::scope(|s| {
         for _ in 0..threads {
             let done_tx = done_tx.clone();
             let work_rx = &work_rx;
-            s.spawn(move || {
-                let mut compressor = match zstd::bulk::Compressor::new(level) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = done_tx.send(Err(Error::Invalid(format!("zstd: {e}"))));
-                        return;
-                    }
-                };
-                loop {
-                    let item = match work_rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok((i, buf)) = item else { return };
-                    let len = buf.len() as u64;
-                    let res = (|| {
-                        if is_zero(&buf) {
-                            return Ok(Outcome::Zero);
-                        }
-                        let digest = chunk::digest(&buf, frame_size);
-                        if store.has_chunk(&digest.id) {
-                            return Ok(Outcome::Reused(digest.id));
-                        }
-                        let bytes = chunk::encode(&buf, frame_size, &digest, &mut compressor)
-                            .map_err(|e| Error::Invalid(format!("zstd: {e}")))?;
-                        store.put_chunk(&digest.id, &bytes)?;
-                        Ok(Outcome::New {
-                            id: digest.id,
-                            stored: bytes.len() as u64,
-                        })
-                    })();
-                    if done_tx.send(res.map(|o| (i, o, len))).is_err() {
-                        return;
-                    }
-                }
-            });
+            s.spawn(move || encode_worker(store, frame_size, level, work_rx, &done_tx));
         }
         drop(done_tx);
 
@@ -268,13 +222,14 @@ pub fn backup_from(
                         report.chunks_reused += 1;
                         report.bytes_reused += len;
                         refs[i] = ChunkRef::Stored(id);
+                        synced_ids.push(id);
                     }
                     Outcome::New { id, stored } => {
                         report.chunks_new += 1;
                         report.bytes_new += len;
                         report.bytes_stored += stored;
                         refs[i] = ChunkRef::Stored(id);
-                        new_ids.push(id);
+                        synced_ids.push(id);
                     }
                 }
             }
@@ -316,10 +271,7 @@ pub fn backup_from(
     if let Some(e) = first_err {
         return Err(e);
     }
-    // Chunks reused from the store were durable already; make the new ones durable
-    // before the index that names them.
-    store.sync_chunk_dirs(new_ids.iter())?;
-    let mut index = SnapshotIndex {
+    let index = SnapshotIndex {
         image_size,
         chunk_size,
         frame_size,
@@ -327,7 +279,21 @@ pub fn backup_from(
         source: description.to_string(),
         chunks: refs,
     };
-    let snap: SnapshotRef = store.commit_index(&opts.series, &mut index)?;
+    commit(store, &opts.series, index, &synced_ids, report, start)
+}
+
+/// Make every chunk `index` names durable (`synced`: new and reused alike), then
+/// write the index, and complete `report` with the snapshot and the ratios.
+fn commit(
+    store: &Store,
+    series: &str,
+    mut index: SnapshotIndex,
+    synced: &[ChunkId],
+    mut report: BackupReport,
+    start: Instant,
+) -> Result<BackupReport> {
+    store.sync_chunk_dirs(synced.iter())?;
+    let snap: SnapshotRef = store.commit_index(series, &mut index)?;
     let secs = start.elapsed().as_secs_f64();
     report.snapshot = snap.to_string();
     report.seconds = secs;
@@ -336,6 +302,75 @@ pub fn backup_from(
     report.dedup_ratio = (report.bytes_new > 0)
         .then(|| ratio(report.bytes_new + report.bytes_reused, report.bytes_new));
     Ok(report)
+}
+
+impl BackupReport {
+    /// The figures of a backup that has not read anything yet.
+    fn empty(previous: Option<&SnapshotRef>, image_size: u64, chunk_size: u32) -> BackupReport {
+        BackupReport {
+            snapshot: String::new(),
+            previous: previous.map(|p| p.to_string()),
+            image_size,
+            chunk_size,
+            bytes_read: 0,
+            bytes_new: 0,
+            bytes_reused: 0,
+            bytes_zero: 0,
+            bytes_stored: 0,
+            chunks_new: 0,
+            chunks_reused: 0,
+            chunks_zero: 0,
+            compression_ratio: 1.0,
+            dedup_ratio: None,
+            seconds: 0.0,
+            throughput_mib_s: 0.0,
+        }
+    }
+}
+
+/// A backup worker: hash each chunk it is handed, keep what the store lacks (zstd,
+/// written atomically), and report the outcome, until the queue closes.
+fn encode_worker(
+    store: &Store,
+    frame_size: u32,
+    level: i32,
+    work_rx: &Mutex<mpsc::Receiver<(usize, Vec<u8>)>>,
+    done_tx: &mpsc::Sender<Result<(usize, Outcome, u64)>>,
+) {
+    let mut compressor = match zstd::bulk::Compressor::new(level) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = done_tx.send(Err(Error::Invalid(format!("zstd: {e}"))));
+            return;
+        }
+    };
+    loop {
+        let item = match work_rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok((i, buf)) = item else { return };
+        let len = buf.len() as u64;
+        let res = (|| {
+            if is_zero(&buf) {
+                return Ok(Outcome::Zero);
+            }
+            let digest = chunk::digest(&buf, frame_size);
+            if store.has_chunk(&digest.id) {
+                return Ok(Outcome::Reused(digest.id));
+            }
+            let bytes = chunk::encode(&buf, frame_size, &digest, &mut compressor)
+                .map_err(|e| Error::Invalid(format!("zstd: {e}")))?;
+            store.put_chunk(&digest.id, &bytes)?;
+            Ok(Outcome::New {
+                id: digest.id,
+                stored: bytes.len() as u64,
+            })
+        })();
+        if done_tx.send(res.map(|o| (i, o, len))).is_err() {
+            return;
+        }
+    }
 }
 
 /// a / b, or 1 when b is 0.
@@ -373,5 +408,45 @@ mod tests {
         assert!(validate_chunk_size(1000, 65536).is_err());
         assert!(validate_chunk_size(32768, 65536).is_err());
         assert!(validate_chunk_size(1 << 25, 65536).is_err());
+    }
+
+    #[test]
+    fn the_index_is_written_only_after_every_chunk_it_names_is_durable() {
+        use crate::fsutil::SYNCED_DIRS;
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path().join("s"), crate::store::Access::Write).unwrap();
+        let data: Vec<u8> = (0..2u32 << 20).map(|i| (i / 7 % 251) as u8).collect();
+        let src = d.path().join("img");
+        std::fs::write(&src, &data).unwrap();
+        let opts = BackupOptions {
+            series: "vm".into(),
+            chunk_size: Some(1 << 20),
+            level: 1,
+            threads: 1,
+        };
+        backup(&store, &src, &opts, &crate::progress::NoProgress).unwrap();
+        // A second backup of the same data into the same series reuses every chunk;
+        // their prefix directories must still be synced by it (another backup may
+        // have renamed them into place without syncing yet), and so must
+        // `snapshots/` (the series directory may be another backup's, not yet durable).
+        SYNCED_DIRS.with(|s| s.borrow_mut().clear());
+        let r = backup(&store, &src, &opts, &crate::progress::NoProgress).unwrap();
+        assert_eq!(r.chunks_reused, 2);
+        let synced = SYNCED_DIRS.with(|s| s.borrow().clone());
+        let index = store
+            .load_index(&store.resolve(&r.snapshot).unwrap())
+            .unwrap();
+        for id in index.stored_ids() {
+            let dir = store.chunks().prefix_dir(&id);
+            assert!(
+                synced.contains(&dir),
+                "{} not synced: {synced:?}",
+                dir.display()
+            );
+        }
+        assert!(
+            synced.contains(&store.root().join("snapshots")),
+            "{synced:?}"
+        );
     }
 }

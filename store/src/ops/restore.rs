@@ -46,54 +46,7 @@ pub fn restore(
 ) -> Result<RestoreReport> {
     let start = Instant::now();
     let index = store.load_index(snap)?;
-    let is_block = fs::metadata(target)
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false);
-    let (file, write_path) = if is_block {
-        let mut f = OpenOptions::new().write(true).open(target).at(target)?;
-        let size = f.seek(SeekFrom::End(0)).at(target)?;
-        if size < index.image_size {
-            return Err(Error::Invalid(format!(
-                "restore target {} is too small: {size} bytes, snapshot {snap} needs {}",
-                target.display(),
-                index.image_size
-            )));
-        }
-        (f, target.to_path_buf())
-    } else {
-        match fs::metadata(target) {
-            Ok(m) if m.is_dir() => {
-                return Err(Error::Invalid(format!(
-                    "restore target {} is a directory",
-                    target.display()
-                )))
-            }
-            Ok(m) if !m.is_file() => {
-                return Err(Error::Invalid(format!(
-                    "restore target {} is not a regular file or block device",
-                    target.display()
-                )))
-            }
-            Ok(m) if m.len() > 0 && !force => {
-                return Err(Error::Invalid(format!(
-                    "restore target {} exists; pass --force to overwrite it",
-                    target.display()
-                )))
-            }
-            _ => {}
-        }
-        let partial = partial_path(target);
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&partial)
-            .at(&partial)?;
-        f.set_len(index.image_size).at(&partial)?;
-        (f, partial)
-    };
-
+    let (file, write_path, is_block) = open_target(target, snap, index.image_size, force)?;
     let written = std::sync::atomic::AtomicU64::new(0);
     let zeros = vec![0u8; index.chunk_size as usize];
     let res = crate::workers::parallel_map(index.chunks.len(), threads, |i| {
@@ -148,6 +101,67 @@ pub fn restore(
         seconds: secs,
         throughput_mib_s: index.image_size as f64 / 1048576.0 / secs.max(1e-9),
     })
+}
+
+/// Open the restore target: a block device large enough (written in place), or a
+/// new sparse file `target.partial` (renamed over `target` when complete; an existing
+/// non-empty file only with `force`). Returns the file, where it writes, and whether
+/// it is a block device.
+fn open_target(
+    target: &Path,
+    snap: &SnapshotRef,
+    image_size: u64,
+    force: bool,
+) -> Result<(fs::File, PathBuf, bool)> {
+    let is_block = fs::metadata(target)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    let (file, write_path) = if is_block {
+        let mut f = OpenOptions::new().write(true).open(target).at(target)?;
+        let size = f.seek(SeekFrom::End(0)).at(target)?;
+        if size < image_size {
+            return Err(Error::Invalid(format!(
+                "restore target {} is too small: {size} bytes, snapshot {snap} needs {}",
+                target.display(),
+                image_size
+            )));
+        }
+        (f, target.to_path_buf())
+    } else {
+        match fs::metadata(target) {
+            Ok(m) if m.is_dir() => {
+                return Err(Error::Invalid(format!(
+                    "restore target {} is a directory",
+                    target.display()
+                )))
+            }
+            Ok(m) if !m.is_file() => {
+                return Err(Error::Invalid(format!(
+                    "restore target {} is not a regular file or block device",
+                    target.display()
+                )))
+            }
+            Ok(m) if m.len() > 0 && !force => {
+                return Err(Error::Invalid(format!(
+                    "restore target {} exists; pass --force to overwrite it",
+                    target.display()
+                )))
+            }
+            _ => {}
+        }
+        let partial = partial_path(target);
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)
+            .at(&partial)?;
+        f.set_len(image_size).at(&partial)?;
+        (f, partial)
+    };
+
+    Ok((file, write_path, is_block))
 }
 
 fn partial_path(target: &Path) -> PathBuf {

@@ -116,6 +116,21 @@ fn record_done(m: &IoMetrics, op: Op, res: i32, start: Instant) {
     }
 }
 
+/// The per-tag state of a queue of `depth` tags (one eventfd each).
+fn tag_states(depth: usize) -> std::io::Result<Vec<TagState>> {
+    (0..depth)
+        .map(|_| {
+            Ok(TagState {
+                slot: Arc::new(Mutex::new(None)),
+                done: Completion::new()?,
+                counter: Box::new(0),
+                start: Instant::now(),
+                op: Op::Other(0),
+            })
+        })
+        .collect()
+}
+
 /// Serve one queue with libublk's synchronous handler: requests that complete at
 /// once (memory hits, writes to the overlay's page cache) cost no task switch; the
 /// rest run on the pool and come back as the completion of an eventfd read on this
@@ -125,22 +140,13 @@ fn queue_fn(qid: u16, dev: &UblkDev, shared: Shared) {
     // Shared with the pool: a worker fills the buffer of the tag it serves, and keeps
     // the buffers alive even if the queue stops while it is still running.
     let bufs = Arc::new(dev.alloc_queue_io_bufs());
-    let mut tags: Vec<TagState> = Vec::with_capacity(depth);
-    for _ in 0..depth {
-        match Completion::new() {
-            Ok(done) => tags.push(TagState {
-                slot: Arc::new(Mutex::new(None)),
-                done,
-                counter: Box::new(0),
-                start: Instant::now(),
-                op: Op::Other(0),
-            }),
-            Err(e) => {
-                eprintln!("livemount: queue {qid}: eventfd: {e}");
-                return;
-            }
+    let mut tags = match tag_states(depth) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("livemount: queue {qid}: eventfd: {e}");
+            return;
         }
-    }
+    };
     let bufs2 = bufs.clone();
     let handler =
         move |q: &UblkQueue, tag: u16, io: &UblkIOCtx| {
