@@ -611,6 +611,7 @@ fn ublk_kill_loop() {
             );
         }
     }
+    eprintln!("ublk_kill_loop: {kills} kills, every flushed write read back after each");
     m.unmount();
     fx.assert_store_untouched();
 }

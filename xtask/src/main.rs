@@ -214,6 +214,28 @@ fn skip_verdict(log: &str, vm_ran: bool) -> SkipVerdict {
 mod tests {
     use super::skip_verdict;
 
+    /// The shipped units parse (systemd-analyze is on every Debian machine; the
+    /// only complaint allowed is that the binaries are not installed here).
+    #[test]
+    fn systemd_units_verify() {
+        for unit in [
+            "livemount-serve.service",
+            "livemount-profiler-watch.service",
+        ] {
+            let path = crate::util::root().join("dist/systemd").join(unit);
+            let out = std::process::Command::new("systemd-analyze")
+                .arg("verify")
+                .arg(&path)
+                .output()
+                .expect("systemd-analyze");
+            let text = String::from_utf8_lossy(&out.stderr).to_string()
+                + &String::from_utf8_lossy(&out.stdout);
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                assert!(line.contains("is not executable"), "{unit}: {line}");
+            }
+        }
+    }
+
     #[test]
     fn skips_fail_the_run_unless_the_vm_covered_them() {
         let log = "ublk\tublk_discard\tneeds ublk\nublk\tublk_read_only\tneeds ublk\n";
