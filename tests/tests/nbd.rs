@@ -201,7 +201,49 @@ fn qemu_img_and_libnbd_read_exactly_the_backup() {
     let (success, text) = tool("qemu-img", &["info", &s.uri("nope")]);
     assert!(!success, "{text}");
     ok("qemu-img", &["info", &s.uri("vm")]);
+    // Status: the server and its export with the bytes read (refreshed every second),
+    // as JSON and in Prometheus' text format.
+    let pid = s.child.id() as u64;
+    let start = Instant::now();
+    let export = loop {
+        let st = lm(["status", "--nbd", "--json"]);
+        st.ok();
+        let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+        let mine = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["pid"].as_u64() == Some(pid))
+            .map(|x| x["exports"][0].clone());
+        if let Some(e) = mine.filter(|e| e["io"]["read_bytes"].as_u64() >= Some(size as u64)) {
+            break e;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no status of pid {pid}: {}",
+            st.stdout
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(export["name"], "vm");
+    assert_eq!(export["read_only"], true);
+    let prom = lm(["status", "--prometheus"]);
+    prom.ok();
+    assert!(
+        prom.stdout.contains(&format!(
+            "livemount_read_bytes_total{{export=\"vm\",pid=\"{pid}\"}}"
+        )),
+        "{}",
+        prom.stdout
+    );
+    assert!(prom
+        .stdout
+        .contains("# TYPE livemount_errors_total counter"));
     s.stop();
+    assert!(
+        !Path::new(&format!("/run/livemount/serve-{pid}.json")).exists(),
+        "status file left after a clean stop"
+    );
 }
 
 #[test]

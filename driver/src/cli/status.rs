@@ -3,7 +3,9 @@
 use super::{mib, print_json, Outcome, OutputArgs};
 use crate::block::prestage::PrestageReport;
 use crate::cache::CacheReport;
-use crate::daemon::status::{list_status, read_status, MountStatus};
+use crate::daemon::status::{
+    list_serve_status, list_status, read_status, MountStatus, ServeStatus,
+};
 use crate::metrics::IoReport;
 use std::fmt;
 use std::process::ExitCode;
@@ -13,6 +15,13 @@ use std::process::ExitCode;
 pub struct Args {
     /// Only this device.
     device: Option<String>,
+    /// With --json: the NBD servers (`livemount serve`) instead of the ublk mounts.
+    #[arg(long, conflicts_with = "device")]
+    nbd: bool,
+    /// Every figure of mounts and NBD exports in Prometheus' text format (for a
+    /// node-exporter textfile collector: `livemount status --prometheus > FILE`).
+    #[arg(long, conflicts_with_all = ["device", "nbd"])]
+    prometheus: bool,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -23,16 +32,169 @@ pub fn run(a: Args) -> Outcome {
         Some(d) => vec![read_status(d)?],
         None => list_status(),
     };
-    if a.out.json {
+    let servers = if a.device.is_none() {
+        list_serve_status()
+    } else {
+        Vec::new()
+    };
+    if a.prometheus {
+        print!("{}", prometheus(&all, &servers));
+    } else if a.out.json && a.nbd {
+        print_json(&servers)?;
+    } else if a.out.json {
         print_json(&all)?;
-    } else if all.is_empty() {
+    } else if all.is_empty() && servers.is_empty() {
         println!("no live mounts");
     } else {
         for s in &all {
             print!("{}", Text(s));
         }
+        for s in &servers {
+            print!("{}", ServeText(s));
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The text form of one NBD server's status.
+struct ServeText<'a>(&'a ServeStatus);
+
+impl fmt::Display for ServeText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        writeln!(
+            f,
+            "nbd server pid {}, up {:.0} s, on {}",
+            s.pid,
+            s.uptime_s,
+            s.socket
+                .iter()
+                .map(|p| p.display().to_string())
+                .chain(s.tcp.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        )?;
+        for e in &s.exports {
+            writeln!(
+                f,
+                "  export {} snapshot {} ({:.1} MiB{}), overlay {:.1} MiB",
+                e.name,
+                e.snapshot,
+                mib(e.size),
+                if e.read_only { ", read-only" } else { "" },
+                mib(e.overlay_bytes)
+            )?;
+            cache(f, &e.cache)?;
+            io(f, &e.io)?;
+        }
+        Ok(())
+    }
+}
+
+/// Prometheus text exposition of every mount and export.
+fn prometheus(mounts: &[MountStatus], servers: &[ServeStatus]) -> String {
+    let mut series: Vec<(String, &CacheReport, &IoReport, u64)> = Vec::new();
+    for m in mounts {
+        if let (Some(c), Some(i)) = (&m.cache, &m.io) {
+            series.push((format!("device=\"{}\"", m.device), c, i, m.overlay_bytes));
+        }
+    }
+    for s in servers {
+        for e in &s.exports {
+            series.push((
+                format!(
+                    "export=\"{}\",pid=\"{}\"",
+                    e.name.replace(['"', '\\', '\n'], "_"),
+                    s.pid
+                ),
+                &e.cache,
+                &e.io,
+                e.overlay_bytes,
+            ));
+        }
+    }
+    type Metric = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&CacheReport, &IoReport, u64) -> f64,
+    );
+    let metrics: [Metric; 11] = [
+        (
+            "livemount_reads_total",
+            "counter",
+            "Read requests.",
+            |_, i, _| i.reads as f64,
+        ),
+        (
+            "livemount_writes_total",
+            "counter",
+            "Write requests.",
+            |_, i, _| i.writes as f64,
+        ),
+        (
+            "livemount_flushes_total",
+            "counter",
+            "Flush requests (and FUA writes).",
+            |_, i, _| i.flushes as f64,
+        ),
+        (
+            "livemount_read_bytes_total",
+            "counter",
+            "Bytes read.",
+            |_, i, _| i.read_bytes as f64,
+        ),
+        (
+            "livemount_write_bytes_total",
+            "counter",
+            "Bytes written.",
+            |_, i, _| i.write_bytes as f64,
+        ),
+        (
+            "livemount_errors_total",
+            "counter",
+            "Requests completed with an error.",
+            |_, i, _| i.errors as f64,
+        ),
+        (
+            "livemount_read_p99_seconds",
+            "gauge",
+            "99th percentile read latency.",
+            |_, i, _| i.read_p99_us / 1e6,
+        ),
+        (
+            "livemount_cache_hit_ratio",
+            "gauge",
+            "Memory-tier hit rate.",
+            |c, _, _| c.mem_hit_rate,
+        ),
+        (
+            "livemount_store_bytes_total",
+            "counter",
+            "Compressed bytes fetched from the store.",
+            |c, _, _| c.store_bytes as f64,
+        ),
+        (
+            "livemount_corrupt_chunks_total",
+            "counter",
+            "Chunks that failed verification.",
+            |c, _, _| c.corrupt_chunks as f64,
+        ),
+        (
+            "livemount_overlay_bytes",
+            "gauge",
+            "Bytes held by the overlay.",
+            |_, _, o| o as f64,
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, value) in metrics {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, c, i, o) in &series {
+            out.push_str(&format!("{name}{{{labels}}} {}\n", value(c, i, *o)));
+        }
+    }
+    out
 }
 
 /// The text form of one mount's status.

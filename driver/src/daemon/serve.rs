@@ -41,7 +41,10 @@ pub struct ServeOptions {
 }
 
 /// Build every export's stack (and stage its profile's start, like a mount).
-fn open_exports(o: &ServeOptions) -> Result<(Vec<Stack>, Exports)> {
+/// Stacks by export name (the same order as the exports).
+type Stacks = std::collections::BTreeMap<String, Stack>;
+
+fn open_exports(o: &ServeOptions) -> Result<(Stacks, Exports)> {
     if !o.read_only && o.overlay_dir.is_none() {
         return Err(Error::Invalid(
             "writable exports need --overlay-dir DIR (one overlay file per export, kept across restarts), or use --read-only".into(),
@@ -50,7 +53,7 @@ fn open_exports(o: &ServeOptions) -> Result<(Vec<Stack>, Exports)> {
     if let Some(d) = &o.overlay_dir {
         crate::paths::ensure_private_dir(d)?;
     }
-    let mut stacks = Vec::new();
+    let mut stacks = Stacks::new();
     let mut exports = Exports::new();
     for (name, snap) in &o.exports {
         if name.is_empty() || name.len() > 255 || name.contains(['/', '\0']) {
@@ -83,7 +86,7 @@ fn open_exports(o: &ServeOptions) -> Result<(Vec<Stack>, Exports)> {
                 description: stack.config.snapshot.clone(),
             },
         );
-        stacks.push(stack);
+        stacks.insert(name.clone(), stack);
     }
     Ok((stacks, exports))
 }
@@ -169,10 +172,17 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     });
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
         .map_err(|e| Error::io("signal handler", e))?;
+    let stacks = Arc::new(stacks);
+    status_writer(
+        stacks.clone(),
+        exports.clone(),
+        socket.clone(),
+        o.tcp.clone(),
+    );
     signals.forever().next();
     // Stop: every completed write durable, mirrors removed, the socket gone.
     let mut result = Ok(());
-    for s in &stacks {
+    for s in stacks.values() {
         let r = s.top.flush().and_then(|()| match &s.overlay {
             Some(o) => o.close(),
             None => Ok(()),
@@ -185,7 +195,42 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     if let Some(s) = &socket {
         let _ = std::fs::remove_file(s);
     }
+    let _ = std::fs::remove_file(super::status::serve_status_path(std::process::id()));
     result
+}
+
+/// Refresh `/run/livemount/serve-PID.json` every second (`livemount status`).
+fn status_writer(
+    stacks: Arc<Stacks>,
+    exports: Arc<Exports>,
+    socket: Option<PathBuf>,
+    tcp: Vec<SocketAddr>,
+) {
+    let started = std::time::Instant::now();
+    std::thread::spawn(move || loop {
+        let st = super::status::ServeStatus {
+            pid: std::process::id(),
+            socket: socket.clone(),
+            tcp: tcp.iter().map(|a| a.to_string()).collect(),
+            uptime_s: started.elapsed().as_secs_f64(),
+            exports: exports
+                .iter()
+                .zip(stacks.values())
+                .map(|((name, e), s)| super::status::ExportStatus {
+                    name: name.clone(),
+                    snapshot: e.description.clone(),
+                    size: e.device.size(),
+                    read_only: e.device.read_only(),
+                    overlay: s.overlay.as_ref().map(|o| o.path().to_path_buf()),
+                    overlay_bytes: s.overlay_bytes(),
+                    cache: s.cache.report(),
+                    io: e.metrics.report(),
+                })
+                .collect(),
+        };
+        let _ = super::status::write_serve_status(&st);
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    });
 }
 
 /// Log how a connection ended, unless the client simply went away.

@@ -40,6 +40,74 @@ pub struct MountStatus {
     pub prestage: Option<PrestageReport>,
 }
 
+/// The status file of a `livemount serve`, `/run/livemount/serve-PID.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServeStatus {
+    /// The server's pid.
+    pub pid: u32,
+    /// Its Unix socket, if any.
+    pub socket: Option<PathBuf>,
+    /// Its TCP addresses.
+    pub tcp: Vec<String>,
+    /// Seconds since it started serving.
+    pub uptime_s: f64,
+    /// Every export.
+    pub exports: Vec<ExportStatus>,
+}
+
+/// One NBD export's figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportStatus {
+    /// Export name.
+    pub name: String,
+    /// The snapshot it serves.
+    pub snapshot: String,
+    /// Bytes.
+    pub size: u64,
+    /// Refuses writes.
+    pub read_only: bool,
+    /// Its overlay file.
+    pub overlay: Option<PathBuf>,
+    /// Bytes the overlay holds.
+    pub overlay_bytes: u64,
+    /// Read cache figures.
+    pub cache: CacheReport,
+    /// I/O figures.
+    pub io: IoReport,
+}
+
+/// Where `livemount serve` with `pid` keeps its status.
+pub fn serve_status_path(pid: u32) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("serve-{pid}.json"))
+}
+
+/// Write a server's status atomically (0600).
+pub fn write_serve_status(st: &ServeStatus) -> Result<()> {
+    crate::paths::run_dir()?;
+    let path = serve_status_path(st.pid);
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(st).map_err(|e| Error::Invalid(e.to_string()))?;
+    livemount_store::fsutil::write_atomic_nosync_dir(&tmp, &path, &text, 0o600)
+}
+
+/// The status of every running `livemount serve` (files of dead servers skipped).
+pub fn list_serve_status() -> Vec<ServeStatus> {
+    let mut out: Vec<ServeStatus> = std::fs::read_dir(RUN_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("serve-") && n.ends_with(".json")
+        })
+        .filter_map(|e| serde_json::from_str(&std::fs::read_to_string(e.path()).ok()?).ok())
+        .filter(|s: &ServeStatus| pid_alive(s.pid))
+        .collect();
+    out.sort_by_key(|s| s.pid);
+    out
+}
+
 #[cfg(test)]
 impl MountStatus {
     /// A status of device `dev_id` served by `pid`, for tests of what reads it.

@@ -181,6 +181,24 @@ pub fn start(dev: &Arc<dyn BlockDevice>, m: &IoMetrics, req: Request, buf: &mut 
     }
 }
 
+/// Count a completed request (bytes, latency since `start`, errors): every frontend
+/// calls this once per request, whether it completed at once or on a worker.
+pub fn record_done(m: &IoMetrics, op: Op, res: i32, start: std::time::Instant) {
+    match op {
+        Op::Read => {
+            if res > 0 {
+                m.read_bytes.fetch_add(res as u64, Relaxed);
+            }
+            m.read_latency.record(start.elapsed());
+        }
+        Op::Write => m.write_latency.record(start.elapsed()),
+        _ => {}
+    }
+    if res < 0 {
+        m.errors.fetch_add(1, Relaxed);
+    }
+}
+
 /// Run a [`Step`] to its result right here (tests, and frontends without queues).
 pub fn finish(step: Step, buf: &mut [u8]) -> i32 {
     match step {

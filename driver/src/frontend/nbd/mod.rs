@@ -301,13 +301,19 @@ fn transmission(
             c.read_exact(&mut buf)?;
         }
         let is_read = req.op == Op::Read;
+        let started = std::time::Instant::now();
         match frontend::start(&export.device, &export.metrics, req, &mut buf) {
-            Step::Done(res) => reply(out, r.handle, res, is_read.then_some(&buf[..])),
+            Step::Done(res) => {
+                frontend::record_done(&export.metrics, req.op, res, started);
+                reply(out, r.handle, res, is_read.then_some(&buf[..]));
+            }
             Step::Offload(job) => {
                 inflight.acquire();
                 let (out2, inflight2) = (out.clone(), inflight.clone());
+                let metrics = export.metrics.clone();
                 let queued = pool.spawn(move || {
                     let res = job(&mut buf);
+                    frontend::record_done(&metrics, req.op, res, started);
                     reply(&out2, r.handle, res, is_read.then_some(&buf[..]));
                     inflight2.release();
                 });

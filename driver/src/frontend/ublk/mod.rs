@@ -99,23 +99,6 @@ struct TagState {
     op: Op,
 }
 
-fn record_done(m: &IoMetrics, op: Op, res: i32, start: Instant) {
-    use std::sync::atomic::Ordering::Relaxed;
-    match op {
-        Op::Read => {
-            if res > 0 {
-                m.read_bytes.fetch_add(res as u64, Relaxed);
-            }
-            m.read_latency.record(start.elapsed());
-        }
-        Op::Write => m.write_latency.record(start.elapsed()),
-        _ => {}
-    }
-    if res < 0 {
-        m.errors.fetch_add(1, Relaxed);
-    }
-}
-
 /// The per-tag state of a queue of `depth` tags (one eventfd each).
 fn tag_states(depth: usize) -> std::io::Result<Vec<TagState>> {
     (0..depth)
@@ -169,7 +152,7 @@ fn queue_fn(qid: u16, dev: &UblkDev, shared: Shared) {
                     .ok()
                     .and_then(|mut g| g.take())
                     .unwrap_or(-libc::EIO);
-                record_done(&shared.metrics, t.op, res, t.start);
+                frontend::record_done(&shared.metrics, t.op, res, t.start);
                 complete(q, res);
                 return;
             }
@@ -183,7 +166,7 @@ fn queue_fn(qid: u16, dev: &UblkDev, shared: Shared) {
             let tag_buf = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), buf.len()) };
             match frontend::start(&shared.device, &shared.metrics, req, tag_buf) {
                 Step::Done(res) => {
-                    record_done(&shared.metrics, req.op, res, t.start);
+                    frontend::record_done(&shared.metrics, req.op, res, t.start);
                     complete(q, res);
                 }
                 Step::Offload(job) => {
