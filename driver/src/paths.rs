@@ -10,9 +10,30 @@ use std::path::Path;
 /// The run directory (tmpfs on systemd hosts: gone after a reboot, by design).
 pub const RUN_DIR: &str = "/run/livemount";
 
-/// Create `dir` (0700) or check an existing one: a real directory (not a symlink),
-/// owned by us; its mode is tightened to 0700 if it was looser.
-pub fn ensure_private_dir(dir: &Path) -> Result<()> {
+/// A directory the operator named (an overlay or cache directory, a socket's
+/// parent): created 0700 if missing; if it exists it must be a real directory (not a
+/// symlink). Its mode is never changed: it may be `/tmp` or a hypervisor's images
+/// directory, shared with others; the files livemount creates in it are 0600.
+pub fn ensure_dir(dir: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_dir() => Ok(()),
+        Ok(_) => Err(Error::Invalid(format!(
+            "{} is not a directory (a symlink or file planted there?)",
+            dir.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .at(dir),
+        Err(e) => Err(Error::io(dir, e)),
+    }
+}
+
+/// Create livemount's own run directory `dir` (0700) or check an existing one: a
+/// real directory (not a symlink), owned by us; its mode is tightened to 0700 if it
+/// was looser. Only for directories livemount owns (never one the operator names).
+fn ensure_private_dir(dir: &Path) -> Result<()> {
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => return Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -69,6 +90,26 @@ pub fn open_private_append(path: &Path) -> Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn named_dirs_are_checked_but_never_chmodded() {
+        let d = tempfile::tempdir().unwrap();
+        let shared = d.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        ensure_dir(&shared).unwrap();
+        let mode = std::fs::metadata(&shared).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o1777, "a /tmp-like directory was chmodded");
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&shared, &link).unwrap();
+        assert!(ensure_dir(&link).is_err());
+        let fresh = d.path().join("a/b");
+        ensure_dir(&fresh).unwrap();
+        assert_eq!(
+            std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
 
     #[test]
     fn private_dirs_are_created_tightened_and_never_symlinks() {

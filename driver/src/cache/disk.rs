@@ -36,7 +36,7 @@ impl DiskTier {
         let dir = dir.into();
         // A root daemon writes here: a planted symlink (the directory itself, or a
         // file in it) must never redirect those writes.
-        crate::paths::ensure_private_dir(&dir)?;
+        crate::paths::ensure_dir(&dir)?;
         let mut files = HashMap::new();
         let mut total = 0;
         let mut by_age = Vec::new();

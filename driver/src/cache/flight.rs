@@ -99,6 +99,26 @@ impl<K: Hash + Eq + Copy> SingleFlight<K> {
     }
 }
 
+/// Releases claimed keys when dropped — also when the fetch panics, so that a panic
+/// (turned into EIO by the frontend) never leaves waiters asleep forever.
+pub struct ReleaseOnDrop<'a, K: Hash + Eq + Copy> {
+    flight: &'a SingleFlight<K>,
+    keys: Vec<K>,
+}
+
+impl<'a, K: Hash + Eq + Copy> ReleaseOnDrop<'a, K> {
+    /// Release `keys` of `flight` when this is dropped.
+    pub fn new(flight: &'a SingleFlight<K>, keys: Vec<K>) -> Self {
+        ReleaseOnDrop { flight, keys }
+    }
+}
+
+impl<K: Hash + Eq + Copy> Drop for ReleaseOnDrop<'_, K> {
+    fn drop(&mut self) {
+        self.flight.release(&self.keys);
+    }
+}
+
 /// Demand fetches in flight, with a condition to wait until there are none.
 #[derive(Default)]
 pub struct DemandGauge {
@@ -179,6 +199,21 @@ mod tests {
             sf.claim([2], |_| false).0,
             vec![2],
             "released keys can be claimed again"
+        );
+    }
+
+    #[test]
+    fn a_panicking_fetch_still_releases_its_claims() {
+        let sf = SingleFlight::<u32>::default();
+        let (mine, _) = sf.claim([5], |_| false);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _release = ReleaseOnDrop::new(&sf, mine);
+            panic!("decoder bug");
+        }));
+        assert!(r.is_err());
+        assert!(
+            !sf.contains(&5),
+            "a panic left the key claimed: its waiters would hang"
         );
     }
 

@@ -20,7 +20,7 @@ pub(crate) mod test_utils;
 use crate::error::{Error, Result};
 use compressed::ChunkTier;
 use disk::DiskTier;
-use flight::{DemandGauge, SingleFlight};
+use flight::{DemandGauge, ReleaseOnDrop, SingleFlight};
 use hashbrown::HashMap;
 use livemount_store::backend::ChunkSource;
 use livemount_store::format::chunk::{ChunkId, ChunkLayout};
@@ -134,6 +134,7 @@ impl ReadCache {
         if mine.is_empty() {
             return Ok(());
         }
+        let _release = ReleaseOnDrop::new(&self.flight, mine);
         let _demand = demand.then(|| self.demand.enter());
         let started = Instant::now();
         let limit = ChunkLayout::max_file_len(chunk_len, self.frame_size);
@@ -168,7 +169,6 @@ impl ReadCache {
             }
             Ok(())
         });
-        self.flight.release(&mine);
         res
     }
 
@@ -432,7 +432,10 @@ impl ReadCache {
             Ok(frames)
         })?;
         let mut out = Vec::with_capacity(decoded.len());
-        if let Ok(mut mem) = self.mem.lock() {
+        // A poisoned tier is an error: "loaded nothing" would make the reader fetch
+        // the same frames again forever.
+        {
+            let mut mem = self.mem.lock().map_err(|_| poisoned())?;
             for (i, f) in frames.zip(decoded) {
                 self.stats.decoded_bytes.fetch_add(f.len() as u64, Relaxed);
                 let len = f.len();
@@ -458,6 +461,8 @@ impl ReadCache {
         ahead: bool,
         mut got: impl FnMut(usize, FrameBytes),
     ) -> Result<()> {
+        let keys: Vec<FrameKey> = mine.iter().map(|&i| (layout.id, i as u32)).collect();
+        let _release = ReleaseOnDrop::new(&self.flight, keys);
         let mut result = Ok(());
         let mut start = 0;
         while start < mine.len() {
@@ -475,8 +480,6 @@ impl ReadCache {
             }
             start = end;
         }
-        let keys: Vec<FrameKey> = mine.iter().map(|&i| (layout.id, i as u32)).collect();
-        self.flight.release(&keys);
         result
     }
 

@@ -51,7 +51,7 @@ fn open_exports(o: &ServeOptions) -> Result<(Stacks, Exports)> {
         ));
     }
     if let Some(d) = &o.overlay_dir {
-        crate::paths::ensure_private_dir(d)?;
+        crate::paths::ensure_dir(d)?;
     }
     let mut stacks = Stacks::new();
     let mut exports = Exports::new();
@@ -94,7 +94,7 @@ fn open_exports(o: &ServeOptions) -> Result<(Stacks, Exports)> {
 /// Bind the Unix socket: a stale socket file is replaced, anything else is refused.
 fn bind_unix(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        crate::paths::ensure_private_dir(dir)?;
+        crate::paths::ensure_dir(dir)?;
     }
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
@@ -120,28 +120,32 @@ pub fn serve(o: ServeOptions) -> Result<()> {
         (None, true) => Some(Path::new(crate::paths::RUN_DIR).join("nbd.sock")),
         (None, false) => None,
     };
+    let shared = Shared {
+        exports: exports.clone(),
+        pool,
+        budget: nbd::Budget::new(REQUEST_BUDGET),
+        connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    };
     if let Some(path) = &socket {
         let l = bind_unix(path)?;
-        let (e, p) = (exports.clone(), pool.clone());
-        std::thread::spawn(move || {
-            for c in l.incoming().flatten() {
-                let (e, p) = (e.clone(), p.clone());
-                std::thread::spawn(move || log_end(nbd::serve_connection(Box::new(c), &e, &p)));
-            }
-        });
+        let sh = shared.clone();
+        std::thread::spawn(move || accept_loop(|| l.accept().map(|(c, _)| c), sh));
     }
     for addr in &o.tcp {
         let l = TcpListener::bind(addr).map_err(|e| Error::io(addr.to_string(), e))?;
         if !addr.ip().is_loopback() {
             eprintln!("livemount: warning: serving {addr} without TLS: anyone who can reach it reads and writes these disks; use a trusted network");
         }
-        let (e, p) = (exports.clone(), pool.clone());
+        let sh = shared.clone();
         std::thread::spawn(move || {
-            for c in l.incoming().flatten() {
-                let _ = c.set_nodelay(true);
-                let (e, p) = (e.clone(), p.clone());
-                std::thread::spawn(move || log_end(nbd::serve_connection(Box::new(c), &e, &p)));
-            }
+            accept_loop(
+                || {
+                    let (c, _) = l.accept()?;
+                    let _ = c.set_nodelay(true);
+                    Ok(c)
+                },
+                sh,
+            )
         });
     }
     for (name, e) in exports.iter() {
@@ -231,6 +235,51 @@ fn status_writer(
         let _ = super::status::write_serve_status(&st);
         std::thread::sleep(std::time::Duration::from_secs(1));
     });
+}
+
+/// Request buffers of all connections together (see [`nbd::Budget`]).
+const REQUEST_BUDGET: u64 = 256 << 20;
+/// Connections served at once; more are closed at once (each holds a thread).
+const MAX_CONNECTIONS: usize = 256;
+
+/// What every connection shares.
+#[derive(Clone)]
+struct Shared {
+    exports: Arc<Exports>,
+    pool: Arc<Pool>,
+    budget: Arc<nbd::Budget>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Accept connections until the process ends: each on its own thread, at most
+/// [`MAX_CONNECTIONS`]; an accept error (EMFILE, …) pauses instead of spinning.
+fn accept_loop<C: nbd::Conn>(mut accept: impl FnMut() -> std::io::Result<C>, sh: Shared) {
+    use std::sync::atomic::Ordering::SeqCst;
+    loop {
+        let c = match accept() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("livemount: nbd accept failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                continue;
+            }
+        };
+        if sh.connections.fetch_add(1, SeqCst) >= MAX_CONNECTIONS {
+            sh.connections.fetch_sub(1, SeqCst);
+            eprintln!("livemount: nbd: {MAX_CONNECTIONS} connections already; refusing one");
+            continue;
+        }
+        let sh = sh.clone();
+        std::thread::spawn(move || {
+            log_end(nbd::serve_connection(
+                Box::new(c),
+                &sh.exports,
+                &sh.pool,
+                &sh.budget,
+            ));
+            sh.connections.fetch_sub(1, SeqCst);
+        });
+    }
 }
 
 /// Log how a connection ended, unless the client simply went away.

@@ -171,10 +171,17 @@ pub fn start(dev: &Arc<dyn BlockDevice>, m: &IoMetrics, req: Request, buf: &mut 
         Op::Discard | Op::WriteZeroes => {
             m.discards.fetch_add(1, Relaxed);
             let dev = dev.clone();
+            // FUA on a discard or write-zeroes: durable before it completes too.
             job(
                 format!("discard of {len} bytes at {offset}"),
                 0,
-                move |_| dev.discard(offset, len as u64),
+                move |_| {
+                    dev.discard(offset, len as u64)?;
+                    if fua {
+                        dev.flush()?;
+                    }
+                    Ok(())
+                },
             )
         }
         Op::Other(_) => Step::Done(-libc::EOPNOTSUPP),

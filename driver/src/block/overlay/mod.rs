@@ -98,6 +98,9 @@ pub struct Overlay {
     sync_writes: AtomicBool,
     /// A sync failed: the overlay refuses I/O (see the module docs).
     failed: AtomicBool,
+    /// Writes hold it shared while they run; [`Overlay::close`] takes it exclusively
+    /// and sets it: no write is acknowledged after the final flush.
+    closed: std::sync::RwLock<bool>,
     /// How the file's data is made durable (fdatasync; tests inject failures).
     sync: fn(&File) -> std::io::Result<()>,
 }
@@ -288,6 +291,7 @@ impl Overlay {
             mirror_path,
             sync_writes,
             failed: AtomicBool::new(false),
+            closed: std::sync::RwLock::new(false),
             sync: File::sync_data,
         })
     }
@@ -295,6 +299,8 @@ impl Overlay {
     /// Make every write durable and remove the map mirror: a clean stop leaves no
     /// run file behind (a later overlay on the same inode must not inherit it).
     pub fn close(&self) -> Result<()> {
+        // Wait for writes in progress, refuse later ones, then make everything durable.
+        *self.closed.write().map_err(|_| poisoned(&self.path))? = true;
         self.flush()?;
         let m = self.map.lock().map_err(|_| poisoned(&self.path))?;
         if m.dirty.is_empty() {
@@ -325,8 +331,27 @@ impl Overlay {
         Ok(())
     }
 
-    /// Enter the errored state after a failed sync of the file.
+    /// Refuse a write after [`close`](Self::close); returns the guard to hold while
+    /// the write runs.
+    fn open_for_write(&self) -> Result<std::sync::RwLockReadGuard<'_, bool>> {
+        let g = self.closed.read().map_err(|_| poisoned(&self.path))?;
+        if *g {
+            return Err(Error::io(
+                &self.path,
+                std::io::Error::other("the overlay is closed (the server is stopping)"),
+            ));
+        }
+        Ok(g)
+    }
+
+    /// Enter the errored state after a failed sync of the file. The mirror goes too:
+    /// its bits may belong to writes whose pages the kernel dropped, and a later open
+    /// in this boot must not make them durable.
     fn fail(&self, e: std::io::Error) -> Error {
+        if let Ok(mut m) = self.map.lock() {
+            m.mirror = None;
+        }
+        let _ = std::fs::remove_file(&self.mirror_path);
         if !self.failed.swap(true, Relaxed) {
             eprintln!(
                 "livemount: error: fdatasync of overlay {} failed ({e}); refusing further I/O to it (see docs/architecture.md, Overlay failures)",
@@ -416,8 +441,9 @@ impl Overlay {
         if let (Some(mirror), Some((a, z))) = (&m.mirror, changed) {
             let bytes: Vec<u8> = m.bits[a..=z].iter().flat_map(|w| w.to_le_bytes()).collect();
             if let Err(e) = mirror.write(a as u64 * 8, &bytes) {
+                // The file stays: its bits are all acknowledged writes, and the next
+                // flush (this write's, now synchronous) makes them durable anyway.
                 warn_no_mirror(&self.path, &e.to_string());
-                let _ = std::fs::remove_file(mirror.path());
                 m.mirror = None;
                 self.sync_writes.store(true, Relaxed);
             }
@@ -559,6 +585,7 @@ impl BlockDevice for Overlay {
     /// Write `buf` at `offset` (not durable until [`flush`](BlockDevice::flush)).
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
+        let _open = self.open_for_write()?;
         self.check_failed()?;
         self.file
             .write_all_at(buf, self.data_offset + offset)
@@ -574,6 +601,7 @@ impl BlockDevice for Overlay {
     /// WRITE_ZEROES): punch a hole and map the sectors.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
+        let _open = self.open_for_write()?;
         self.check_failed()?;
         // SAFETY: fallocate on our own open descriptor; no memory is passed.
         let rc = unsafe {
@@ -910,5 +938,31 @@ mod tests {
         ov.write_at(0, &[1; 512]).unwrap();
         ov.close().unwrap();
         assert!(!mp.exists(), "close left the mirror behind");
+    }
+
+    #[test]
+    fn after_close_writes_fail_and_after_a_failed_sync_the_mirror_is_gone() {
+        let d = tempfile::tempdir().unwrap();
+        let mirrors = tempfile::tempdir().unwrap();
+        let size = 1u64 << 20;
+        let base: Arc<dyn BlockDevice> = Arc::new(Pattern(size));
+        let ov = open(&d.path().join("a"), base.clone(), &ident(size, 1), &mirrors);
+        ov.write_at(0, &[1; 512]).unwrap();
+        ov.close().unwrap();
+        assert!(
+            ov.write_at(512, &[2; 512]).is_err(),
+            "a write after the final flush"
+        );
+        assert!(ov.discard(512, 512).is_err());
+        let mut ov = open(&d.path().join("b"), base, &ident(size, 1), &mirrors);
+        ov.write_at(0, &[1; 512]).unwrap();
+        let mp = ov.mirror_path().to_path_buf();
+        assert!(mp.exists());
+        ov.sync = failing_sync;
+        assert!(ov.flush().is_err());
+        assert!(
+            !mp.exists(),
+            "a failed sync left a mirror a later open would merge"
+        );
     }
 }

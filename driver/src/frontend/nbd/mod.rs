@@ -28,6 +28,47 @@ use std::time::Duration;
 pub const MAX_IN_FLIGHT: usize = 64;
 /// How long a client may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a reply may wait for a client that does not read: then the connection
+/// is given up (its remaining replies dropped), never the server's workers.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Request buffers of every connection together, at most `limit` bytes: a client
+/// pipelining large requests waits (back-pressure), it cannot exhaust memory.
+pub struct Budget {
+    used: Mutex<u64>,
+    cv: Condvar,
+    limit: u64,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            used: Mutex::new(0),
+            cv: Condvar::new(),
+            limit: limit.max(MAX_REQUEST as u64),
+        })
+    }
+
+    fn acquire(&self, n: u64) {
+        if let Ok(mut u) = self.used.lock() {
+            while *u + n > self.limit {
+                match self.cv.wait(u) {
+                    Ok(g) => u = g,
+                    Err(_) => return,
+                }
+            }
+            *u += n;
+        }
+    }
+
+    fn release(&self, n: u64) {
+        if let Ok(mut u) = self.used.lock() {
+            *u = u.saturating_sub(n);
+        }
+        self.cv.notify_all();
+    }
+}
 
 /// One named export.
 pub struct Export {
@@ -48,6 +89,8 @@ pub trait Conn: Read + Write + Send + 'static {
     fn try_clone_conn(&self) -> io::Result<Box<dyn Write + Send>>;
     /// Bound reads (None: no bound).
     fn set_read_deadline(&self, d: Option<Duration>) -> io::Result<()>;
+    /// Bound writes (a client that stops reading its replies).
+    fn set_write_deadline(&self, d: Option<Duration>) -> io::Result<()>;
 }
 
 impl Conn for std::os::unix::net::UnixStream {
@@ -57,6 +100,9 @@ impl Conn for std::os::unix::net::UnixStream {
     fn set_read_deadline(&self, d: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(d)
     }
+    fn set_write_deadline(&self, d: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(d)
+    }
 }
 
 impl Conn for std::net::TcpStream {
@@ -65,6 +111,9 @@ impl Conn for std::net::TcpStream {
     }
     fn set_read_deadline(&self, d: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(d)
+    }
+    fn set_write_deadline(&self, d: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(d)
     }
 }
 
@@ -205,19 +254,51 @@ impl InFlight {
     }
 }
 
-type Replies = Arc<Mutex<Box<dyn Write + Send>>>;
+/// One reply for the connection's writer: handle, result, read data, and the bytes
+/// of budget the request held.
+struct Reply {
+    handle: u64,
+    res: i32,
+    data: Option<Vec<u8>>,
+    held: u64,
+}
 
-fn reply(out: &Replies, handle: u64, res: i32, data: Option<&[u8]>) {
-    let err = nbd_error(res);
-    if let Ok(mut w) = out.lock() {
-        let _ = w.write_all(&simple_reply(handle, err));
-        if err == 0 {
-            if let Some(d) = data {
-                let _ = w.write_all(d);
-            }
+type Replies = std::sync::mpsc::Sender<Reply>;
+
+/// The connection's writer: the only thread that writes replies to the socket, so a
+/// client that stops reading stalls its own writer, never a worker. After a failed
+/// write it drops the rest (releasing what they hold) until every sender is gone.
+fn writer(
+    mut w: Box<dyn Write + Send>,
+    rx: std::sync::mpsc::Receiver<Reply>,
+    inflight: Arc<InFlight>,
+    budget: Arc<Budget>,
+) {
+    let mut broken = false;
+    for r in rx {
+        if !broken {
+            let err = nbd_error(r.res);
+            let sent =
+                w.write_all(&simple_reply(r.handle, err))
+                    .and_then(|()| match (&r.data, err) {
+                        (Some(d), 0) => w.write_all(d),
+                        _ => Ok(()),
+                    });
+            broken = sent.and_then(|()| w.flush()).is_err();
         }
-        let _ = w.flush();
+        budget.release(r.held);
+        inflight.release();
     }
+}
+
+fn reply(out: &Replies, handle: u64, res: i32, data: Option<Vec<u8>>, held: u64) {
+    // A send fails only once the writer is gone, i.e. the connection is over.
+    let _ = out.send(Reply {
+        handle,
+        res,
+        data,
+        held,
+    });
 }
 
 /// The block request of an NBD command, or the NBD error to answer with.
@@ -246,17 +327,25 @@ pub fn serve_connection(
     mut c: Box<dyn Conn>,
     exports: &Exports,
     pool: &Arc<Pool>,
+    budget: &Arc<Budget>,
 ) -> io::Result<()> {
     c.set_read_deadline(Some(HANDSHAKE_TIMEOUT))?;
+    c.set_write_deadline(Some(REPLY_TIMEOUT))?;
     let Some(export) = handshake(c.as_mut(), exports)? else {
         return Ok(());
     };
     c.set_read_deadline(None)?;
-    let out: Replies = Arc::new(Mutex::new(c.try_clone_conn()?));
     let inflight = Arc::new(InFlight::default());
-    let result = transmission(c.as_mut(), export, pool, &out, &inflight);
-    // Every reply of an accepted request is written before the connection closes.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let w = c.try_clone_conn()?;
+    let (i2, b2) = (inflight.clone(), budget.clone());
+    let writer = std::thread::spawn(move || writer(w, rx, i2, b2));
+    let result = transmission(c.as_mut(), export, pool, &tx, &inflight, budget);
+    // Every reply of an accepted request is written (or given up) before the
+    // connection closes.
+    drop(tx);
     inflight.drain();
+    let _ = writer.join();
     result
 }
 
@@ -266,6 +355,7 @@ fn transmission(
     pool: &Arc<Pool>,
     out: &Replies,
     inflight: &Arc<InFlight>,
+    budget: &Arc<Budget>,
 ) -> io::Result<()> {
     loop {
         let mut h = [0u8; 28];
@@ -282,44 +372,46 @@ fn transmission(
             // Its payload cannot be skipped safely: the stream is lost.
             return Err(protocol_error(format!("write of {} bytes", r.len)));
         }
+        // Every request holds an in-flight slot until the writer has sent its reply.
+        inflight.acquire();
         let req = match to_request(&r) {
             Ok(q) => q,
             Err(e) => {
-                reply(out, r.handle, -(e as i32), None);
+                reply(out, r.handle, -(e as i32), None, 0);
                 continue;
             }
         };
-        let mut buf = vec![
-            0u8;
-            if matches!(req.op, Op::Read | Op::Write) {
-                req.len
-            } else {
-                0
-            }
-        ];
+        let held = if matches!(req.op, Op::Read | Op::Write) {
+            req.len as u64
+        } else {
+            0
+        };
+        budget.acquire(held);
+        let mut buf = vec![0u8; held as usize];
         if req.op == Op::Write {
-            c.read_exact(&mut buf)?;
+            if let Err(e) = c.read_exact(&mut buf) {
+                budget.release(held);
+                inflight.release();
+                return Err(e);
+            }
         }
         let is_read = req.op == Op::Read;
         let started = std::time::Instant::now();
         match frontend::start(&export.device, &export.metrics, req, &mut buf) {
             Step::Done(res) => {
                 frontend::record_done(&export.metrics, req.op, res, started);
-                reply(out, r.handle, res, is_read.then_some(&buf[..]));
+                reply(out, r.handle, res, is_read.then_some(buf), held);
             }
             Step::Offload(job) => {
-                inflight.acquire();
-                let (out2, inflight2) = (out.clone(), inflight.clone());
+                let out2 = out.clone();
                 let metrics = export.metrics.clone();
                 let queued = pool.spawn(move || {
                     let res = job(&mut buf);
                     frontend::record_done(&metrics, req.op, res, started);
-                    reply(&out2, r.handle, res, is_read.then_some(&buf[..]));
-                    inflight2.release();
+                    reply(&out2, r.handle, res, is_read.then_some(buf), held);
                 });
                 if !queued {
-                    inflight.release();
-                    reply(out, r.handle, -libc::EIO, None);
+                    reply(out, r.handle, -libc::EIO, None, held);
                 }
             }
         }
@@ -351,7 +443,8 @@ mod tests {
     fn connect(e: Exports) -> (UnixStream, std::thread::JoinHandle<io::Result<()>>) {
         let (a, b) = UnixStream::pair().unwrap();
         let pool = Pool::new(2);
-        let t = std::thread::spawn(move || serve_connection(Box::new(b), &e, &pool));
+        let budget = Budget::new(64 << 20);
+        let t = std::thread::spawn(move || serve_connection(Box::new(b), &e, &pool, &budget));
         (a, t)
     }
 
@@ -501,5 +594,39 @@ mod tests {
         assert_eq!(go(&mut c, "vm"), REP_ACK);
         c.write_all(&[0u8; 28]).unwrap();
         assert!(t.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn a_client_that_never_reads_its_replies_does_not_stall_the_others() {
+        let e = Arc::new(exports(false));
+        let pool = Pool::new(1);
+        let budget = Budget::new(64 << 20);
+        let spawn = |b: UnixStream| {
+            let (e, pool, budget) = (e.clone(), pool.clone(), budget.clone());
+            std::thread::spawn(move || serve_connection(Box::new(b), &e, &pool, &budget))
+        };
+        // A: 64 KiB reads (slow path: the disk has no fast path) whose replies it
+        // never reads — far more than a socket buffer holds.
+        let (mut a, ab) = UnixStream::pair().unwrap();
+        let _ta = spawn(ab);
+        assert_eq!(go(&mut a, "vm"), REP_ACK);
+        for h in 0..200u64 {
+            request(&mut a, CMD_READ, h, (h % 16) * 65536, 65536, &[]);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // B, on the same single worker, is still served.
+        let (mut b, bb) = UnixStream::pair().unwrap();
+        let tb = spawn(bb);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            assert_eq!(go(&mut b, "vm"), REP_ACK);
+            request(&mut b, CMD_READ, 1, 4096, 4096, &[]);
+            let _ = tx.send(simple(&mut b, 4096).1);
+            request(&mut b, CMD_DISC, 2, 0, 0, &[]);
+        });
+        let got = rx.recv_timeout(Duration::from_secs(20));
+        assert_eq!(got, Ok(0), "B got no reply while A stalled (hang)");
+        tb.join().unwrap().unwrap();
+        drop(a);
     }
 }
