@@ -67,6 +67,9 @@ struct Daemon {
     started: Instant,
     stopping: AtomicBool,
     is_ready: AtomicBool,
+    /// Held while the status file is written or removed: once shutdown removed it,
+    /// the writer (which checks `stopping` under it) never writes it again.
+    status_lock: std::sync::Mutex<()>,
 }
 
 impl Daemon {
@@ -88,6 +91,7 @@ impl Daemon {
             started: Instant::now(),
             stopping: AtomicBool::new(false),
             is_ready: AtomicBool::new(false),
+            status_lock: std::sync::Mutex::new(()),
         }))
     }
 
@@ -218,7 +222,13 @@ impl Daemon {
                 if self.stopping.load(Ordering::SeqCst) {
                     break;
                 }
-                let _ = write_status(&self.status(dev_id, &device, "running"));
+                {
+                    let _g = self.status_lock.lock();
+                    if self.stopping.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let _ = write_status(&self.status(dev_id, &device, "running"));
+                }
                 tick += 1;
                 let (Some(path), Some(rec)) =
                     (&self.stack.config.record_profile, &self.stack.recorder)
@@ -259,7 +269,10 @@ impl Daemon {
             }
         }
         let _ = ctrl.del_dev();
-        let _ = std::fs::remove_file(status_path(dev_id));
+        {
+            let _g = self.status_lock.lock();
+            let _ = std::fs::remove_file(status_path(dev_id));
+        }
         if self.stack.config.temporary_overlay {
             if let Some(p) = &self.stack.config.overlay {
                 let _ = std::fs::remove_file(p);

@@ -28,10 +28,7 @@ pub enum Readiness {
 
 /// Report `msg` to the parent, if one is listening (once; later calls do nothing).
 pub fn notify(msg: &Readiness) {
-    let Some(fd) = std::env::var(READY_FD_ENV)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-    else {
+    let Some(fd) = ready_fd() else {
         return;
     };
     static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -45,6 +42,22 @@ pub fn notify(msg: &Readiness) {
         line.push('\n');
         let _ = f.write_all(line.as_bytes());
     }
+}
+
+/// The readiness pipe named in the environment, if it is one: at least fd 3 (never
+/// stdin, stdout or stderr) and a pipe; anything else is ignored.
+fn ready_fd() -> Option<i32> {
+    let fd = std::env::var(READY_FD_ENV).ok()?.parse::<i32>().ok()?;
+    if fd < 3 {
+        return None;
+    }
+    // SAFETY: fstat on a descriptor number into a zeroed struct we own; a closed or
+    // invalid number only makes it fail.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return None;
+    }
+    Some(fd)
 }
 
 /// A child started with a readiness pipe.
@@ -134,5 +147,36 @@ mod tests {
         assert_eq!(describe(st), "killed by signal 9 (SIGKILL; out of memory?)");
         let mut w = spawn(Command::new("sh").args(["-c", "exit 3"])).unwrap();
         assert_eq!(describe(w.wait_ready().unwrap_err()), "exit status 3");
+    }
+
+    #[test]
+    fn only_an_inherited_pipe_is_taken_as_the_readiness_channel() {
+        // Run in a child so the variable is set for it alone.
+        let me = std::env::current_exe().unwrap();
+        for (fd, want) in [("1", "none"), ("2", "none"), ("999", "none"), ("x", "none")] {
+            let out = Command::new(&me)
+                .args([
+                    "--exact",
+                    "daemon::ready::tests::print_ready_fd",
+                    "--nocapture",
+                ])
+                .env(READY_FD_ENV, fd)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains(&format!("ready_fd={want}")),
+                "fd {fd}: {text}"
+            );
+        }
+    }
+
+    /// Helper of the test above (prints what `ready_fd` found).
+    #[test]
+    fn print_ready_fd() {
+        match ready_fd() {
+            Some(fd) => println!("ready_fd={fd}"),
+            None => println!("ready_fd=none"),
+        }
     }
 }

@@ -177,13 +177,20 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
         .map_err(|e| Error::io("signal handler", e))?;
     let stacks = Arc::new(stacks);
+    let status_stop = Arc::new(std::sync::Mutex::new(false));
     status_writer(
         stacks.clone(),
         exports.clone(),
         socket.clone(),
         o.tcp.clone(),
+        status_stop.clone(),
     );
     signals.forever().next();
+    // The status file goes first, and is never written again.
+    if let Ok(mut stopped) = status_stop.lock() {
+        *stopped = true;
+        let _ = std::fs::remove_file(super::status::serve_status_path(std::process::id()));
+    }
     // Stop: every completed write durable, mirrors removed, the socket gone.
     let mut result = Ok(());
     for s in stacks.values() {
@@ -199,7 +206,6 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     if let Some(s) = &socket {
         let _ = std::fs::remove_file(s);
     }
-    let _ = std::fs::remove_file(super::status::serve_status_path(std::process::id()));
     result
 }
 
@@ -209,6 +215,7 @@ fn status_writer(
     exports: Arc<Exports>,
     socket: Option<PathBuf>,
     tcp: Vec<SocketAddr>,
+    stop: Arc<std::sync::Mutex<bool>>,
 ) {
     let started = std::time::Instant::now();
     std::thread::spawn(move || loop {
@@ -232,7 +239,12 @@ fn status_writer(
                 })
                 .collect(),
         };
-        let _ = super::status::write_serve_status(&st);
+        match stop.lock() {
+            Ok(stopped) if !*stopped => {
+                let _ = super::status::write_serve_status(&st);
+            }
+            _ => return,
+        }
         std::thread::sleep(std::time::Duration::from_secs(1));
     });
 }

@@ -156,17 +156,27 @@ pub struct Mirror {
 impl Mirror {
     /// Create (replace) the mirror of `key` at `path` holding `map`, 0600, never
     /// through a symlink.
+    /// The new mirror is written under a temporary name and renamed over the old
+    /// one only when complete: a crash meanwhile leaves the old mirror (whose bits
+    /// the caller has merged) in place, never a partial one.
     pub fn create(path: &Path, key: &MirrorKey, map: &[u8]) -> Result<Mirror> {
-        let _ = std::fs::remove_file(path);
+        let tmp = path.with_extension("map.new");
+        let _ = std::fs::remove_file(&tmp);
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .at(path)?;
-        file.write_all_at(&key.header(), 0).at(path)?;
-        file.write_all_at(map, HEADER_LEN).at(path)?;
+            .open(&tmp)
+            .at(&tmp)?;
+        let written = file
+            .write_all_at(&key.header(), 0)
+            .and_then(|()| file.write_all_at(map, HEADER_LEN))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(path, e));
+        }
         Ok(Mirror {
             file,
             path: path.to_path_buf(),

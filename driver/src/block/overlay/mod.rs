@@ -180,8 +180,10 @@ fn parse_header(path: &Path, h: &[u8]) -> Result<(OverlayIdentity, u64, u64)> {
     if u32_at(12) as u64 != SECTOR
         || map_offset != HEADER_LEN
         || ml != map_len(device_size)
-        || data_offset < map_offset + ml
+        || data_offset != (HEADER_LEN + ml).div_ceil(1 << 20) * (1 << 20)
     {
+        // data_offset is what every writer computes from the map length: anything
+        // else (e.g. a huge value that would overflow `data_offset + offset`) is damage.
         return Err(bad("inconsistent header"));
     }
     let n = (u32_at(80) as usize).min(MAX_NAME);
@@ -964,5 +966,17 @@ mod tests {
             !mp.exists(),
             "a failed sync left a mirror a later open would merge"
         );
+    }
+
+    #[test]
+    fn a_header_with_another_data_offset_is_refused() {
+        let id = ident(1 << 20, 3);
+        let mut h = encode_header(&id);
+        assert!(parse_identity(&h).is_ok());
+        h[40..48].copy_from_slice(&(u64::MAX - 4096).to_le_bytes());
+        let crc = crc32c::crc32c(&h[..4092]);
+        h[4092..].copy_from_slice(&crc.to_le_bytes());
+        let e = parse_identity(&h).unwrap_err().to_string();
+        assert!(e.contains("inconsistent header"), "{e}");
     }
 }
