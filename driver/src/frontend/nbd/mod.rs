@@ -26,8 +26,12 @@ use std::time::Duration;
 
 /// Requests of one connection in flight at once (each holds its buffer).
 pub const MAX_IN_FLIGHT: usize = 64;
-/// How long a client may take to finish the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to finish the whole handshake (all options together).
+const HANDSHAKE_TIMEOUT: Duration = if cfg!(test) {
+    Duration::from_millis(500)
+} else {
+    Duration::from_secs(30)
+};
 /// How long a reply may wait for a client that does not read: then the connection
 /// is given up (its remaining replies dropped), never the server's workers.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -142,7 +146,15 @@ fn handshake<'e>(c: &mut dyn Conn, exports: &'e Exports) -> io::Result<Option<&'
         return Err(protocol_error("client does not speak fixed newstyle"));
     }
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
     loop {
+        // The bound is on the whole handshake: a client trickling options cannot
+        // hold its thread forever.
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(protocol_error("handshake not finished in time"));
+        }
+        c.set_read_deadline(Some(left))?;
         let mut h = [0u8; 16];
         match c.read_exact(&mut h) {
             Ok(()) => {}
@@ -628,5 +640,33 @@ mod tests {
         assert_eq!(got, Ok(0), "B got no reply while A stalled (hang)");
         tb.join().unwrap().unwrap();
         drop(a);
+    }
+
+    #[test]
+    fn a_client_trickling_options_is_cut_off_at_the_handshake_deadline() {
+        let (mut c, t) = connect(exports(true));
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        c.write_all(&CLIENT_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
+        // An unknown option every 100 ms: each read is quick, the handshake never ends.
+        let cut = std::thread::spawn(move || {
+            for _ in 0..50 {
+                let mut m = IHAVEOPT.to_be_bytes().to_vec();
+                m.extend_from_slice(&99u32.to_be_bytes());
+                m.extend_from_slice(&0u32.to_be_bytes());
+                if c.write_all(&m).is_err() {
+                    return true;
+                }
+                let mut h = [0u8; 20];
+                if c.read_exact(&mut h).is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            false
+        });
+        let r = t.join().unwrap();
+        assert!(r.is_err(), "the server must give up on the handshake");
+        assert!(cut.join().unwrap(), "the connection was closed");
     }
 }
