@@ -83,11 +83,7 @@ pub fn serve_status_path(pid: u32) -> PathBuf {
 
 /// Write a server's status atomically (0600).
 pub fn write_serve_status(st: &ServeStatus) -> Result<()> {
-    crate::paths::run_dir()?;
-    let path = serve_status_path(st.pid);
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_vec_pretty(st).map_err(|e| Error::Invalid(e.to_string()))?;
-    livemount_store::fsutil::write_atomic_nosync_dir(&tmp, &path, &text, 0o600)
+    write_run_file(&serve_status_path(st.pid), st)
 }
 
 /// The status of every running `livemount serve` (files of dead servers skipped).
@@ -199,13 +195,18 @@ pub fn parse_dev(dev: &str) -> Result<u32> {
 
 /// Write `st` atomically (0600; the directory is created 0700).
 pub fn write_status(st: &MountStatus) -> Result<()> {
+    write_run_file(&status_path(st.dev_id), st)
+}
+
+/// Write `value` as JSON to the run file `path`, atomically, 0600 (a temp file a
+/// killed writer left behind is replaced once).
+fn write_run_file(path: &Path, value: &impl Serialize) -> Result<()> {
     crate::paths::run_dir()?;
-    let path = status_path(st.dev_id);
     let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_vec_pretty(st).map_err(|e| Error::Invalid(e.to_string()))?;
-    livemount_store::fsutil::write_atomic_nosync_dir(&tmp, &path, &text, 0o600).or_else(|_| {
+    let text = serde_json::to_vec_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
+    livemount_store::fsutil::write_atomic_nosync_dir(&tmp, path, &text, 0o600).or_else(|_| {
         let _ = std::fs::remove_file(&tmp);
-        livemount_store::fsutil::write_atomic_nosync_dir(&tmp, &path, &text, 0o600)
+        livemount_store::fsutil::write_atomic_nosync_dir(&tmp, path, &text, 0o600)
     })
 }
 

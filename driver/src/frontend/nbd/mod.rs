@@ -97,29 +97,24 @@ pub trait Conn: Read + Write + Send + 'static {
     fn set_write_deadline(&self, d: Option<Duration>) -> io::Result<()>;
 }
 
-impl Conn for std::os::unix::net::UnixStream {
-    fn try_clone_conn(&self) -> io::Result<Box<dyn Write + Send>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn set_read_deadline(&self, d: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(d)
-    }
-    fn set_write_deadline(&self, d: Option<Duration>) -> io::Result<()> {
-        self.set_write_timeout(d)
-    }
+/// `Conn` for the std socket types, which have the same methods.
+macro_rules! impl_conn {
+    ($($t:ty),*) => {$(
+        impl Conn for $t {
+            fn try_clone_conn(&self) -> io::Result<Box<dyn Write + Send>> {
+                Ok(Box::new(self.try_clone()?))
+            }
+            fn set_read_deadline(&self, d: Option<Duration>) -> io::Result<()> {
+                self.set_read_timeout(d)
+            }
+            fn set_write_deadline(&self, d: Option<Duration>) -> io::Result<()> {
+                self.set_write_timeout(d)
+            }
+        }
+    )*};
 }
 
-impl Conn for std::net::TcpStream {
-    fn try_clone_conn(&self) -> io::Result<Box<dyn Write + Send>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn set_read_deadline(&self, d: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(d)
-    }
-    fn set_write_deadline(&self, d: Option<Duration>) -> io::Result<()> {
-        self.set_write_timeout(d)
-    }
-}
+impl_conn!(std::os::unix::net::UnixStream, std::net::TcpStream);
 
 fn transmission_flags(dev: &dyn BlockDevice) -> u16 {
     let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN;
