@@ -39,7 +39,11 @@ fn bench(c: &mut Criterion) {
         &NoProgress,
     )
     .unwrap();
-    let mut cfg = MountConfig::new(store.clone(), "vm".into(), Some(d.path().join("overlay")));
+    let mut cfg = MountConfig::new(
+        store.as_path().into(),
+        "vm".into(),
+        Some(d.path().join("overlay")),
+    );
     cfg.cache_mem = 256 << 20;
     let m = Stack::open(&cfg).unwrap();
     // Warm the memory tier (twice, so frames are in the protected segment).
@@ -61,7 +65,7 @@ fn bench(c: &mut Criterion) {
     });
     g.sample_size(20);
     // A fresh mount per read (empty caches), read-only: no overlay lock to share.
-    let cold = MountConfig::new(store.clone(), "vm".into(), None);
+    let cold = MountConfig::new(store.as_path().into(), "vm".into(), None);
     g.bench_function("cold_4k_fetch_decode_verify", |b| {
         b.iter_batched(
             || Stack::open(&cold).unwrap(),
@@ -84,7 +88,7 @@ fn bench(c: &mut Criterion) {
     let mut req = vec![0u8; 512 << 10];
     for (store_name, latency) in [("local", None), ("5ms", Some(5.0))] {
         for (ra_name, window) in [("off", 0), ("readahead_16m", 16 << 20)] {
-            let mut cfg = MountConfig::new(store.clone(), "vm".into(), None);
+            let mut cfg = MountConfig::new(store.as_path().into(), "vm".into(), None);
             cfg.store_latency_ms = latency;
             cfg.seq_readahead = window;
             g.bench_function(format!("{store_name}_store_{ra_name}"), |b| {

@@ -185,7 +185,7 @@ fn read_4k(c: &mut Criterion) {
     // the frame) from a file in the page cache.
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().join("store"), Access::Write).unwrap();
-    store.put_chunk(&id, &file).unwrap();
+    store.put_chunk(&id, file.clone()).unwrap();
     let src = store.chunks();
     assert_eq!(&read_from_source(src, &id, at)[..], want);
     g.bench_function("dir_source/read_range+decode", |b| {
@@ -336,12 +336,9 @@ fn chunk_size_study() {
         let r1: BackupReport = backup(&store, &v1, &opts("vm", Some(cs)), &NoProgress).unwrap();
         let s1 = t.elapsed().as_secs_f64();
         let r2 = backup(&store, &v2, &opts("vm", Some(cs)), &NoProgress).unwrap();
-        let files = store.all_chunk_ids().unwrap();
-        let total: u64 = files
-            .iter()
-            .map(|id| fs::metadata(store.chunks().path(id)).unwrap().len())
-            .sum();
-        let index = fs::metadata(store.index_path(&store.resolve("vm").unwrap()))
+        let files = store.all_chunks().unwrap();
+        let total: u64 = files.iter().map(|(_, m)| m.size).sum();
+        let index = fs::metadata(store.index_name(&store.resolve("vm").unwrap()))
             .unwrap()
             .len();
         println!(

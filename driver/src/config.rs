@@ -2,14 +2,20 @@
 //! their defaults from here), saved in the status file so `--recover` reuses it.
 
 use crate::cache::readahead::ReadAheadMode;
+use livemount_store::StoreLocation;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Everything a mount needs; saved in the status file so `--recover` can reuse it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MountConfig {
-    /// Store directory.
-    pub store: PathBuf,
+    /// The store (a directory or a bucket; no secrets). Status files of older
+    /// versions hold a plain directory path.
+    #[serde(deserialize_with = "store_location")]
+    pub store: StoreLocation,
+    /// The mount's lease object in the store, adopted by `--recover`.
+    #[serde(default)]
+    pub lease: Option<String>,
     /// Snapshot spec as resolved (`series@time`).
     pub snapshot: String,
     /// Overlay file (None: read-only).
@@ -79,6 +85,19 @@ pub const DEFAULT_RECORD_PROFILE_EVERY_S: u64 = 30;
 /// with `all`, and the same boot time; docs/performance.md).
 pub const DEFAULT_PRESTAGE: &str = "2";
 
+fn store_location<'de, D: serde::Deserializer<'de>>(d: D) -> Result<StoreLocation, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Location(StoreLocation),
+        Path(PathBuf),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::Location(l) => l,
+        Either::Path(path) => StoreLocation::Dir { path },
+    })
+}
+
 fn default_seq_readahead() -> u64 {
     DEFAULT_SEQ_READAHEAD
 }
@@ -93,9 +112,10 @@ fn default_prestage() -> String {
 
 impl MountConfig {
     /// A configuration with defaults for everything but store, snapshot and overlay.
-    pub fn new(store: PathBuf, snapshot: String, overlay: Option<PathBuf>) -> Self {
+    pub fn new(store: StoreLocation, snapshot: String, overlay: Option<PathBuf>) -> Self {
         MountConfig {
             store,
+            lease: None,
             snapshot,
             read_only: overlay.is_none(),
             overlay,

@@ -12,13 +12,13 @@ use crate::cache::disk::DiskTier;
 use crate::cache::ReadCache;
 use crate::config::MountConfig;
 use crate::error::{Error, Result};
-use livemount_store::backend::dir::DirChunkSource;
 use livemount_store::backend::ChunkSource;
 use livemount_store::format::profile::Profile;
+use livemount_store::lease::Lease;
 use livemount_store::ops::backup::{BackupOptions, BackupReport};
 use livemount_store::ops::commit::ImageRead;
 use livemount_store::progress::Progress;
-use livemount_store::store::{Access, SnapshotRef, Store};
+use livemount_store::store::{Access, SnapshotRef, Store, StoreLocation};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -43,8 +43,9 @@ pub struct Stack {
     pub cache: Arc<ReadCache>,
     /// Pre-staging, when a profile applies.
     pub prestager: Option<Arc<Prestager>>,
-    /// Keeps the snapshot from being forgotten while the stack lives.
-    _pin: std::fs::File,
+    /// Keeps the snapshot from being forgotten while the stack lives (None: the
+    /// store is read-only to this host, see [`Stack::open`]).
+    pub lease: Option<Lease>,
 }
 
 /// Identity of `snap` for overlays: the index's checksum and the device size.
@@ -63,7 +64,7 @@ pub fn snapshot_identity(
 /// The store back end a mount reads chunks from. With the `test-hooks` feature, the
 /// throttled model of a remote store (`--store-latency`, `--store-bandwidth`).
 fn origin(store: &Store, config: &MountConfig) -> Arc<dyn ChunkSource> {
-    let dir: Arc<dyn ChunkSource> = Arc::new(DirChunkSource::new(store.chunks().dir()));
+    let dir: Arc<dyn ChunkSource> = Arc::new(store.chunks().clone());
     #[cfg(feature = "test-hooks")]
     if config.store_latency_ms.is_some() || config.store_bandwidth.is_some() {
         return Arc::new(livemount_store::backend::throttle::ThrottledSource::new(
@@ -80,9 +81,24 @@ fn origin(store: &Store, config: &MountConfig) -> Arc<dyn ChunkSource> {
 impl Stack {
     /// Build the layers of a mount (the store opened read-only).
     pub fn open(config: &MountConfig) -> Result<Stack> {
-        let store = Store::open(&config.store, Access::ReadOnly)?;
+        let store = Store::open_at(&config.store, Access::ReadOnly)?;
         let snap = store.resolve(&config.snapshot)?;
-        let pin = store.pin_snapshot(&snap)?;
+        // The lease comes before the index is read (crate::lease). A store this host
+        // may only read (read-only credentials or file system) cannot hold one: the
+        // mount still works, but forget + gc elsewhere could take its chunks (reads
+        // would then fail with EIO, never return wrong bytes), so say so.
+        let lease = match store.lease_mount(&snap, config.lease.as_deref()) {
+            Ok(l) => Some(l),
+            Err(
+                e @ (livemount_store::Error::Busy(_) | livemount_store::Error::SnapshotNotFound(_)),
+            ) => return Err(e),
+            Err(e) => {
+                eprintln!(
+                    "livemount: warning: no lease on {snap} (it is not protected from forget + gc): {e}"
+                );
+                None
+            }
+        };
         let index = store.load_index(&snap)?;
         let size = device_size(index.image_size);
         let image_size = index.image_size;
@@ -136,6 +152,7 @@ impl Stack {
         });
         let mut config = config.clone();
         config.snapshot = snap.to_string();
+        config.lease = lease.as_ref().map(|l| l.key().to_string());
         Ok(Stack {
             config,
             top,
@@ -144,7 +161,7 @@ impl Stack {
             image,
             cache,
             prestager,
-            _pin: pin,
+            lease,
         })
     }
 
@@ -178,7 +195,7 @@ impl ImageRead for Merged<'_> {
 /// snapshot of `opts.series`. The overlay is locked while it is read, so a running
 /// mount's overlay is refused.
 pub fn commit(
-    store_dir: &Path,
+    store_loc: &StoreLocation,
     overlay: &Path,
     opts: &BackupOptions,
     progress: &dyn Progress,
@@ -191,7 +208,7 @@ pub fn commit(
     }
     let identity = crate::block::overlay::read_identity(overlay)?;
     let mut config = MountConfig::new(
-        store_dir.to_path_buf(),
+        store_loc.clone(),
         identity.snapshot.clone(),
         Some(overlay.to_path_buf()),
     );
@@ -199,7 +216,7 @@ pub fn commit(
     // Pre-staging is for boots, not for a sequential read of the whole disk.
     config.prestage = "none".into();
     let stack = Stack::open(&config)?;
-    let store = Store::open(store_dir, Access::Write)?;
+    let store = Store::open_at(store_loc, Access::Write)?;
     let description = format!("{} + overlay {}", identity.snapshot, overlay.display());
     livemount_store::ops::commit::commit(
         &store,

@@ -63,6 +63,19 @@ pub enum Error {
     /// Bad input from the user (names, sizes, paths of the wrong kind).
     #[error("{0}")]
     Invalid(String),
+    /// A stored object that cannot be what its name says (too large, a symlink, not
+    /// a regular file); the message names it.
+    #[error("{0}")]
+    BadObject(String),
+    /// A remote store failed a request (after its retries); names the endpoint,
+    /// bucket and object, never a credential.
+    #[error("{what}: {reason}")]
+    Remote {
+        /// `s3://bucket/key at endpoint`.
+        what: String,
+        /// What the server or the network said.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -81,6 +94,7 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Busy(_) => libc::EBUSY,
             Error::Invalid(_) => libc::EINVAL,
+            Error::Remote { .. } | Error::BadObject(_) => libc::EIO,
             Error::SnapshotNotFound(_) => libc::ENOENT,
             Error::CorruptChunk { .. }
             | Error::MissingChunk { .. }

@@ -1,9 +1,11 @@
 //! livemount-store: everything about backups at rest.
 //!
 //! - [`format`]: the byte-level formats (chunk files, snapshot indexes, profiles);
-//! - [`backend`]: where chunk bytes come from ([`backend::ChunkSource`]; today the
-//!   local directory);
-//! - [`store`]: opening a store, its configuration, series, snapshots and locks;
+//! - [`backend`]: where a store's objects live ([`backend::Backend`]: a local
+//!   directory or an S3 bucket) and the chunk view the read path uses
+//!   ([`backend::ChunkSource`]);
+//! - [`store`]: opening a store, its configuration, series and snapshots;
+//! - [`lease`]: how backups, gc, mounts and forget on many hosts coordinate;
 //! - [`ops`]: backup, restore, verify, gc, info, commit.
 //!
 //! No block device, no io_uring: the live-mount stack (crate `livemount`) and the
@@ -13,10 +15,11 @@ pub mod backend;
 pub mod error;
 pub mod format;
 pub mod fsutil;
+pub mod lease;
 pub mod ops;
 pub mod progress;
 pub mod store;
 pub mod workers;
 
 pub use error::{Error, IoContext, Result};
-pub use store::{Access, SnapshotRef, Store};
+pub use store::{Access, SnapshotRef, Store, StoreLocation};

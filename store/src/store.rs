@@ -1,13 +1,15 @@
-//! The chunk store: a directory of deduplicated, compressed chunks and snapshot indexes.
+//! The chunk store: deduplicated, compressed chunks and snapshot indexes, in a local
+//! directory or an S3 bucket (the same objects either way, see [`crate::backend`]).
 //!
 //! # Layout (format version 1; byte-level formats in [`chunk`] and [`index`])
 //! ```text
-//! STORE/
+//! STORE/  (a directory, or s3://BUCKET/PREFIX/)
 //!   livemount-store.json         {"format":"livemount-store","version":1,"frame_size":65536}
-//!   .lock                        flock: shared by backups, exclusive by gc
 //!   chunks/00 … chunks/ff/<id>   chunk files, named by the hex chunk id
 //!   snapshots/<series>/<UTC time>.fidx   snapshot indexes, e.g. web01/2026-11-23T10:00:00Z.fidx
-//!   tmp/                         temp files of writers in progress
+//!   profiles/<series>.json       the profile attached to a series
+//!   leases/<kind>-<host>-<pid>-<nonce>.json   live backups, gc, mounts, forgets (crate::lease)
+//!   tmp/                         (directory store) temp files of writers in progress
 //! ```
 //!
 //! # Crash safety
@@ -17,27 +19,110 @@
 //! any point leaves no visible snapshot and no partial chunk, only temp files that
 //! the next `gc` removes.
 //!
+//! On an object store a completed PUT is durable and appears whole; chunks are
+//! uploaded many at once and all awaited before the index is written.
+//!
 //! # Concurrency and gc
-//! Backups hold a shared `flock` on `.lock` for their whole run; `gc` takes it
-//! exclusively (without waiting, failing with "store busy"), so it never runs while a
-//! backup has written chunks that no index refers to yet. Two backups may run at once:
-//! chunk files are content-addressed, so two writers of one chunk rename identical
-//! bytes over each other. A mount holds a shared `flock` on its snapshot's index, and
-//! `forget` takes it exclusively (without waiting), so a mounted snapshot cannot be
-//! forgotten and its chunks stay referenced. `gc` marks every chunk referenced by any
-//! index and removes the rest; if any index cannot be read it removes nothing.
+//! Leases ([`crate::lease`]), not locks, on both back ends: backups hold a backup
+//! lease for their whole run and `gc` a gc lease, and the two exclude each other
+//! (a backup waits for a running gc; gc fails "store busy" while a backup runs), so
+//! gc never runs while a backup has written or reused chunks that no index refers to
+//! yet. Two backups may run at once: chunks are content-addressed, so two writers of
+//! one chunk write identical bytes. A mount holds a mount lease on its snapshot,
+//! renewed while its daemon lives and kept when the daemon dies (until `mount
+//! --recover` adopts it, `unmount` removes it, or it expires), and `forget` refuses
+//! a snapshot with a live mount lease, so a mounted snapshot's chunks stay
+//! referenced. `gc` marks every chunk referenced by any index and removes the rest;
+//! if any index cannot be read it removes nothing.
 
-use crate::backend::dir::DirChunkSource;
+use crate::backend::dir::DirBackend;
+use crate::backend::s3::{S3Backend, S3Options};
+use crate::backend::{chunk_key, Backend, BackendChunks, ObjectMeta, Put, PutMode, ReadClass};
 use crate::error::{Error, IoContext, Result};
 use crate::format::chunk::ChunkId;
 use crate::format::index::SnapshotIndex;
 use crate::format::profile::Profile;
 use crate::fsutil;
+use crate::lease::{Lease, LeaseKind};
 use serde::{Deserialize, Serialize};
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Largest configuration or profile object read.
+const SMALL_OBJECT_LIMIT: u64 = 16 << 20;
+/// Largest index object read (64 TiB at 64 KiB chunks, with headroom).
+const INDEX_LIMIT: u64 = 64 << 30;
+/// How long a backup waits for a running gc before it gives up.
+const GC_WAIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// Where a store is: a local directory or an S3 bucket and prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum StoreLocation {
+    /// A directory on this host.
+    Dir {
+        /// The store directory.
+        path: PathBuf,
+    },
+    /// `s3://BUCKET/PREFIX` with how to reach it (no secrets: those are read from
+    /// their usual places when the store is opened).
+    S3 {
+        /// The URL.
+        url: String,
+        /// Endpoint, region, credential source, request limits.
+        options: S3Options,
+    },
+}
+
+impl StoreLocation {
+    /// `s3://…` becomes an S3 location with `options`; anything else a directory.
+    pub fn parse(spec: &str, options: S3Options) -> StoreLocation {
+        if spec.starts_with("s3://") {
+            StoreLocation::S3 {
+                url: spec.to_string(),
+                options,
+            }
+        } else {
+            StoreLocation::Dir {
+                path: PathBuf::from(spec),
+            }
+        }
+    }
+
+    /// The directory of a local store, absolute (relative paths resolved against
+    /// the current directory, for daemons that change it).
+    pub fn absolute(self) -> Result<StoreLocation> {
+        match self {
+            StoreLocation::Dir { path } if path.is_relative() => {
+                let cwd = std::env::current_dir().at(".")?;
+                Ok(StoreLocation::Dir {
+                    path: cwd.join(path),
+                })
+            }
+            other => Ok(other),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Dir { path } => write!(f, "{}", path.display()),
+            StoreLocation::S3 { url, .. } => write!(f, "{url}"),
+        }
+    }
+}
+
+impl From<&Path> for StoreLocation {
+    fn from(p: &Path) -> Self {
+        StoreLocation::Dir {
+            path: p.to_path_buf(),
+        }
+    }
+}
 
 /// Store format version this build writes and reads.
 pub const STORE_VERSION: u32 = 1;
@@ -76,10 +161,10 @@ pub enum Access {
 /// An open store.
 #[derive(Debug)]
 pub struct Store {
-    root: PathBuf,
+    backend: Arc<dyn Backend>,
     config: StoreConfig,
-    chunks: DirChunkSource,
-    _lock: Option<File>,
+    chunks: BackendChunks,
+    lease: Option<Lease>,
 }
 
 /// A snapshot in the store: `series@time`.
@@ -145,11 +230,84 @@ pub fn now_secs() -> i64 {
 }
 
 impl Store {
-    /// Open the store at `root`. With [`Access::Write`] a missing or empty directory
-    /// becomes a new store.
+    /// Open the directory store at `root`. With [`Access::Write`] a missing or empty
+    /// directory becomes a new store.
     pub fn open(root: impl AsRef<Path>, access: Access) -> Result<Store> {
-        let root = root.as_ref().to_path_buf();
-        match fs::metadata(&root) {
+        Self::open_at(&StoreLocation::from(root.as_ref()), access)
+    }
+
+    /// Open the store at `location` (a directory or a bucket).
+    pub fn open_at(location: &StoreLocation, access: Access) -> Result<Store> {
+        let backend: Arc<dyn Backend> = match location {
+            StoreLocation::Dir { path } => {
+                Self::prepare_dir(path, access)?;
+                Arc::new(DirBackend::new(path))
+            }
+            StoreLocation::S3 { url, options } => Arc::new(S3Backend::open(url, options)?),
+        };
+        Self::open_backend(backend, access)
+    }
+
+    /// Open the store in `backend`.
+    pub fn open_backend(backend: Arc<dyn Backend>, access: Access) -> Result<Store> {
+        let existing = Self::read_config(&*backend)?;
+        if existing.is_none() && access != Access::Write {
+            // A listing tells a missing bucket or a refused key from an empty prefix.
+            backend.list("")?;
+            return Err(Error::Invalid(format!(
+                "{} is not a livemount store (no {CONFIG_FILE})",
+                backend.describe()
+            )));
+        }
+        // The lease comes before a new store's config appears, so that from the moment
+        // the location is a store, a backup writing into it is visible to gc.
+        let lease = match access {
+            Access::ReadOnly => None,
+            Access::Write => Some(Self::backup_lease(&backend)?),
+            Access::Exclusive => Some(Lease::acquire(backend.clone(), LeaseKind::Gc)?),
+        };
+        let config = match existing {
+            Some(c) => c,
+            None => {
+                Self::init(&*backend)?;
+                Self::read_config(&*backend)?.ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{}: store configuration vanished",
+                        backend.describe()
+                    ))
+                })?
+            }
+        };
+        Ok(Store {
+            chunks: BackendChunks::new(backend.clone()),
+            backend,
+            config,
+            lease,
+        })
+    }
+
+    /// A backup's lease, waiting (bounded) while a gc runs.
+    fn backup_lease(backend: &Arc<dyn Backend>) -> Result<Lease> {
+        let deadline = std::time::Instant::now() + GC_WAIT;
+        let mut said = false;
+        loop {
+            match Lease::acquire(backend.clone(), LeaseKind::Backup) {
+                Err(Error::Busy(why)) if std::time::Instant::now() < deadline => {
+                    if !said {
+                        eprintln!("livemount: waiting: {why}");
+                        said = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Directory checks before a directory store is opened: it exists (or may be
+    /// created), is a directory, and is not someone else's.
+    fn prepare_dir(root: &Path, access: Access) -> Result<()> {
+        match fs::metadata(root) {
             Ok(m) if !m.is_dir() => {
                 return Err(Error::Invalid(format!(
                     "store {} is not a directory",
@@ -164,120 +322,73 @@ impl Store {
                     root.display()
                 )))
             }
-            Err(e) => return Err(Error::io(&root, e)),
+            Err(e) => return Err(Error::io(root, e)),
         }
-        let config_path = root.join(CONFIG_FILE);
-        let creating = !config_path.exists() && access == Access::Write;
-        if creating {
-            // Refuse a foreign directory before leaving anything (such as .lock) in it.
-            if root.exists() && !Self::is_skeleton(&root)? {
+        if access == Access::Write && !root.join(CONFIG_FILE).exists() {
+            // Refuse a foreign directory before leaving anything (a lease) in it.
+            if root.exists() && !Self::is_skeleton(root)? {
                 return Err(Error::Invalid(format!(
                     "{} is not empty and not a livemount store (no {CONFIG_FILE})",
                     root.display()
                 )));
             }
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&root)
-                .at(&root)?;
-        } else {
-            // Validates that this is a store before a lock file is created in it.
-            Self::read_config(&root)?;
-        }
-        // Take the lock before a new store's config appears, so that from the moment
-        // the directory is a store, a backup writing into it holds the lock.
-        let lock = match access {
-            Access::ReadOnly => None,
-            Access::Write | Access::Exclusive => {
-                let path = root.join(".lock");
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600)
-                    .open(&path)
-                    .at(&path)?;
-                let exclusive = access == Access::Exclusive;
-                fsutil::flock(&f, exclusive, !exclusive).map_err(|e| {
-                    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                        Error::Busy(format!(
-                            "store {} is busy: a backup is running (lock {})",
-                            root.display(),
-                            path.display()
-                        ))
-                    } else {
-                        Error::io(&path, e)
-                    }
-                })?;
-                Some(f)
+            let mut b = fs::DirBuilder::new();
+            b.recursive(true).mode(0o700);
+            for sub in ["tmp", "snapshots", "chunks", "leases"] {
+                b.create(root.join(sub)).at(root.join(sub))?;
             }
-        };
-        if creating && !config_path.exists() {
-            Self::init(&root)?;
+            fsutil::fsync_dir(root)?;
         }
-        let config = Self::read_config(&root)?;
-        Ok(Store {
-            chunks: DirChunkSource::new(root.join("chunks")),
-            root,
-            config,
-            _lock: lock,
-        })
+        if root.join(CONFIG_FILE).exists() {
+            // Stores made before leases existed have no leases/ or a missing tmp/.
+            for sub in ["tmp", "leases"] {
+                let d = root.join(sub);
+                if !d.exists() && access != Access::ReadOnly {
+                    fs::DirBuilder::new().mode(0o755).create(&d).at(&d)?;
+                }
+            }
+        }
+        Ok(())
     }
 
-    fn read_config(root: &Path) -> Result<StoreConfig> {
-        let path = root.join(CONFIG_FILE);
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(Error::Invalid(format!(
-                    "{} is not a livemount store (no {CONFIG_FILE})",
-                    root.display()
-                )))
-            }
-            Err(e) => return Err(Error::io(&path, e)),
+    fn read_config(backend: &dyn Backend) -> Result<Option<StoreConfig>> {
+        let what = backend.describe_key(CONFIG_FILE);
+        let Some(bytes) = backend.get(CONFIG_FILE, SMALL_OBJECT_LIMIT, ReadClass::Demand)? else {
+            return Ok(None);
         };
-        let config: StoreConfig = serde_json::from_str(&text).map_err(|e| {
-            Error::Invalid(format!(
-                "{}: malformed store configuration: {e}",
-                path.display()
-            ))
-        })?;
+        let config: StoreConfig = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Invalid(format!("{what}: malformed store configuration: {e}")))?;
         if config.format != "livemount-store" {
             return Err(Error::Invalid(format!(
-                "{}: not a livemount store configuration",
-                path.display()
+                "{what}: not a livemount store configuration"
             )));
         }
         if config.version != STORE_VERSION {
             return Err(Error::UnsupportedVersion {
-                path,
+                path: PathBuf::from(what),
                 what: "store",
                 found: config.version,
                 supported: STORE_VERSION,
             });
         }
         if !(4096..=CHUNK_SIZE_RANGE.1).contains(&config.frame_size) {
-            return Err(Error::Invalid(format!(
-                "{}: invalid frame_size",
-                path.display()
-            )));
+            return Err(Error::Invalid(format!("{what}: invalid frame_size")));
         }
-        Ok(config)
+        Ok(Some(config))
     }
 
-    /// True if `root` holds nothing but (part of) the skeleton [`init`](Self::init)
-    /// creates before it writes the config: what a backup killed while creating the
-    /// store leaves, or what a concurrent backup creating the same store has made so far.
+    /// True if `root` holds nothing but (part of) the skeleton a new store starts
+    /// with: what a backup killed while creating the store leaves, or what a
+    /// concurrent backup creating the same store has made so far.
     fn is_skeleton(root: &Path) -> Result<bool> {
         for e in fs::read_dir(root).at(root)? {
             let e = e.at(root)?;
             match e.file_name().to_str() {
                 Some("tmp" | "chunks" | ".lock") => {}
-                Some("snapshots") => {
+                Some(d @ ("snapshots" | "leases")) => {
                     let dir = e.path();
-                    if fs::read_dir(&dir).at(&dir)?.next().is_some() {
+                    // Leases of backups creating the store at the same time are fine.
+                    if d == "snapshots" && fs::read_dir(&dir).at(&dir)?.next().is_some() {
                         return Ok(false);
                     }
                 }
@@ -287,26 +398,23 @@ impl Store {
         Ok(true)
     }
 
-    /// Create the directory skeleton and, last, the config file that makes it a store.
-    /// Completes a skeleton left by an interrupted or concurrent `init`.
-    fn init(root: &Path) -> Result<()> {
-        if root.exists() && !Self::is_skeleton(root)? {
-            return Err(Error::Invalid(format!(
-                "{} is not empty and not a livemount store (no {CONFIG_FILE})",
-                root.display()
-            )));
+    /// Write the configuration that makes `backend` a store, after checking that
+    /// nothing but leases is there yet (a bucket prefix holding other objects is not
+    /// ours).
+    fn init(backend: &dyn Backend) -> Result<()> {
+        if backend.local_root().is_none() {
+            let foreign = backend
+                .list("")?
+                .into_iter()
+                .find(|m| !m.key.starts_with(crate::lease::LEASE_PREFIX));
+            if let Some(m) = foreign {
+                return Err(Error::Invalid(format!(
+                    "{} is not empty and not a livemount store (it holds {} and no {CONFIG_FILE})",
+                    backend.describe(),
+                    m.key
+                )));
+            }
         }
-        let mut b = fs::DirBuilder::new();
-        b.recursive(true).mode(0o700);
-        b.create(root).at(root)?;
-        for sub in ["tmp", "snapshots", "chunks"] {
-            b.create(root.join(sub)).at(root.join(sub))?;
-        }
-        for i in 0..=255u8 {
-            let d = root.join("chunks").join(format!("{i:02x}"));
-            b.create(&d).at(&d)?;
-        }
-        fsutil::fsync_dir(&root.join("chunks"))?;
         let config = StoreConfig {
             format: "livemount-store".into(),
             version: STORE_VERSION,
@@ -314,18 +422,24 @@ impl Store {
         };
         let text =
             serde_json::to_string_pretty(&config).map_err(|e| Error::Invalid(e.to_string()))?;
-        fsutil::write_atomic(
-            &fsutil::temp_path(&root.join("tmp"), "config"),
-            &root.join(CONFIG_FILE),
-            text.as_bytes(),
-            0o644,
-        )?;
-        fsutil::fsync_dir(root)
+        // Create-only: two backups creating one store agree on the first config.
+        backend.put(CONFIG_FILE, text.as_bytes(), PutMode::Create)?;
+        backend.sync(&[CONFIG_FILE.to_string()])
     }
 
-    /// The store directory.
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Where the store is, for messages (no secrets).
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// The store's directory when it is a local one.
+    pub fn local_root(&self) -> Option<&Path> {
+        self.backend.local_root()
+    }
+
+    /// The back end (for leases held by mounts and for tests).
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
     }
 
     /// The store's configuration.
@@ -333,66 +447,77 @@ impl Store {
         &self.config
     }
 
-    /// The local chunk directory as a [`ChunkSource`](crate::backend::ChunkSource).
-    pub fn chunks(&self) -> &DirChunkSource {
+    /// The store's chunks as a [`ChunkSource`](crate::backend::ChunkSource).
+    pub fn chunks(&self) -> &BackendChunks {
         &self.chunks
     }
 
-    /// The directory for temp files.
-    pub fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
+    /// The lease this handle holds (a backup's or gc's), if any.
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
     }
 
-    /// Path of a snapshot's index file.
-    pub fn index_path(&self, snap: &SnapshotRef) -> PathBuf {
-        self.root
-            .join("snapshots")
-            .join(&snap.series)
-            .join(format!("{}.fidx", snap.time))
+    /// Key of a snapshot's index object.
+    pub fn index_key(snap: &SnapshotRef) -> String {
+        format!("snapshots/{}/{}.fidx", snap.series, snap.time)
     }
 
-    /// The directory of profiles attached to series (`STORE/profiles/`).
-    pub fn profiles_dir(&self) -> PathBuf {
-        self.root.join("profiles")
+    /// Name of a snapshot's index for messages (a path or an `s3://` URL).
+    pub fn index_name(&self, snap: &SnapshotRef) -> PathBuf {
+        PathBuf::from(self.backend.describe_key(&Self::index_key(snap)))
     }
 
-    /// Where the profile attached to `series` lives.
-    pub fn profile_path(&self, series: &str) -> PathBuf {
-        self.profiles_dir().join(format!("{series}.json"))
+    fn profile_key(series: &str) -> String {
+        format!("profiles/{series}.json")
     }
 
     /// The profile attached to `series`, if any.
     pub fn attached_profile(&self, series: &str) -> Result<Option<Profile>> {
-        let path = self.profile_path(series);
-        if !path.exists() {
+        validate_series(series)?;
+        let key = Self::profile_key(series);
+        let Some(bytes) = self
+            .backend
+            .get(&key, SMALL_OBJECT_LIMIT, ReadClass::Demand)?
+        else {
             return Ok(None);
-        }
-        Profile::load(&path)
+        };
+        let what = self.backend.describe_key(&key);
+        let text = String::from_utf8(bytes)
+            .map_err(|_| Error::Invalid(format!("{what}: not a profile (not UTF-8)")))?;
+        Profile::from_json(&text)
             .map(Some)
-            .map_err(|e| Error::Invalid(e.to_string()))
+            .map_err(|e| Error::Invalid(format!("{what}: {e}")))
     }
 
-    /// Attach `profile` to `series` (replacing any attached before).
-    pub fn attach_profile(&self, series: &str, profile: &Profile) -> Result<PathBuf> {
+    /// Series that have a profile attached.
+    pub fn profiled_series(&self) -> Result<Vec<String>> {
+        let mut out: Vec<String> = self
+            .backend
+            .list("profiles/")?
+            .into_iter()
+            .filter_map(|m| {
+                let s = m.key.strip_prefix("profiles/")?.strip_suffix(".json")?;
+                validate_series(s).is_ok().then(|| s.to_string())
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Attach `profile` to `series` (replacing any attached before); returns where.
+    pub fn attach_profile(&self, series: &str, profile: &Profile) -> Result<String> {
         validate_series(series)?;
-        let dir = self.profiles_dir();
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&dir)
-            .at(&dir)?;
-        let dest = self.profile_path(series);
-        profile
-            .save(&dest)
-            .map_err(|e| Error::Invalid(e.to_string()))?;
-        Ok(dest)
+        let key = Self::profile_key(series);
+        self.backend
+            .put(&key, profile.to_json().as_bytes(), PutMode::Overwrite)?;
+        self.backend.sync(std::slice::from_ref(&key))?;
+        Ok(self.backend.describe_key(&key))
     }
 
     /// Identity of a snapshot for overlays: its index's trailing checksum, which
     /// covers every byte of the index.
     pub fn snapshot_sum(&self, snap: &SnapshotRef) -> Result<[u8; 32]> {
-        let path = self.index_path(snap);
-        let bytes = fs::read(&path).at(&path)?;
+        let bytes = self.index_bytes(snap)?;
         let mut sum = [0u8; 32];
         if bytes.len() >= 32 {
             sum.copy_from_slice(&bytes[bytes.len() - 32..]);
@@ -401,84 +526,86 @@ impl Store {
     }
 
     /// True if chunk `id` is stored.
-    pub fn has_chunk(&self, id: &ChunkId) -> bool {
-        self.chunks.path(id).exists()
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.backend.head(&chunk_key(id))?.is_some())
     }
 
-    /// Move a damaged chunk file aside, to `<id>.bad` next to it (kept for inspection;
+    /// Size of chunk `id`'s object, None when it is missing.
+    pub fn chunk_size(&self, id: &ChunkId) -> Result<Option<u64>> {
+        Ok(self.backend.head(&chunk_key(id))?.map(|m| m.size))
+    }
+
+    /// Move a damaged chunk aside, to `<id>.bad` next to it (kept for inspection;
     /// `gc` and backups ignore it). The chunk is then missing, so the next backup of
     /// data containing it writes it again, and every snapshot using it reads
-    /// correctly again (its name is its content). Returns the new path.
-    pub fn quarantine_chunk(&self, id: &ChunkId) -> Result<PathBuf> {
-        let path = self.chunks.path(id);
-        let bad = PathBuf::from(format!("{}.bad", path.display()));
-        // A failure names the destination: the damaged file itself stays in place.
-        fs::rename(&path, &bad).at(&bad)?;
-        if let Some(dir) = path.parent() {
-            fsutil::fsync_dir(dir)?;
+    /// correctly again (its name is its content). Returns where it went.
+    pub fn quarantine_chunk(&self, id: &ChunkId) -> Result<String> {
+        let key = chunk_key(id);
+        let bad = format!("{key}.bad");
+        if let Some(root) = self.backend.local_root() {
+            let (from, to) = (root.join(&key), root.join(&bad));
+            // A failure names the destination: the damaged file itself stays in place.
+            fs::rename(&from, &to).at(&to)?;
+            if let Some(dir) = from.parent() {
+                fsutil::fsync_dir(dir)?;
+            }
+            return Ok(to.display().to_string());
         }
-        Ok(bad)
+        let limit = crate::format::chunk::ChunkLayout::max_file_len(
+            crate::format::chunk::MAX_CONTENT_LEN,
+            crate::format::chunk::MIN_FRAME_SIZE,
+        );
+        // A damaged object too large to copy is deleted without a copy.
+        if let Ok(Some(bytes)) = self.backend.get(&key, limit, ReadClass::Background) {
+            self.backend.put(&bad, &bytes, PutMode::Overwrite)?;
+        }
+        self.backend.delete(&key)?;
+        Ok(self.backend.describe_key(&bad))
     }
 
-    /// Store an encoded chunk file atomically (no directory fsync: see
-    /// [`sync_chunk_dirs`](Self::sync_chunk_dirs)).
-    pub fn put_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<()> {
-        let tmp = fsutil::temp_path(&self.tmp_dir(), &id.to_hex()[..16]);
-        fsutil::write_atomic_nosync_dir(&tmp, &self.chunks.path(id), bytes, 0o644)
+    /// Store an encoded chunk (create-only; it becomes durable, and a failed upload
+    /// is reported, at [`sync_chunks`](Self::sync_chunks)).
+    pub fn put_chunk(&self, id: &ChunkId, bytes: Vec<u8>) -> Result<()> {
+        self.backend.put_deferred(&chunk_key(id), bytes)
     }
 
-    /// fsync the prefix directories of `ids`, making their renames durable before an
-    /// index that refers to them is written.
-    pub fn sync_chunk_dirs<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) -> Result<()> {
+    /// Make the chunks `ids` durable (and wait for their uploads) before an index
+    /// that refers to them is written.
+    pub fn sync_chunks<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) -> Result<()> {
         let mut prefixes: Vec<u8> = ids.into_iter().map(|id| id.0[0]).collect();
         prefixes.sort_unstable();
         prefixes.dedup();
-        for p in prefixes {
-            fsutil::fsync_dir(&self.chunks.dir().join(format!("{p:02x}")))?;
-        }
-        Ok(())
+        // One key per prefix directory is enough for the directory back end.
+        let keys: Vec<String> = prefixes
+            .into_iter()
+            .map(|p| format!("chunks/{p:02x}/x"))
+            .collect();
+        self.backend.sync(&keys)
     }
 
     /// Every snapshot, or those of one series, oldest first.
     pub fn list(&self, series: Option<&str>) -> Result<Vec<SnapshotRef>> {
-        let snaps_dir = self.root.join("snapshots");
-        let mut out = Vec::new();
-        let series_names: Vec<String> = match series {
+        let prefix = match series {
             Some(s) => {
                 validate_series(s)?;
-                vec![s.to_string()]
+                format!("snapshots/{s}/")
             }
-            None => {
-                let mut v = Vec::new();
-                for e in fs::read_dir(&snaps_dir).at(&snaps_dir)? {
-                    let e = e.at(&snaps_dir)?;
-                    if let Some(name) = e.file_name().to_str() {
-                        if validate_series(name).is_ok() {
-                            v.push(name.to_string());
-                        }
-                    }
-                }
-                v
-            }
+            None => "snapshots/".to_string(),
         };
-        for s in series_names {
-            let dir = snaps_dir.join(&s);
-            let rd = match fs::read_dir(&dir) {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(&dir, e)),
-            };
-            for e in rd {
-                let e = e.at(&dir)?;
-                let name = e.file_name();
-                if let Some(time) = name.to_str().and_then(|n| n.strip_suffix(".fidx")) {
-                    out.push(SnapshotRef {
-                        series: s.clone(),
-                        time: time.to_string(),
-                    });
-                }
-            }
-        }
+        let mut out: Vec<SnapshotRef> = self
+            .backend
+            .list(&prefix)?
+            .into_iter()
+            .filter_map(|m| {
+                let rest = m.key.strip_prefix("snapshots/")?;
+                let (s, name) = rest.split_once('/')?;
+                let time = name.strip_suffix(".fidx")?;
+                (validate_series(s).is_ok() && !time.contains('/')).then(|| SnapshotRef {
+                    series: s.to_string(),
+                    time: time.to_string(),
+                })
+            })
+            .collect();
         out.sort();
         Ok(out)
     }
@@ -498,134 +625,174 @@ impl Store {
         found.ok_or_else(|| Error::SnapshotNotFound(spec.to_string()))
     }
 
+    fn index_bytes(&self, snap: &SnapshotRef) -> Result<Vec<u8>> {
+        self.backend
+            .get(&Self::index_key(snap), INDEX_LIMIT, ReadClass::Demand)?
+            .ok_or_else(|| Error::SnapshotNotFound(snap.to_string()))
+    }
+
     /// Read and check a snapshot's index.
     pub fn load_index(&self, snap: &SnapshotRef) -> Result<SnapshotIndex> {
-        let path = self.index_path(snap);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(Error::SnapshotNotFound(snap.to_string()))
-            }
-            Err(e) => return Err(Error::io(&path, e)),
-        };
-        SnapshotIndex::decode(&path, &bytes)
+        let bytes = self.index_bytes(snap)?;
+        SnapshotIndex::decode(&self.index_name(snap), &bytes)
     }
 
     /// Write `index` as a new snapshot of `series`, atomically, named by its creation
     /// time (bumped by a second while that name is taken, so two backups in the same
-    /// second both land). Returns the new snapshot.
+    /// second both land and neither replaces the other). Returns the new snapshot.
     pub fn commit_index(&self, series: &str, index: &mut SnapshotIndex) -> Result<SnapshotRef> {
         validate_series(series)?;
-        let dir = self.root.join("snapshots").join(series);
-        if !dir.exists() {
-            fs::DirBuilder::new()
-                .mode(0o755)
-                .create(&dir)
-                .or_else(|e| {
-                    if e.kind() == io::ErrorKind::AlreadyExists {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })
-                .at(&dir)?;
-            fsutil::fsync_dir(&self.root.join("snapshots"))?;
-        }
+        // A directory's link() is create-only everywhere; an object store's
+        // If-None-Match may be ignored: names are then taken under a commit lease.
+        let naming = match self.backend.local_root() {
+            Some(_) => None,
+            None => Some(self.commit_lease(series)?),
+        };
         loop {
             let snap = SnapshotRef {
                 series: series.to_string(),
                 time: format_utc(index.created),
             };
-            let dest = self.index_path(&snap);
-            let tmp = fsutil::temp_path(&self.tmp_dir(), "index");
-            let bytes = index.encode();
-            // Write the temp file, then link (not rename) it into place: link fails if
-            // the name exists, so a concurrent backup's snapshot is never replaced.
-            let res = (|| {
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o644)
-                    .open(&tmp)?;
-                io::Write::write_all(&mut f, &bytes)?;
-                f.sync_all()?;
-                fs::hard_link(&tmp, &dest)
-            })();
-            let _ = fs::remove_file(&tmp);
-            match res {
-                Ok(()) => {
-                    fsutil::fsync_dir(&dir)?;
-                    // The series directory may be another backup's, created a moment
-                    // ago and not yet durable in `snapshots/`: sync it every time.
-                    fsutil::fsync_dir(&self.root.join("snapshots"))?;
+            let key = Self::index_key(&snap);
+            if naming.is_some() && self.backend.head(&key)?.is_some() {
+                index.created += 1;
+                continue;
+            }
+            match self.backend.put(&key, &index.encode(), PutMode::Create)? {
+                Put::Written => {
+                    // The index and, for a directory store, the series directory
+                    // (which may be another backup's, created a moment ago).
+                    self.backend.sync(&[key, format!("snapshots/{series}")])?;
                     return Ok(snap);
                 }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => index.created += 1,
-                Err(e) => return Err(Error::io(&dest, e)),
+                Put::Existed => index.created += 1,
             }
         }
     }
 
-    /// Hold a shared lock on a snapshot's index for as long as the returned file is
-    /// open (mounts), so `forget` refuses it.
-    pub fn pin_snapshot(&self, snap: &SnapshotRef) -> Result<File> {
-        let path = self.index_path(snap);
-        let f = File::open(&path).at(&path)?;
-        fsutil::flock(&f, false, true).at(&path)?;
-        Ok(f)
+    /// The lease under which a backup names its index in `series`; both of two
+    /// backups finishing together may back off, so retry for a bounded time.
+    fn commit_lease(&self, series: &str) -> Result<Lease> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let mut pause = 20u64;
+        loop {
+            let kind = LeaseKind::Commit {
+                series: series.to_string(),
+            };
+            match Lease::acquire(self.backend.clone(), kind) {
+                Err(Error::Busy(_)) if std::time::Instant::now() < deadline => {
+                    // Jittered, so two backing-off writers do not collide again.
+                    let jitter = u64::from(std::process::id()) % pause;
+                    std::thread::sleep(std::time::Duration::from_millis(pause + jitter));
+                    pause = (pause * 2).min(2000);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A mount's lease on `snap` (see [`crate::lease`]): `forget` refuses the
+    /// snapshot while it lives. With `adopt`, take over the lease a killed daemon
+    /// left (`mount --recover`).
+    pub fn lease_mount(&self, snap: &SnapshotRef, adopt: Option<&str>) -> Result<Lease> {
+        let kind = LeaseKind::Mount {
+            snapshot: snap.to_string(),
+        };
+        let lease = match adopt {
+            Some(key) => Lease::adopt(self.backend.clone(), key, kind)?,
+            None => Lease::acquire(self.backend.clone(), kind)?,
+        };
+        // A forget that completed before our lease was written: the snapshot is gone.
+        if self.backend.head(&Self::index_key(snap))?.is_none() {
+            return Err(Error::SnapshotNotFound(snap.to_string()));
+        }
+        Ok(lease)
     }
 
     /// Remove a snapshot's index (its chunks go at the next `gc`). Refused while the
     /// snapshot is mounted.
     pub fn forget(&self, snap: &SnapshotRef) -> Result<()> {
-        let path = self.index_path(snap);
-        let f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(Error::SnapshotNotFound(snap.to_string()))
-            }
-            Err(e) => return Err(Error::io(&path, e)),
-        };
-        fsutil::flock(&f, true, false).map_err(|e| {
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                Error::Busy(format!(
-                    "snapshot {snap} is mounted; unmount it before forgetting it"
-                ))
-            } else {
-                Error::io(&path, e)
-            }
+        let key = Self::index_key(snap);
+        if self.backend.head(&key)?.is_none() {
+            return Err(Error::SnapshotNotFound(snap.to_string()));
+        }
+        let _lease = Lease::acquire(
+            self.backend.clone(),
+            LeaseKind::Forget {
+                snapshot: snap.to_string(),
+            },
+        )
+        .map_err(|e| match e {
+            Error::Busy(why) => Error::Busy(format!(
+                "snapshot {snap} is mounted ({why}); unmount it before forgetting it"
+            )),
+            e => e,
         })?;
-        fs::remove_file(&path).at(&path)?;
-        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        fsutil::fsync_dir(&dir)?;
-        // Remove the series directory when it became empty (ignore races with a backup).
-        if fs::read_dir(&dir)
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(false)
-        {
-            let _ = fs::remove_dir(&dir);
+        self.backend.delete(&key)?;
+        self.backend.sync(std::slice::from_ref(&key))?;
+        if let Some(root) = self.backend.local_root() {
+            // Remove the series directory when it became empty (ignore races with a backup).
+            let dir = root.join("snapshots").join(&snap.series);
+            if fs::read_dir(&dir)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false)
+            {
+                let _ = fs::remove_dir(&dir);
+            }
         }
         Ok(())
     }
 
-    /// Ids of every chunk file present in the store (for verify and gc).
+    /// Every chunk object present in the store (for verify, info and gc).
+    pub fn all_chunks(&self) -> Result<Vec<(ChunkId, ObjectMeta)>> {
+        Ok(self
+            .backend
+            .list("chunks/")?
+            .into_iter()
+            .filter_map(|m| {
+                let name = m.key.rsplit('/').next()?;
+                Some((ChunkId::from_hex(name)?, m))
+            })
+            .collect())
+    }
+
+    /// Ids of every chunk present in the store.
     pub fn all_chunk_ids(&self) -> Result<Vec<ChunkId>> {
-        let mut out = Vec::new();
-        for i in 0..=255u8 {
-            let d = self.chunks.dir().join(format!("{i:02x}"));
-            let rd = match fs::read_dir(&d) {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(&d, e)),
-            };
-            for e in rd {
-                let e = e.at(&d)?;
-                if let Some(id) = e.file_name().to_str().and_then(ChunkId::from_hex) {
-                    out.push(id);
-                }
+        Ok(self.all_chunks()?.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// Remove chunk `id` (gc).
+    pub fn delete_chunk(&self, id: &ChunkId) -> Result<()> {
+        self.backend.delete(&chunk_key(id))
+    }
+
+    /// Temp files of killed writers (directory store) older than an hour, removed by
+    /// gc (younger ones may be a live process's lease renewal); returns how many.
+    pub fn remove_temp_files(&self) -> Result<u64> {
+        let Some(root) = self.backend.local_root() else {
+            return Ok(0);
+        };
+        let tmp = root.join("tmp");
+        let mut n = 0;
+        let rd = match fs::read_dir(&tmp) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io(&tmp, e)),
+        };
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for e in rd {
+            let e = e.at(&tmp)?;
+            let stale = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| t < old)
+                .unwrap_or(false);
+            if stale {
+                fs::remove_file(e.path()).at(e.path())?;
+                n += 1;
             }
         }
-        Ok(out)
+        Ok(n)
     }
 }
 

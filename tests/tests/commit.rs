@@ -44,7 +44,11 @@ fn commit_keeps_overlay_writes_and_dedups() {
         backup(&store, &src, &opts("vm"), &NoProgress).unwrap();
     }
     let overlay = d.path().join("overlay");
-    let mut config = MountConfig::new(store_dir.clone(), "vm".into(), Some(overlay.clone()));
+    let mut config = MountConfig::new(
+        store_dir.as_path().into(),
+        "vm".into(),
+        Some(overlay.clone()),
+    );
     config.cache_mem = 1 << 20;
     {
         let m = Stack::open(&config).unwrap();
@@ -65,7 +69,13 @@ fn commit_keeps_overlay_writes_and_dedups() {
         m.top.read_at(0, &mut shown).unwrap();
         assert_eq!(&shown[..data.len()], &data[..]);
     }
-    let r = commit(&store_dir, &overlay, &opts("vm-kept"), &NoProgress).unwrap();
+    let r = commit(
+        &store_dir.as_path().into(),
+        &overlay,
+        &opts("vm-kept"),
+        &NoProgress,
+    )
+    .unwrap();
     assert_eq!(r.image_size, data.len() as u64);
     // Only the three changed chunks are new; the rest deduplicate against the base.
     assert!(r.chunks_new <= 3, "{r:?}");
@@ -104,7 +114,7 @@ fn overlay_of_another_snapshot_is_refused() {
         .unwrap();
     }
     let overlay = d.path().join("ov");
-    let mut config = MountConfig::new(store_dir.clone(), "a".into(), Some(overlay));
+    let mut config = MountConfig::new(store_dir.as_path().into(), "a".into(), Some(overlay));
     config.cache_mem = 1 << 20;
     drop(Stack::open(&config).unwrap());
     config.snapshot = "b".into();

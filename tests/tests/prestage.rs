@@ -61,7 +61,7 @@ fn profile(extents: &[(u64, u64, u64)]) -> Profile {
 }
 
 fn mount(store: &Path, profile_file: Option<&Path>, latency_ms: Option<f64>) -> Stack {
-    let mut c = MountConfig::new(store.to_path_buf(), "vm".into(), None);
+    let mut c = MountConfig::new(store.into(), "vm".into(), None);
     c.cache_mem = 64 << 20;
     c.profile = profile_file.map(Path::to_path_buf);
     c.store_latency_ms = latency_ms;
@@ -147,7 +147,7 @@ fn profile_of_another_disk_is_refused() {
     p.disk_size = (SIZE as u64) * 2;
     let pf = d.path().join("other.json");
     p.save(&pf).unwrap();
-    let mut c = MountConfig::new(store.clone(), "vm".into(), None);
+    let mut c = MountConfig::new(store.as_path().into(), "vm".into(), None);
     c.profile = Some(pf);
     let e = Stack::open(&c).err().expect("must refuse").to_string();
     assert!(e.contains("another disk"), "{e}");
@@ -174,7 +174,7 @@ fn learned_profile_covers_the_next_boot() {
     let store = make_store(d.path());
     let learned = d.path().join("learned.json");
     {
-        let mut c = MountConfig::new(store.clone(), "vm".into(), None);
+        let mut c = MountConfig::new(store.as_path().into(), "vm".into(), None);
         c.record_profile = Some(learned.clone());
         let m = Stack::open(&c).unwrap();
         m.recorder.as_ref().unwrap().restart_recording();
@@ -217,7 +217,7 @@ fn a_recovered_daemon_continues_the_learned_profile() {
     let d = tempfile::tempdir().unwrap();
     let store = make_store(d.path());
     let learned = d.path().join("learned.json");
-    let mut c = MountConfig::new(store.clone(), "vm".into(), None);
+    let mut c = MountConfig::new(store.as_path().into(), "vm".into(), None);
     c.record_profile = Some(learned.clone());
     let mut buf = vec![0u8; 16384];
     let first = {

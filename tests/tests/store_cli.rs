@@ -929,7 +929,7 @@ fn forget_of_a_pinned_snapshot_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let (store, _img, snap) = small_store(t.path());
     let st = Store::open(&store, Access::ReadOnly).unwrap();
-    let pin = st.pin_snapshot(&st.resolve(&snap).unwrap()).unwrap();
+    let pin = st.lease_mount(&st.resolve(&snap).unwrap(), None).unwrap();
     let forget = || {
         lm([
             "forget".as_ref(),
@@ -941,6 +941,16 @@ fn forget_of_a_pinned_snapshot_is_refused() {
     forget().error(&[&snap, "mounted"]);
     assert_eq!(list_names(&store), vec![snap.clone()]);
     drop(pin);
+    // A mount whose daemon was killed leaves its lease (no process holds anything):
+    // the snapshot stays protected until the lease is adopted, removed or expires.
+    let key = {
+        let l = st.lease_mount(&st.resolve(&snap).unwrap(), None).unwrap();
+        let k = l.key().to_string();
+        l.keep();
+        k
+    };
+    forget().error(&[&snap, "mounted"]);
+    livemount_store::lease::Lease::remove(&**st.backend(), &key).unwrap();
     forget().ok();
     assert!(list_names(&store).is_empty());
 }

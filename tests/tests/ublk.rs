@@ -1257,7 +1257,7 @@ fn ublk_corrupt_chunk_eio() {
     let chunk = ids(&fx.snap)
         .into_iter()
         .filter(|id| !odd_ids.contains(id))
-        .map(|id| st.chunks().path(&id))
+        .map(|id| store.join(livemount_store::backend::chunk_key(&id)))
         .max_by_key(|p| fs::metadata(p).unwrap().len())
         .unwrap();
     drop(st);

@@ -10,6 +10,7 @@ mod boot;
 mod demo;
 mod ebpf;
 mod fuzz;
+mod garage;
 mod setup;
 mod util;
 mod vm;

@@ -45,12 +45,13 @@ pub fn apt_install(pkgs: &[(&str, &str)]) -> Result<()> {
     )
 }
 
-/// Entry point of `cargo xtask setup`: host packages, then the VM test kit, then
-/// the eBPF toolchain.
+/// Entry point of `cargo xtask setup`: host packages, then the VM test kit, the
+/// eBPF toolchain, cargo-fuzz and the S3 test server.
 pub fn run() -> Result<()> {
     apt_install(HOST_PACKAGES)?;
     crate::vm::setup()?;
     crate::ebpf::setup()?;
     crate::fuzz::setup()?;
+    crate::garage::setup()?;
     Ok(())
 }

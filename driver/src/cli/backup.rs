@@ -4,7 +4,7 @@ use super::parse::parse_size;
 use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
 use livemount_store::ops::backup::{self, BackupOptions};
 use livemount_store::progress::StderrProgress;
-use livemount_store::store::{Access, Store, DEFAULT_CHUNK_SIZE};
+use livemount_store::store::{Access, DEFAULT_CHUNK_SIZE};
 use livemount_store::workers::default_threads;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,7 +36,7 @@ pub fn run(a: Args) -> Outcome {
     // Check the source before touching the store, so a bad source leaves no empty
     // store behind.
     let (_, size) = backup::open_source(&a.source)?;
-    let st = Store::open(&a.store.store, Access::Write)?;
+    let st = a.store.open(Access::Write)?;
     let chunk_size = a
         .chunk_size
         .map(|c| u32::try_from(c).map_err(|_| anyhow::anyhow!("invalid chunk size {c}")))

@@ -34,7 +34,7 @@ pub fn run(a: Args) -> Outcome {
     };
     let id = crate::block::overlay::read_identity(&a.overlay)?;
     let progress = StderrProgress::boxed("commit", 0, a.out.quiet || a.out.json);
-    let r = crate::stack::commit(&a.store.store, &a.overlay, &opts, progress.as_ref())?;
+    let r = crate::stack::commit(&a.store.location()?, &a.overlay, &opts, progress.as_ref())?;
     if a.out.json {
         print_json(&r)?;
     } else {

@@ -1,7 +1,7 @@
 //! `livemount forget`.
 
 use super::{Outcome, StoreArgs};
-use livemount_store::store::{Access, Store};
+use livemount_store::store::Access;
 use std::process::ExitCode;
 
 /// Arguments of `livemount forget`.
@@ -21,11 +21,14 @@ pub fn run(a: Args) -> Outcome {
             a.snapshot
         );
     }
-    let st = Store::open(&a.store.store, Access::ReadOnly)?;
+    let st = a.store.open(Access::ReadOnly)?;
     let snap = st.resolve(&a.snapshot)?;
-    // A device whose daemon was killed keeps no flock on the index, but still
-    // needs every chunk: its status file and the device say so.
-    if let Some(m) = crate::daemon::status::devices_serving(st.root(), &snap.to_string()).first() {
+    // A device on this host whose daemon was killed still needs every chunk: its
+    // status file names it (its lease in the store, checked by forget, says so
+    // for every host, without the device name).
+    if let Some(m) =
+        crate::daemon::status::devices_serving(&a.store.location()?, &snap.to_string()).first()
+    {
         anyhow::bail!(
             "snapshot {snap} is mounted as {} (daemon pid {}{}); unmount it before forgetting it",
             m.device,

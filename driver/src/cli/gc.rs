@@ -2,7 +2,7 @@
 
 use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
 use livemount_store::ops::gc;
-use livemount_store::store::{Access, Store};
+use livemount_store::store::Access;
 use std::process::ExitCode;
 
 /// Arguments of `livemount gc`.
@@ -16,7 +16,7 @@ pub struct Args {
 
 /// Run `livemount gc`.
 pub fn run(a: Args) -> Outcome {
-    let st = Store::open(&a.store.store, Access::Exclusive)?;
+    let st = a.store.open(Access::Exclusive)?;
     let r = gc::gc(&st)?;
     if a.out.json {
         print_json(&r)?;

@@ -2,7 +2,7 @@
 
 use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
 use livemount_store::ops::info;
-use livemount_store::store::{Access, Store};
+use livemount_store::store::Access;
 use std::process::ExitCode;
 
 /// Arguments of `livemount info`.
@@ -18,7 +18,7 @@ pub struct Args {
 
 /// Run `livemount info`.
 pub fn run(a: Args) -> Outcome {
-    let st = Store::open(&a.store.store, Access::ReadOnly)?;
+    let st = a.store.open(Access::ReadOnly)?;
     let snap = st.resolve(&a.snapshot)?;
     let i = info::info(&st, &snap)?;
     if a.out.json {

@@ -2,7 +2,7 @@
 
 use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
 use livemount_store::ops::info;
-use livemount_store::store::{Access, Store};
+use livemount_store::store::Access;
 use std::process::ExitCode;
 
 /// Arguments of `livemount list`.
@@ -18,14 +18,11 @@ pub struct Args {
 
 /// Run `livemount list`.
 pub fn run(a: Args) -> Outcome {
-    let st = Store::open(&a.store.store, Access::ReadOnly)?;
+    let st = a.store.open(Access::ReadOnly)?;
     let snaps = st.list(a.name.as_deref())?;
     if let Some(n) = &a.name {
         if snaps.is_empty() {
-            anyhow::bail!(
-                "no snapshots of series {n} in store {}",
-                a.store.store.display()
-            );
+            anyhow::bail!("no snapshots of series {n} in store {}", a.store.store);
         }
     }
     if a.out.json {

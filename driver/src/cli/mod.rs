@@ -20,6 +20,8 @@ mod unmount;
 mod verify;
 
 use clap::{Args, Parser, Subcommand};
+use livemount_store::backend::s3::S3Options;
+use livemount_store::StoreLocation;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,9 +76,74 @@ enum Cmd {
 /// Arguments shared by every command that works on a store.
 #[derive(Args, Clone)]
 struct StoreArgs {
-    /// The store directory.
-    #[arg(long, value_name = "DIR", env = "LIVEMOUNT_STORE")]
-    store: PathBuf,
+    /// The store: a directory, or `s3://BUCKET/PREFIX` (see the --s3-* options).
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX", env = "LIVEMOUNT_STORE")]
+    store: String,
+    #[command(flatten)]
+    s3: S3Args,
+}
+
+impl StoreArgs {
+    /// Where the store is.
+    fn location(&self) -> anyhow::Result<StoreLocation> {
+        Ok(StoreLocation::parse(&self.store, self.s3.options()?).absolute()?)
+    }
+
+    /// Open the store.
+    fn open(&self, access: livemount_store::Access) -> anyhow::Result<livemount_store::Store> {
+        Ok(livemount_store::Store::open_at(&self.location()?, access)?)
+    }
+}
+
+/// How to reach an S3-compatible store (used with `--store s3://…`). Credentials
+/// come from `--s3-credentials`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, or
+/// `~/.aws/credentials`, and are never printed.
+#[derive(Args, Clone, Default)]
+struct S3Args {
+    /// Endpoint URL of the object store, e.g. http://127.0.0.1:3900 (default: AWS,
+    /// or AWS_ENDPOINT_URL).
+    #[arg(long, value_name = "URL", env = "LIVEMOUNT_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// Region (default: AWS_REGION, else us-east-1).
+    #[arg(long, value_name = "REGION", env = "LIVEMOUNT_S3_REGION")]
+    s3_region: Option<String>,
+    /// A credentials file (AWS INI format, mode 0600).
+    #[arg(long, value_name = "FILE", env = "LIVEMOUNT_S3_CREDENTIALS")]
+    s3_credentials: Option<PathBuf>,
+    /// Profile in the credentials file (default: AWS_PROFILE, else default).
+    #[arg(long, value_name = "NAME")]
+    s3_profile: Option<String>,
+    /// Virtual-host style requests (BUCKET.endpoint) instead of path style.
+    #[arg(long)]
+    s3_virtual_host: bool,
+    /// Requests in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    s3_in_flight: usize,
+    /// Time limit of one request with its retries; a read still failing then is EIO.
+    #[arg(long, value_name = "DURATION", value_parser = parse::parse_duration, default_value = "30s")]
+    s3_timeout: std::time::Duration,
+}
+
+impl S3Args {
+    fn options(&self) -> anyhow::Result<S3Options> {
+        if self.s3_in_flight == 0 || self.s3_in_flight > 1024 {
+            anyhow::bail!("--s3-in-flight {}: use 1 to 1024", self.s3_in_flight);
+        }
+        let credentials_file = match &self.s3_credentials {
+            Some(p) if p.is_relative() => Some(std::env::current_dir()?.join(p)),
+            other => other.clone(),
+        };
+        Ok(S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            virtual_host: self.s3_virtual_host,
+            credentials_file,
+            profile: self.s3_profile.clone(),
+            in_flight: self.s3_in_flight,
+            attempt_timeout: self.s3_timeout.min(std::time::Duration::from_secs(5)),
+            io_timeout: self.s3_timeout,
+        })
+    }
 }
 
 /// Output options shared by reporting commands.

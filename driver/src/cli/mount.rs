@@ -14,9 +14,15 @@ use std::time::{Duration, Instant};
 /// Arguments of `livemount mount`.
 #[derive(clap::Args, Clone)]
 pub struct Args {
-    /// The store directory (not needed with --recover).
-    #[arg(long = "store", value_name = "DIR", env = "LIVEMOUNT_STORE")]
-    store: Option<PathBuf>,
+    /// The store: a directory or `s3://BUCKET/PREFIX` (not needed with --recover).
+    #[arg(
+        long = "store",
+        value_name = "DIR|s3://BUCKET/PREFIX",
+        env = "LIVEMOUNT_STORE"
+    )]
+    store: Option<String>,
+    #[command(flatten)]
+    s3: super::S3Args,
     /// `series@time`, or `series` for its latest (not needed with --recover).
     snapshot: Option<String>,
     /// Overlay file for writes (created if missing; default: a temporary one removed at unmount).
@@ -138,7 +144,8 @@ fn config(a: &Args) -> anyhow::Result<MountConfig> {
     let store = a
         .store
         .clone()
-        .ok_or_else(|| anyhow::anyhow!("mount needs --store DIR"))?;
+        .ok_or_else(|| anyhow::anyhow!("mount needs --store DIR|s3://BUCKET/PREFIX"))?;
+    let store = livemount_store::StoreLocation::parse(&store, a.s3.options()?).absolute()?;
     let snapshot = a
         .snapshot
         .clone()

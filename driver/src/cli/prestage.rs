@@ -5,10 +5,9 @@ use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
 use crate::block::prestage::{PrestageReport, PrestageWindow, Prestager};
 use crate::cache::{disk::DiskTier, ReadCache};
 use crate::config::DEFAULT_CACHE_SIZE;
-use livemount_store::backend::dir::DirChunkSource;
 use livemount_store::format::profile::Profile;
 use livemount_store::progress::StderrProgress;
-use livemount_store::store::{Access, Store};
+use livemount_store::store::Access;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -68,7 +67,7 @@ pub fn run(a: Args) -> Outcome {
 }
 
 fn stage(a: Args, quiet: bool) -> anyhow::Result<PrestageReport> {
-    let st = Store::open(&a.store.store, Access::ReadOnly)?;
+    let st = a.store.open(Access::ReadOnly)?;
     let snap = st.resolve(&a.snapshot)?;
     let index = st.load_index(&snap)?;
     let profile = match a.profile {
@@ -80,7 +79,7 @@ fn stage(a: Args, quiet: bool) -> anyhow::Result<PrestageReport> {
             )
         })?,
     };
-    let origin = Arc::new(DirChunkSource::new(st.chunks().dir()));
+    let origin = Arc::new(st.chunks().clone());
     let disk = DiskTier::open(&a.cache_dir, a.cache_size)?;
     let cache = Arc::new(ReadCache::new(origin, 0, Some(disk), index.frame_size));
     let p = Prestager::new(Arc::new(index), cache, &profile, false, 8)?;

@@ -2,7 +2,7 @@
 
 use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
 use livemount_store::format::profile::Profile;
-use livemount_store::store::{Access, Store};
+use livemount_store::store::Access;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,7 +60,7 @@ pub fn run(c: Cmd) -> Outcome {
 }
 
 fn attach(store: &StoreArgs, name: &str, file: &std::path::Path) -> Outcome {
-    let st = Store::open(&store.store, Access::Write)?;
+    let st = store.open(Access::Write)?;
     livemount_store::store::validate_series(name)?;
     let p = Profile::load(file)?;
     let snap = st.resolve(name)?;
@@ -82,16 +82,13 @@ fn attach(store: &StoreArgs, name: &str, file: &std::path::Path) -> Outcome {
 }
 
 fn list(store: &StoreArgs, out: OutputArgs) -> Outcome {
-    let st = Store::open(&store.store, Access::ReadOnly)?;
+    let st = store.open(Access::ReadOnly)?;
     let mut rows = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(st.profiles_dir()) {
-        for e in rd.flatten() {
-            let series = e
-                .file_name()
-                .to_string_lossy()
-                .trim_end_matches(".json")
-                .to_string();
-            let what = match Profile::load(e.path()) {
+    {
+        for series in st.profiled_series()? {
+            let what = match st.attached_profile(&series).and_then(|p| {
+                p.ok_or_else(|| livemount_store::Error::Invalid("removed meanwhile".into()))
+            }) {
                 Ok(p) => RowKind::Ok {
                     working_set_bytes: p.working_set_bytes(),
                     extents: p.extents.len(),

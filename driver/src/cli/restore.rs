@@ -3,7 +3,7 @@
 use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
 use livemount_store::ops::restore;
 use livemount_store::progress::StderrProgress;
-use livemount_store::store::{Access, Store};
+use livemount_store::store::Access;
 use livemount_store::workers::default_threads;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,7 +29,7 @@ pub struct Args {
 
 /// Run `livemount restore`.
 pub fn run(a: Args) -> Outcome {
-    let st = Store::open(&a.store.store, Access::ReadOnly)?;
+    let st = a.store.open(Access::ReadOnly)?;
     let snap = st.resolve(&a.snapshot)?;
     let size = st.load_index(&snap)?.image_size;
     let progress = StderrProgress::boxed("restore", size, a.out.quiet || a.out.json);

@@ -49,7 +49,7 @@ pub fn run(a: Args) -> Outcome {
         })
         .collect();
     serve(ServeOptions {
-        store: a.store.store,
+        store: a.store.location()?,
         exports,
         overlay_dir: a.overlay_dir,
         read_only: a.read_only,

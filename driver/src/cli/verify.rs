@@ -3,7 +3,7 @@
 use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
 use livemount_store::ops::verify;
 use livemount_store::progress::StderrProgress;
-use livemount_store::store::{Access, Store};
+use livemount_store::store::Access;
 use livemount_store::workers::default_threads;
 use std::process::ExitCode;
 
@@ -27,11 +27,11 @@ pub struct Args {
 
 /// Run `livemount verify`: exit 3 when it found damage.
 pub fn run(a: Args) -> Outcome {
-    let st = Store::open(&a.store.store, Access::ReadOnly)?;
+    let st = a.store.open(Access::ReadOnly)?;
     // Repairing renames files: the store must exist (opened above) and be writable,
     // with the backups' shared lock held so gc stays out.
     let st = if a.repair {
-        Store::open(&a.store.store, Access::Write)?
+        a.store.open(Access::Write)?
     } else {
         st
     };

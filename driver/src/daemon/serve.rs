@@ -13,6 +13,7 @@ use crate::frontend::nbd::{self, Export, Exports};
 use crate::frontend::pool::Pool;
 use crate::metrics::IoMetrics;
 use crate::stack::Stack;
+use livemount_store::StoreLocation;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
@@ -21,8 +22,8 @@ use std::sync::Arc;
 
 /// What to serve and where.
 pub struct ServeOptions {
-    /// The store directory.
-    pub store: PathBuf,
+    /// The store.
+    pub store: StoreLocation,
     /// (export name, snapshot spec).
     pub exports: Vec<(String, String)>,
     /// Where each writable export keeps its overlay, `NAME.overlay` (kept across

@@ -7,6 +7,7 @@ use crate::config::MountConfig;
 use crate::error::{Error, Result};
 use crate::metrics::IoReport;
 use crate::paths::RUN_DIR;
+use livemount_store::StoreLocation;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -113,7 +114,7 @@ impl MountStatus {
             dev_id,
             pid,
             state: "running".into(),
-            config: MountConfig::new(store.to_path_buf(), snapshot.into(), None),
+            config: MountConfig::new(StoreLocation::from(store), snapshot.into(), None),
             size: 0,
             overlay_bytes: 0,
             cache: None,
@@ -219,22 +220,31 @@ pub fn pid_alive(pid: u32) -> bool {
 /// The devices that serve `snapshot` of the store at `store_root`, by their status
 /// files: also those whose daemon died (SIGKILL, crash) and whose device still
 /// exists, waiting for `mount --recover` — their snapshot's chunks must stay. The
-/// daemon's flock on the index ends with the process; this does not.
-pub fn devices_serving(store_root: &Path, snapshot: &str) -> Vec<MountStatus> {
-    devices_serving_in(Path::new(RUN_DIR), store_root, snapshot, device_exists)
+/// mount's lease in the store says so too (for every host); this names the device.
+pub fn devices_serving(store: &StoreLocation, snapshot: &str) -> Vec<MountStatus> {
+    devices_serving_in(Path::new(RUN_DIR), store, snapshot, device_exists)
+}
+
+fn same_store(a: &StoreLocation, b: &StoreLocation) -> bool {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    match (a, b) {
+        (StoreLocation::Dir { path: a }, StoreLocation::Dir { path: b }) => canon(a) == canon(b),
+        (StoreLocation::S3 { url: a, options: x }, StoreLocation::S3 { url: b, options: y }) => {
+            a.trim_end_matches('/') == b.trim_end_matches('/') && x.endpoint == y.endpoint
+        }
+        _ => false,
+    }
 }
 
 fn devices_serving_in(
     dir: &Path,
-    store_root: &Path,
+    store: &StoreLocation,
     snapshot: &str,
     exists: impl Fn(u32) -> bool,
 ) -> Vec<MountStatus> {
-    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let root = canon(store_root);
     list_status_in(dir)
         .into_iter()
-        .filter(|s| s.config.snapshot == snapshot && canon(&s.config.store) == root)
+        .filter(|s| s.config.snapshot == snapshot && same_store(&s.config.store, store))
         .filter(|s| exists(s.dev_id))
         .collect()
 }
@@ -261,11 +271,12 @@ mod tests {
         status(run.path(), 5, Path::new("/elsewhere"), "vm@t1");
         // Device 3 exists (its daemon's pid is long gone); device 4 was removed.
         let exists = |id: u32| id == 3 || id == 5;
-        let found = devices_serving_in(run.path(), store.path(), "vm@t1", exists);
+        let loc = StoreLocation::from(store.path());
+        let found = devices_serving_in(run.path(), &loc, "vm@t1", exists);
         assert_eq!(found.iter().map(|s| s.dev_id).collect::<Vec<_>>(), [3]);
-        assert!(devices_serving_in(run.path(), store.path(), "vm@t2", exists).is_empty());
+        assert!(devices_serving_in(run.path(), &loc, "vm@t2", exists).is_empty());
         // The same store named by another path is the same store.
-        let other_name = store.path().join(".");
+        let other_name = StoreLocation::from(store.path().join(".").as_path());
         assert_eq!(
             devices_serving_in(run.path(), &other_name, "vm@t1", exists).len(),
             1

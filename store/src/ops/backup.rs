@@ -10,6 +10,7 @@ use crate::format::index::{ChunkRef, SnapshotIndex};
 use crate::progress::Progress;
 use crate::store::{SnapshotRef, Store, CHUNK_SIZE_RANGE, DEFAULT_CHUNK_SIZE};
 use serde::Serialize;
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
@@ -169,9 +170,16 @@ pub fn backup_from(
     crate::store::validate_series(&opts.series)?;
     let file = reader;
     let previous = store.list(Some(&opts.series))?.pop();
-    // The previous index only supplies the series' chunk size: a damaged one must not
-    // block new backups (verify reports it).
+    // The previous index supplies the series' chunk size and, for a remote store,
+    // the chunks known to be there (no per-chunk HEAD for an unchanged re-backup;
+    // the backup lease keeps gc from removing them). A damaged one must not block
+    // new backups (verify reports it).
     let prev_index = previous.as_ref().and_then(|p| store.load_index(p).ok());
+    let known: HashSet<ChunkId> = match (&prev_index, store.local_root()) {
+        // A local stat is cheap and also sees a chunk verify --repair moved aside.
+        (_, Some(_)) | (None, _) => HashSet::new(),
+        (Some(i), None) => i.stored_ids().into_iter().collect(),
+    };
     let frame_size = store.config().frame_size;
     let chunk_size = opts
         .chunk_size
@@ -202,7 +210,8 @@ pub fn backup_from(
         for _ in 0..threads {
             let done_tx = done_tx.clone();
             let work_rx = &work_rx;
-            s.spawn(move || encode_worker(store, frame_size, level, work_rx, &done_tx));
+            let known = &known;
+            s.spawn(move || encode_worker(store, known, frame_size, level, work_rx, &done_tx));
         }
         drop(done_tx);
 
@@ -292,7 +301,7 @@ fn commit(
     mut report: BackupReport,
     start: Instant,
 ) -> Result<BackupReport> {
-    store.sync_chunk_dirs(synced.iter())?;
+    store.sync_chunks(synced.iter())?;
     let snap: SnapshotRef = store.commit_index(series, &mut index)?;
     let secs = start.elapsed().as_secs_f64();
     report.snapshot = snap.to_string();
@@ -332,6 +341,7 @@ impl BackupReport {
 /// written atomically), and report the outcome, until the queue closes.
 fn encode_worker(
     store: &Store,
+    known: &HashSet<ChunkId>,
     frame_size: u32,
     level: i32,
     work_rx: &Mutex<mpsc::Receiver<(usize, Vec<u8>)>>,
@@ -356,15 +366,16 @@ fn encode_worker(
                 return Ok(Outcome::Zero);
             }
             let digest = chunk::digest(&buf, frame_size);
-            if store.has_chunk(&digest.id) {
+            if known.contains(&digest.id) || store.has_chunk(&digest.id)? {
                 return Ok(Outcome::Reused(digest.id));
             }
             let bytes = chunk::encode(&buf, frame_size, &digest, &mut compressor)
                 .map_err(|e| Error::Invalid(format!("zstd: {e}")))?;
-            store.put_chunk(&digest.id, &bytes)?;
+            let stored = bytes.len() as u64;
+            store.put_chunk(&digest.id, bytes)?;
             Ok(Outcome::New {
                 id: digest.id,
-                stored: bytes.len() as u64,
+                stored,
             })
         })();
         if done_tx.send(res.map(|o| (i, o, len))).is_err() {
@@ -437,7 +448,13 @@ mod tests {
             .load_index(&store.resolve(&r.snapshot).unwrap())
             .unwrap();
         for id in index.stored_ids() {
-            let dir = store.chunks().prefix_dir(&id);
+            let dir = store
+                .local_root()
+                .unwrap()
+                .join(crate::backend::chunk_key(&id))
+                .parent()
+                .unwrap()
+                .to_path_buf();
             assert!(
                 synced.contains(&dir),
                 "{} not synced: {synced:?}",
@@ -445,7 +462,7 @@ mod tests {
             );
         }
         assert!(
-            synced.contains(&store.root().join("snapshots")),
+            synced.contains(&store.local_root().unwrap().join("snapshots")),
             "{synced:?}"
         );
     }

@@ -1,15 +1,13 @@
 //! `livemount gc`: remove chunks no snapshot references, and stale temp files.
 //!
-//! Runs with the store's exclusive lock (no backup can be running, see the store
-//! module docs), marks every chunk referenced by any index and sweeps the rest. If any
+//! Runs holding the gc lease (no backup can be running, see [`crate::lease`]), marks every chunk referenced by any index and sweeps the rest. If any
 //! index cannot be read, nothing is removed: a damaged index must not cost the chunks
 //! it still names.
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::store::Store;
 use serde::Serialize;
 use std::collections::HashSet;
-use std::fs;
 
 /// Figures of one gc run.
 #[derive(Debug, Clone, Serialize)]
@@ -26,7 +24,8 @@ pub struct GcReport {
     pub temp_files_removed: u64,
 }
 
-/// Collect garbage in a store opened with [`Access::Exclusive`](crate::store::Access).
+/// Collect garbage in a store opened with [`Access::Exclusive`](crate::store::Access)
+/// (holding the gc lease).
 pub fn gc(store: &Store) -> Result<GcReport> {
     let snaps = store.list(None)?;
     let mut live = HashSet::new();
@@ -46,24 +45,17 @@ pub fn gc(store: &Store) -> Result<GcReport> {
         temp_files_removed: 0,
     };
     let mut touched = Vec::new();
-    for id in store.all_chunk_ids()? {
+    for (id, meta) in store.all_chunks()? {
         if live.contains(&id) {
             report.chunks_kept += 1;
             continue;
         }
-        let path = store.chunks().path(&id);
-        let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        fs::remove_file(&path).at(&path)?;
+        store.delete_chunk(&id)?;
         report.chunks_removed += 1;
-        report.bytes_removed += len;
+        report.bytes_removed += meta.size;
         touched.push(id);
     }
-    store.sync_chunk_dirs(touched.iter())?;
-    let tmp = store.tmp_dir();
-    for e in fs::read_dir(&tmp).at(&tmp)? {
-        let e = e.at(&tmp)?;
-        fs::remove_file(e.path()).at(e.path())?;
-        report.temp_files_removed += 1;
-    }
+    store.sync_chunks(touched.iter())?;
+    report.temp_files_removed = store.remove_temp_files()?;
     Ok(report)
 }

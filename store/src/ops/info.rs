@@ -54,9 +54,9 @@ pub fn info(store: &Store, snap: &SnapshotRef) -> Result<SnapshotInfo> {
                 nonzero_bytes += len;
                 if seen.insert(*id) {
                     data += len;
-                    match std::fs::metadata(store.chunks().path(id)) {
-                        Ok(m) => stored += m.len(),
-                        Err(_) => missing += 1,
+                    match store.chunk_size(id)? {
+                        Some(n) => stored += n,
+                        None => missing += 1,
                     }
                 }
             }

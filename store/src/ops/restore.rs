@@ -5,7 +5,7 @@
 //! target's name. Zero chunks and zero frames become holes in files; block devices get
 //! explicit zeros, since their old content is not known to be zero.
 
-use crate::backend::{read_verified, Expected};
+use crate::backend::{read_verified, Expected, ReadClass};
 use crate::error::{Error, IoContext, Result};
 use crate::format::index::ChunkRef;
 use crate::progress::Progress;
@@ -64,7 +64,7 @@ pub fn restore(
                     content_len: len as u32,
                     frame_size: index.frame_size,
                 };
-                let data = read_verified(store.chunks(), &id, Some(expected))?;
+                let data = read_verified(store.chunks(), &id, Some(expected), ReadClass::Demand)?;
                 // Skip all-zero frames in files so the image stays sparse.
                 for (j, part) in data.chunks(index.frame_size as usize).enumerate() {
                     if is_block || part.iter().any(|&b| b != 0) {

@@ -1,6 +1,6 @@
 //! `livemount verify`: read every chunk, check it against its name, list every bad one.
 
-use crate::backend::{read_verified, Expected};
+use crate::backend::{read_verified, Expected, ReadClass};
 use crate::error::{Error, Result};
 use crate::format::chunk::ChunkId;
 use crate::format::index::ChunkRef;
@@ -91,7 +91,12 @@ pub fn verify(
     }
     let ids: Vec<ChunkId> = users.keys().copied().collect();
     let results = crate::workers::parallel_map(ids.len(), threads, |i| {
-        let r = read_verified(store.chunks(), &ids[i], expected.get(&ids[i]).copied());
+        let r = read_verified(
+            store.chunks(),
+            &ids[i],
+            expected.get(&ids[i]).copied(),
+            ReadClass::Background,
+        );
         let n = r.as_ref().map(|d| d.len() as u64).unwrap_or(0);
         progress.inc(n);
         match r {
@@ -129,11 +134,11 @@ pub fn verify(
 
 /// `verify --repair`: move every damaged chunk file of `report` aside (see
 /// [`Store::quarantine_chunk`]), recording where. `store` must be open for writing
-/// (the backups' shared lock keeps `gc` out meanwhile).
+/// (its backup lease keeps `gc` out meanwhile).
 pub fn repair(store: &Store, report: &mut VerifyReport) -> Result<()> {
     for b in &mut report.bad_chunks {
         if let Some(id) = b.damaged {
-            b.moved_to = Some(store.quarantine_chunk(&id)?.display().to_string());
+            b.moved_to = Some(store.quarantine_chunk(&id)?);
         }
     }
     Ok(())

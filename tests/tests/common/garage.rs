@@ -1,0 +1,242 @@
+//! A real S3 server for the tests: a single-node Garage (installed by `cargo xtask
+//! setup` into `.cache/tools/garage`), started on loopback ports of its own with a
+//! sqlite metadata engine and replication factor 1, its layout applied, one access
+//! key and buckets created through its own CLI. Stopped (SIGKILL) when dropped;
+//! `kill`/`restart` let tests take the store away and bring it back.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The garage binary: `$LIVEMOUNT_GARAGE`, the one `cargo xtask setup` built, or PATH.
+pub fn garage_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("LIVEMOUNT_GARAGE") {
+        return Some(PathBuf::from(p));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .to_path_buf();
+    let cache = std::env::var_os("LIVEMOUNT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".cache"));
+    let built = cache.join("tools/garage/bin/garage");
+    if built.is_file() {
+        return Some(built);
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join("garage"))
+        .find(|p| p.is_file())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A running single-node Garage.
+pub struct Garage {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    s3_port: u16,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// The access key id of the test key.
+    pub key_id: String,
+    /// Its secret.
+    pub secret: String,
+}
+
+impl Garage {
+    /// Start a server, apply its layout, create a key. Panics with the server's
+    /// output if any step fails (a broken test server is a failed test).
+    pub fn start(bin: &Path) -> Garage {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s3, rpc, admin) = (free_port(), free_port(), free_port());
+        let secret: String = (0..32)
+            .map(|i| format!("{:02x}", (i * 37 + 11) % 256))
+            .collect();
+        let cfg = format!(
+            "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+             replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+             rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
+             [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
+             root_domain = \".s3.garage.localhost\"\n\
+             [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+            d = dir.path().display()
+        );
+        std::fs::write(dir.path().join("garage.toml"), cfg).expect("write garage.toml");
+        let mut g = Garage {
+            bin: bin.to_path_buf(),
+            dir,
+            child: None,
+            s3_port: s3,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            key_id: String::new(),
+            secret: String::new(),
+        };
+        g.spawn();
+        let id = g.cli_ok(&["node", "id", "-q"]);
+        let id = id.trim().split('@').next().unwrap_or("").to_string();
+        g.cli_ok(&["layout", "assign", "-z", "dc1", "-c", "1G", &id]);
+        g.cli_ok(&["layout", "apply", "--version", "1"]);
+        let out = g.cli_ok(&["key", "create", "livemount-test"]);
+        for line in out.lines() {
+            let val = || line.split(':').nth(1).unwrap_or("").trim().to_string();
+            if line.trim_start().starts_with("Key ID") {
+                g.key_id = val();
+            } else if line.trim_start().starts_with("Secret key") {
+                g.secret = val();
+            }
+        }
+        assert!(
+            !g.key_id.is_empty() && !g.secret.is_empty(),
+            "garage key create printed no key:\n{out}"
+        );
+        g
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("garage.toml")
+    }
+
+    /// Start the server process and wait (bounded) until its S3 port answers.
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("garage.log"))
+            .expect("garage log");
+        let mut c = Command::new(&self.bin);
+        c.arg("-c")
+            .arg(self.config())
+            .arg("server")
+            .env("RUST_LOG", "garage=warn")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log));
+        // SAFETY: prctl in the child before exec; async-signal-safe, no allocation.
+        // The server dies with the test process (a crashed test leaves no server).
+        unsafe {
+            c.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        self.child = Some(c.spawn().expect("start garage"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.s3_port)).is_ok() {
+                // The RPC side comes up with it; give the CLI a moment.
+                if self.cli(&["status"]).status.success() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "garage did not start within 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .arg("-c")
+            .arg(self.config())
+            .args(args)
+            .output()
+            .expect("run garage CLI")
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "garage {args:?} failed: {}\n{}\nserver log:\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Create `bucket` and give the test key read and write access to it.
+    pub fn bucket(&self, bucket: &str) {
+        self.cli_ok(&["bucket", "create", bucket]);
+        self.cli_ok(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            bucket,
+            "--key",
+            "livemount-test",
+        ]);
+    }
+
+    /// Kill the server (the store "goes away"); its data stays.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A 0600 credentials file (AWS INI format) holding the test key.
+    pub fn credentials_file(&self) -> PathBuf {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.path().join("credentials");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("credentials file");
+        std::io::Write::write_all(
+            &mut f,
+            format!(
+                "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                self.key_id, self.secret
+            )
+            .as_bytes(),
+        )
+        .expect("write credentials");
+        path
+    }
+
+    /// The environment a livemount command needs for this server.
+    pub fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command {
+        c.env("AWS_ACCESS_KEY_ID", &self.key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
+            .env("LIVEMOUNT_S3_ENDPOINT", &self.endpoint)
+            .env("LIVEMOUNT_S3_REGION", "garage")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SESSION_TOKEN")
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,418 @@
+//! The store on a real S3 server: a single-node Garage started by each test on
+//! loopback (tests/common/garage.rs; `cargo xtask setup` builds it). Every command
+//! against the bucket, the leases that replace flock between hosts, the errors a
+//! user meets (wrong credentials, missing bucket, server down, damaged objects),
+//! and an NBD export of a snapshot in the bucket, read byte-exact by qemu's tools,
+//! through a server outage and back.
+
+#[path = "common/garage.rs"]
+mod garage;
+#[path = "common/store.rs"]
+mod helpers;
+
+use garage::{garage_bin, Garage};
+use helpers::*;
+use livemount_store::backend::s3::{S3Backend, S3Options};
+use livemount_store::backend::{chunk_key, Backend, PutMode};
+use livemount_store::{Access, Store, StoreLocation};
+use std::ffi::{OsStr, OsString};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A started server with bucket `bucket`, or a reported skip.
+fn server(test: &str, bucket: &str) -> Option<Garage> {
+    let Some(bin) = garage_bin() else {
+        livemount_tests::skip(
+            test,
+            livemount_tests::Tier::Machine,
+            "no garage binary: run `cargo xtask setup` (it builds Garage into .cache/tools)",
+        );
+        return None;
+    };
+    let g = Garage::start(&bin);
+    g.bucket(bucket);
+    Some(g)
+}
+
+/// `livemount ARGS…` with the server's endpoint and credentials in the environment.
+fn lm_s3(g: &Garage, args: &[&OsStr]) -> Run {
+    let args: Vec<OsString> = args.iter().map(|a| a.to_os_string()).collect();
+    let mut c = cmd(&args);
+    g.env(&mut c);
+    let r = run_cmd(c, &args);
+    // Whatever happened, the secret never shows.
+    assert!(
+        !r.stdout.contains(&g.secret) && !r.stderr.contains(&g.secret),
+        "{}: secret printed",
+        r.what
+    );
+    r
+}
+
+fn os<const N: usize>(a: [&str; N]) -> Vec<&OsStr> {
+    a.into_iter().map(OsStr::new).collect()
+}
+
+/// `livemount backup SOURCE --store URL --name vm --json`.
+fn backup_s3(g: &Garage, source: impl AsRef<OsStr>, url: &str) -> serde_json::Value {
+    lm_s3(
+        g,
+        &[
+            OsStr::new("backup"),
+            source.as_ref(),
+            "--store".as_ref(),
+            url.as_ref(),
+            "--name".as_ref(),
+            "vm".as_ref(),
+            "--json".as_ref(),
+        ],
+    )
+    .json()
+}
+
+/// The library's view of the bucket (for damaging objects and holding leases).
+fn backend(g: &Garage, url: &str) -> Arc<dyn Backend> {
+    // A credentials file, not the environment: tests run in parallel threads, each
+    // with a server and key of its own.
+    let opts = S3Options {
+        credentials_file: Some(g.credentials_file()),
+        endpoint: Some(g.endpoint.clone()),
+        region: Some("garage".into()),
+        io_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    Arc::new(S3Backend::open(url, &opts).unwrap())
+}
+
+#[test]
+fn every_store_command_works_on_a_bucket() {
+    let Some(g) = server("every_store_command_works_on_a_bucket", "lm-cycle") else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let url = "s3://lm-cycle/site-a";
+    let v1 = compressible_image(6, 1);
+    let mut v2 = v1.clone();
+    v2[3 << 20..(3 << 20) + 4096].fill(0x5a);
+    let (i1, i2) = (t.path().join("v1"), t.path().join("v2"));
+    std::fs::write(&i1, &v1).unwrap();
+    std::fs::write(&i2, &v2).unwrap();
+    let p = |x: &Path| x.as_os_str().to_os_string();
+
+    let r = backup_s3(&g, &p(&i1), url);
+    assert!(r["chunks_new"].as_u64().unwrap() >= 5, "{r}");
+    // An incremental: one chunk changed; the others come from the previous index.
+    let r2 = backup_s3(&g, &p(&i2), url);
+    assert_eq!(r2["chunks_new"], 1, "{r2}");
+    // A third right away (same second, same data): a snapshot of its own, not a
+    // replacement of the second (Garage ignores If-None-Match; the commit lease
+    // keeps names unique).
+    let r3 = backup_s3(&g, &p(&i2), url);
+    assert_eq!(r3["chunks_new"], 0, "{r3}");
+    assert_ne!(r2["snapshot"], r3["snapshot"]);
+    let list = lm_s3(&g, &os(["list", "--store", url, "--json"])).json();
+    let names: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["snapshot"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names.len(), 3, "{list}");
+    assert_eq!(names[1], r2["snapshot"].as_str().unwrap());
+
+    let v = lm_s3(&g, &os(["verify", "--store", url, "--json"])).json();
+    assert_eq!(v["bad_chunks"].as_array().unwrap().len(), 0, "{v}");
+    for (snap, want) in [(&names[0], &v1), (&names[1], &v2)] {
+        let out = t.path().join("restored");
+        let _ = std::fs::remove_file(&out);
+        lm_s3(
+            &g,
+            &[
+                OsStr::new("restore"),
+                "--store".as_ref(),
+                url.as_ref(),
+                snap.as_ref(),
+                &p(&out),
+            ],
+        )
+        .ok();
+        assert!(
+            std::fs::read(&out).unwrap() == **want,
+            "{snap} restored differently"
+        );
+    }
+    let info = lm_s3(&g, &os(["info", "--store", url, &names[0], "--json"])).json();
+    assert_eq!(info["chunks_missing"], 0, "{info}");
+
+    // A profile attached to the series lives in the bucket too.
+    let prof = t.path().join("p.json");
+    use livemount_store::format::profile::{Extent, Profile, Source};
+    let mut profile = Profile::new(v1.len() as u64, 4096, Source::default());
+    profile.extents = vec![Extent {
+        offset: 0,
+        length: 65536,
+        first_access_ns: 0,
+        count: 1,
+        runs: 1,
+    }];
+    profile.save(&prof).unwrap();
+    lm_s3(
+        &g,
+        &[
+            OsStr::new("profile"),
+            "attach".as_ref(),
+            "--store".as_ref(),
+            url.as_ref(),
+            "vm".as_ref(),
+            &p(&prof),
+        ],
+    )
+    .ok();
+    let pl = lm_s3(&g, &os(["profile", "list", "--store", url, "--json"])).json();
+    assert_eq!(pl[0]["series"], "vm", "{pl}");
+
+    // forget + gc: the first snapshot's unique chunk goes, the rest stays readable.
+    lm_s3(&g, &os(["forget", "--store", url, &names[0]])).ok();
+    let gc = lm_s3(&g, &os(["gc", "--store", url, "--json"])).json();
+    assert_eq!(gc["chunks_removed"], 1, "{gc}");
+    let v = lm_s3(&g, &os(["verify", "--store", url, "--json"])).json();
+    assert_eq!(v["bad_chunks"].as_array().unwrap().len(), 0, "{v}");
+    // Nothing of ours is left in leases/ once every command is done.
+    let b = backend(&g, url);
+    assert!(b.list("leases/").unwrap().is_empty());
+}
+
+#[test]
+fn leases_keep_gc_and_forget_off_what_others_use() {
+    let Some(g) = server("leases_keep_gc_and_forget_off_what_others_use", "lm-lease") else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let url = "s3://lm-lease/x";
+    let img = t.path().join("img");
+    std::fs::write(&img, compressible_image(2, 3)).unwrap();
+    let r = backup_s3(&g, img.as_os_str(), url);
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    let b = backend(&g, url);
+    // A backup in progress on "another host": gc refuses, naming it.
+    let writer = Store::open_backend(b.clone(), Access::Write).unwrap();
+    lm_s3(&g, &os(["gc", "--store", url])).error(&["busy", "backup"]);
+    drop(writer);
+    // A mount whose daemon was killed: its lease stays, forget refuses.
+    let st = Store::open_backend(b.clone(), Access::ReadOnly).unwrap();
+    let lease = st.lease_mount(&st.resolve(&snap).unwrap(), None).unwrap();
+    let key = lease.key().to_string();
+    lease.keep();
+    lm_s3(&g, &os(["forget", "--store", url, &snap])).error(&[&snap, "mounted"]);
+    lm_s3(&g, &os(["gc", "--store", url])).ok();
+    lm_s3(&g, &os(["verify", "--store", url])).ok();
+    livemount_store::lease::Lease::remove(&*b, &key).unwrap();
+    lm_s3(&g, &os(["forget", "--store", url, &snap])).ok();
+}
+
+#[test]
+fn bad_credentials_missing_buckets_a_dead_server_and_damaged_objects() {
+    let Some(mut g) = server(
+        "bad_credentials_missing_buckets_a_dead_server_and_damaged_objects",
+        "lm-errors",
+    ) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let url = "s3://lm-errors/x";
+    let img = t.path().join("img");
+    let data = compressible_image(3, 5);
+    std::fs::write(&img, &data).unwrap();
+    let r = backup_s3(&g, img.as_os_str(), url);
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+
+    // Wrong secret: access denied, naming the object and endpoint, no secret shown.
+    let args = os(["list", "--store", url]);
+    let argv: Vec<OsString> = args.iter().map(|a| a.to_os_string()).collect();
+    let mut c = cmd(&argv);
+    g.env(&mut c).env("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    run_cmd(c, &argv).error(&["access denied", "s3://lm-errors/x", &g.endpoint]);
+    // The key from a 0600 credentials file named on the command line instead.
+    let mut with_file = argv.clone();
+    with_file.push("--s3-credentials".into());
+    with_file.push(g.credentials_file().into_os_string());
+    let mut c = cmd(&with_file);
+    g.env(&mut c)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY");
+    run_cmd(c, &with_file).ok();
+    // No credentials at all.
+    let mut c = cmd(&argv);
+    g.env(&mut c)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env("HOME", t.path());
+    run_cmd(c, &argv).error(&["no S3 credentials"]);
+    // A bucket that does not exist.
+    lm_s3(&g, &os(["list", "--store", "s3://lm-nothere/x"]))
+        .error(&["no such bucket", "lm-nothere"]);
+
+    // A chunk object replaced by other bytes, and one deleted: verify names both,
+    // restore fails naming the chunk and never writes wrong bytes silently.
+    let b = backend(&g, url);
+    let st = Store::open_backend(b.clone(), Access::ReadOnly).unwrap();
+    let ids = st
+        .load_index(&st.resolve(&snap).unwrap())
+        .unwrap()
+        .stored_ids();
+    drop(st);
+    b.put(&chunk_key(&ids[0]), b"not a chunk", PutMode::Overwrite)
+        .unwrap();
+    b.delete(&chunk_key(&ids[1])).unwrap();
+    let (v, code) = {
+        let r = lm_s3(&g, &os(["verify", "--store", url, "--json"]));
+        (
+            serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap(),
+            r.code,
+        )
+    };
+    assert_eq!(code, Some(3), "{v}");
+    let bad: Vec<String> = v["bad_chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        bad.contains(&ids[0].to_hex()) && bad.contains(&ids[1].to_hex()),
+        "{v}"
+    );
+    let out = t.path().join("out");
+    lm_s3(
+        &g,
+        &[
+            OsStr::new("restore"),
+            "--store".as_ref(),
+            url.as_ref(),
+            snap.as_ref(),
+            out.as_os_str(),
+        ],
+    )
+    .error(&["chunk"]);
+
+    // The server goes away: a bounded, clear failure; back again: works.
+    g.kill();
+    let start = Instant::now();
+    lm_s3(&g, &os(["list", "--store", url, "--s3-timeout", "3s"]))
+        .error(&["cannot reach the server", &g.endpoint]);
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
+    g.restart();
+    lm_s3(&g, &os(["list", "--store", url])).ok();
+}
+
+/// Read `len` bytes at `offset` of NBD `uri` with qemu-io, as a file.
+fn nbd_read(uri: &str, offset: u64, len: u64, out: &Path) -> (bool, String) {
+    let o = Command::new("nbdcopy")
+        .args([uri, &out.display().to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .expect("nbdcopy (cargo xtask setup installs libnbd-bin)");
+    let _ = (offset, len);
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+#[test]
+fn an_nbd_export_of_a_bucket_snapshot_is_byte_exact_and_survives_an_outage() {
+    let Some(mut g) = server(
+        "an_nbd_export_of_a_bucket_snapshot_is_byte_exact_and_survives_an_outage",
+        "lm-nbd",
+    ) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let url = "s3://lm-nbd/x";
+    let img = t.path().join("img");
+    let data = compressible_image(8, 9);
+    std::fs::write(&img, &data).unwrap();
+    lm_s3(
+        &g,
+        &[
+            OsStr::new("backup"),
+            img.as_os_str(),
+            "--store".as_ref(),
+            url.as_ref(),
+            "--name".as_ref(),
+            "vm".as_ref(),
+        ],
+    )
+    .ok();
+    let sock = t.path().join("nbd.sock");
+    let args = os([
+        "serve",
+        "--store",
+        url,
+        "--export",
+        "vm",
+        "--read-only",
+        "--s3-timeout",
+        "3s",
+        "--socket",
+    ]);
+    let mut argv: Vec<OsString> = args.iter().map(|a| a.to_os_string()).collect();
+    argv.push(sock.clone().into_os_string());
+    let mut c = cmd(&argv);
+    g.env(&mut c).stdout(Stdio::null()).stderr(Stdio::inherit());
+    let mut child = c.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "serve did not start");
+        assert!(child.try_wait().unwrap().is_none(), "serve exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let uri = format!("nbd+unix:///vm?socket={}", sock.display());
+
+    // The store goes away before anything was read: reads fail (EIO), boundedly.
+    g.kill();
+    let start = Instant::now();
+    let out = t.path().join("copy");
+    let (ok, text) = nbd_read(&uri, 0, 0, &out);
+    assert!(!ok, "a read with the store down succeeded: {text}");
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        start.elapsed()
+    );
+    // Back again: the same export reads every byte exactly.
+    g.restart();
+    let (ok, text) = nbd_read(&uri, 0, 0, &out);
+    assert!(ok, "{text}");
+    let got = std::fs::read(&out).unwrap();
+    assert_eq!(got.len(), data.len().next_multiple_of(512));
+    assert!(
+        got[..data.len()] == data[..],
+        "NBD read differs from the image"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_store_location_round_trips_without_secrets() {
+    let loc = StoreLocation::parse(
+        "s3://bucket/p",
+        S3Options {
+            endpoint: Some("http://127.0.0.1:1".into()),
+            ..Default::default()
+        },
+    );
+    let text = serde_json::to_string(&loc).unwrap();
+    assert!(!text.to_lowercase().contains("secret"), "{text}");
+    assert_eq!(serde_json::from_str::<StoreLocation>(&text).unwrap(), loc);
+}
