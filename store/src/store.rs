@@ -442,6 +442,17 @@ impl Store {
         &self.backend
     }
 
+    /// Threads for work that reads the whole store (restore, verify): the CPUs for a
+    /// local store; for a remote one enough to keep its requests in flight (latency,
+    /// not CPU, bounds them).
+    pub fn io_threads(&self) -> usize {
+        let cpus = crate::workers::default_threads();
+        match self.backend.local_root() {
+            Some(_) => cpus,
+            None => cpus.max(crate::backend::s3::S3Options::default().in_flight),
+        }
+    }
+
     /// The store's configuration.
     pub fn config(&self) -> &StoreConfig {
         &self.config

@@ -1,6 +1,9 @@
 //! Integration tests for livemount live in `tests/tests/`; this library holds what
 //! they share with the project's test driver (`cargo xtask test`).
 
+pub mod garage;
+pub mod netem;
+
 use std::io::Write;
 
 /// The environment variable naming the file where skipped tests are recorded.

@@ -5,16 +5,14 @@
 //! and an NBD export of a snapshot in the bucket, read byte-exact by qemu's tools,
 //! through a server outage and back.
 
-#[path = "common/garage.rs"]
-mod garage;
 #[path = "common/store.rs"]
 mod helpers;
 
-use garage::{garage_bin, Garage};
 use helpers::*;
 use livemount_store::backend::s3::{S3Backend, S3Options};
 use livemount_store::backend::{chunk_key, Backend, PutMode};
 use livemount_store::{Access, Store, StoreLocation};
+use livemount_tests::garage::{garage_bin, Garage};
 use std::ffi::{OsStr, OsString};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -101,15 +99,15 @@ fn every_store_command_works_on_a_bucket() {
     std::fs::write(&i2, &v2).unwrap();
     let p = |x: &Path| x.as_os_str().to_os_string();
 
-    let r = backup_s3(&g, &p(&i1), url);
+    let r = backup_s3(&g, p(&i1), url);
     assert!(r["chunks_new"].as_u64().unwrap() >= 5, "{r}");
     // An incremental: one chunk changed; the others come from the previous index.
-    let r2 = backup_s3(&g, &p(&i2), url);
+    let r2 = backup_s3(&g, p(&i2), url);
     assert_eq!(r2["chunks_new"], 1, "{r2}");
     // A third right away (same second, same data): a snapshot of its own, not a
     // replacement of the second (Garage ignores If-None-Match; the commit lease
     // keeps names unique).
-    let r3 = backup_s3(&g, &p(&i2), url);
+    let r3 = backup_s3(&g, p(&i2), url);
     assert_eq!(r3["chunks_new"], 0, "{r3}");
     assert_ne!(r2["snapshot"], r3["snapshot"]);
     let list = lm_s3(&g, &os(["list", "--store", url, "--json"])).json();

@@ -647,7 +647,28 @@ fn ublk_crash_recovery() {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let w = start_writer(&m.dev, stop.clone(), progress.clone(), ledger.clone());
     wait_progress(&progress, &ledger, 60, "before the kill");
+    // The mount's lease in the store: what keeps forget + gc off its chunks on any
+    // host; it must outlive the daemon and be adopted (not duplicated) by recovery.
+    let lease = m.status()["config"]["lease"]
+        .as_str()
+        .expect("a mount holds a lease")
+        .to_string();
+    let leases = || {
+        let mut v: Vec<String> = fs::read_dir(fx.store.join("leases"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| format!("leases/{}", e.file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    // Other tests' killed daemons may have left theirs in the shared store.
+    let before = leases();
+    assert!(before.contains(&lease), "{before:?}");
     let old_pid = sigkill_daemon(&m);
+    assert_eq!(leases(), before, "the lease died with the daemon");
     // I/O waits for a new daemon: no error, no progress (at most the one in flight).
     let p0 = progress.load(Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(1500));
@@ -709,6 +730,8 @@ fn ublk_crash_recovery() {
     std::mem::forget(m);
     let m = m2;
     assert_ne!(m.pid(), old_pid);
+    assert_eq!(m.status()["config"]["lease"], lease.as_str());
+    assert_eq!(leases(), before, "recovery did not adopt the lease");
     // The waiting I/O completes and the load goes on.
     wait_progress(
         &progress,

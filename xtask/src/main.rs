@@ -45,6 +45,9 @@ enum Cmd {
     BenchVm,
     /// fio's nbd engine on the host: `livemount serve` cold/warm vs qemu-nbd.
     BenchNbd,
+    /// The store on Garage (loopback, and 20 ms RTT through the delay proxy) vs a
+    /// local directory: backup, re-backup, restore.
+    BenchS3,
     /// Build the release binary and run `livemount mount` with these arguments
     /// (e.g. `cargo xtask create-device web01 --store /srv/store --daemon`).
     CreateDevice {
@@ -106,6 +109,10 @@ fn main() -> Result<()> {
         Cmd::BenchNbd => {
             setup::run()?;
             bench_nbd::run()
+        }
+        Cmd::BenchS3 => {
+            setup::run()?;
+            util::cargo(&["bench", "-p", "livemount-benches", "--bench", "s3"])
         }
         Cmd::VmTest => {
             setup::run()?;

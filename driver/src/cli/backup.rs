@@ -5,7 +5,6 @@ use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
 use livemount_store::ops::backup::{self, BackupOptions};
 use livemount_store::progress::StderrProgress;
 use livemount_store::store::{Access, DEFAULT_CHUNK_SIZE};
-use livemount_store::workers::default_threads;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -24,7 +23,8 @@ pub struct Args {
     /// zstd compression level (1-22).
     #[arg(long, default_value_t = backup::DEFAULT_LEVEL)]
     level: i32,
-    /// Worker threads (default: one per core).
+    /// Worker threads (default: one per core; 16 for a remote store, whose
+    /// requests are bound by latency, not CPU).
     #[arg(long)]
     threads: Option<usize>,
     #[command(flatten)]
@@ -45,7 +45,7 @@ pub fn run(a: Args) -> Outcome {
         series: a.name,
         chunk_size,
         level: a.level,
-        threads: a.threads.unwrap_or_else(default_threads),
+        threads: a.threads.unwrap_or_else(|| st.io_threads()),
     };
     let progress = StderrProgress::boxed("backup", size, a.out.quiet || a.out.json);
     let r = backup::backup(&st, &a.source, &opts, progress.as_ref())?;

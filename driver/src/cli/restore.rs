@@ -4,7 +4,6 @@ use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
 use livemount_store::ops::restore;
 use livemount_store::progress::StderrProgress;
 use livemount_store::store::Access;
-use livemount_store::workers::default_threads;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,7 +19,7 @@ pub struct Args {
     /// Overwrite an existing non-empty target file.
     #[arg(long)]
     force: bool,
-    /// Worker threads.
+    /// Worker threads (default: one per core; 16 for a remote store).
     #[arg(long)]
     threads: Option<usize>,
     #[command(flatten)]
@@ -33,7 +32,7 @@ pub fn run(a: Args) -> Outcome {
     let snap = st.resolve(&a.snapshot)?;
     let size = st.load_index(&snap)?.image_size;
     let progress = StderrProgress::boxed("restore", size, a.out.quiet || a.out.json);
-    let threads = a.threads.unwrap_or_else(default_threads);
+    let threads = a.threads.unwrap_or_else(|| st.io_threads());
     let r = restore::restore(&st, &snap, &a.target, a.force, threads, progress.as_ref())?;
     if a.out.json {
         print_json(&r)?;

@@ -4,7 +4,6 @@ use super::{mib, print_json, Outcome, OutputArgs, StoreArgs};
 use livemount_store::ops::verify;
 use livemount_store::progress::StderrProgress;
 use livemount_store::store::Access;
-use livemount_store::workers::default_threads;
 use std::process::ExitCode;
 
 /// Arguments of `livemount verify`.
@@ -14,7 +13,7 @@ pub struct Args {
     store: StoreArgs,
     /// Only this snapshot.
     snapshot: Option<String>,
-    /// Worker threads.
+    /// Worker threads (default: one per core; 16 for a remote store).
     #[arg(long)]
     threads: Option<usize>,
     /// Move damaged chunk files aside (to CHUNK.bad), so that the next backup of
@@ -37,7 +36,7 @@ pub fn run(a: Args) -> Outcome {
     };
     let snap = a.snapshot.map(|s| st.resolve(&s)).transpose()?;
     let progress = StderrProgress::boxed("verify", 0, true);
-    let threads = a.threads.unwrap_or_else(default_threads);
+    let threads = a.threads.unwrap_or_else(|| st.io_threads());
     let mut r = verify::verify(&st, snap.as_ref(), threads, progress.as_ref())?;
     if a.repair {
         verify::repair(&st, &mut r)?;

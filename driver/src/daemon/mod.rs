@@ -371,6 +371,21 @@ fn unmount_in(run_dir: &Path, dev: &str, timeout: Duration) -> Result<()> {
         .map_err(|e| Error::Invalid(format!("/dev/ublkb{id}: {e}")))?;
     ctrl.del_dev()
         .map_err(|e| Error::Invalid(format!("cannot delete /dev/ublkb{id}: {e}")))?;
+    // The dead daemon's lease kept its snapshot from forget + gc; with the device
+    // gone, nothing needs it. A store that cannot be reached keeps the lease until
+    // it expires (safe), which is worth a line.
+    if let Some(cfg) = st.as_ref().map(|s| &s.config) {
+        if let Some(key) = &cfg.lease {
+            let removed =
+                livemount_store::Store::open_at(&cfg.store, livemount_store::Access::ReadOnly)
+                    .and_then(|store| {
+                        livemount_store::lease::Lease::remove(&**store.backend(), key)
+                    });
+            if let Err(e) = removed {
+                eprintln!("livemount: warning: lease {key} stays until it expires: {e}");
+            }
+        }
+    }
     let _ = std::fs::remove_file(run_dir.join(format!("ublkb{id}.json")));
     Ok(())
 }

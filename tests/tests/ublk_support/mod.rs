@@ -295,7 +295,16 @@ pub fn stamps(dir: &Path) -> Stamps {
             let p = e.unwrap().path();
             let m = fs::symlink_metadata(&p).unwrap();
             if m.is_dir() {
-                stack.push(p);
+                // Leases (and their temp files) are how mounts tell other hosts
+                // what they use: the one thing a mount writes into a store.
+                let coordination = p.parent() == Some(dir)
+                    && matches!(
+                        p.file_name().and_then(|n| n.to_str()),
+                        Some("leases" | "tmp")
+                    );
+                if !coordination {
+                    stack.push(p);
+                }
             } else {
                 out.insert(p, (m.len(), m.mtime(), m.mtime_nsec(), m.ino()));
             }

@@ -1,6 +1,7 @@
 //! A real S3 server for the tests: a single-node Garage (installed by `cargo xtask
 //! setup` into `.cache/tools/garage`), started on loopback ports of its own with a
-//! sqlite metadata engine and replication factor 1, its layout applied, one access
+//! sqlite metadata engine, replication factor 1 and no block compression (chunks
+//! are zstd already: compressing them again only costs the server CPU), its layout applied, one access
 //! key and buckets created through its own CLI. Stopped (SIGKILL) when dropped;
 //! `kill`/`restart` let tests take the store away and bring it back.
 
@@ -64,7 +65,7 @@ impl Garage {
             .collect();
         let cfg = format!(
             "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
-             replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+             replication_factor = 1\ncompression_level = \"none\"\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
              rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
              [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
              root_domain = \".s3.garage.localhost\"\n\
