@@ -777,8 +777,10 @@ impl Store {
         self.backend.delete(&chunk_key(id))
     }
 
-    /// Temp files of killed writers (directory store) older than an hour, removed by
-    /// gc (younger ones may be a live process's lease renewal); returns how many.
+    /// Temp files of killed writers (directory store), removed by gc: every one but
+    /// a lease write's younger than an hour (mounts and forgets renew or write
+    /// leases while gc runs; backups, whose temp files these mostly are, cannot run
+    /// then). Returns how many.
     pub fn remove_temp_files(&self) -> Result<u64> {
         let Some(root) = self.backend.local_root() else {
             return Ok(0);
@@ -793,11 +795,16 @@ impl Store {
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
         for e in rd {
             let e = e.at(&tmp)?;
-            let stale = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|t| t < old)
-                .unwrap_or(false);
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let lease_write = ["mount-", "backup-", "gc-", "forget-", "commit-"]
+                .iter()
+                .any(|k| name.starts_with(k));
+            let stale = !lease_write
+                || e.metadata()
+                    .and_then(|m| m.modified())
+                    .map(|t| t < old)
+                    .unwrap_or(false);
             if stale {
                 fs::remove_file(e.path()).at(e.path())?;
                 n += 1;

@@ -352,28 +352,19 @@ fn an_nbd_export_of_a_bucket_snapshot_is_byte_exact_and_survives_an_outage() {
     )
     .ok();
     let sock = t.path().join("nbd.sock");
-    let args = os([
-        "serve",
-        "--store",
-        url,
-        "--export",
-        "vm",
-        "--read-only",
-        "--s3-timeout",
-        "3s",
-        "--socket",
-    ]);
-    let mut argv: Vec<OsString> = args.iter().map(|a| a.to_os_string()).collect();
-    argv.push(sock.clone().into_os_string());
-    let mut c = cmd(&argv);
-    g.env(&mut c).stdout(Stdio::null()).stderr(Stdio::inherit());
-    let mut child = c.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "serve did not start");
-        assert!(child.try_wait().unwrap().is_none(), "serve exited");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let child = serve_s3(
+        &g,
+        &sock,
+        &os([
+            "--store",
+            url,
+            "--export",
+            "vm",
+            "--read-only",
+            "--s3-timeout",
+            "3s",
+        ]),
+    );
     let uri = format!("nbd+unix:///vm?socket={}", sock.display());
 
     // The store goes away before anything was read: reads fail (EIO), boundedly.
@@ -397,8 +388,132 @@ fn an_nbd_export_of_a_bucket_snapshot_is_byte_exact_and_survives_an_outage() {
         got[..data.len()] == data[..],
         "NBD read differs from the image"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
+}
+
+/// A child killed when dropped (a failing test leaves no server behind).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `livemount serve ARGS… --socket SOCK` against `g`, once its socket exists.
+fn serve_s3(g: &Garage, sock: &Path, args: &[&OsStr]) -> Killed {
+    let mut argv: Vec<OsString> = vec!["serve".into()];
+    argv.extend(args.iter().map(|a| a.to_os_string()));
+    argv.push("--socket".into());
+    argv.push(sock.as_os_str().to_os_string());
+    let mut c = cmd(&argv);
+    g.env(&mut c).stdout(Stdio::null()).stderr(Stdio::inherit());
+    let mut child = c.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "serve did not start");
+        assert!(child.try_wait().unwrap().is_none(), "serve exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Killed(child)
+}
+
+#[test]
+fn two_servers_share_one_host_cache_and_its_budget() {
+    let Some(g) = server(
+        "two_servers_share_one_host_cache_and_its_budget",
+        "lm-shared",
+    ) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let url = "s3://lm-shared/x";
+    // A template and a clone with a small change (one 1 MiB chunk of 24): two VMs.
+    let a = compressible_image(24, 11);
+    let mut b = a.clone();
+    b[5 << 20..(5 << 20) + 8192].fill(0xee);
+    let (ia, ib) = (t.path().join("a"), t.path().join("b"));
+    std::fs::write(&ia, &a).unwrap();
+    std::fs::write(&ib, &b).unwrap();
+    let sa = backup_s3(&g, ia.as_os_str(), url)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sb = backup_s3(&g, ib.as_os_str(), url)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Every byte from the store is counted on its way through a (zero-delay) proxy.
+    let upstream = g.endpoint.trim_start_matches("http://").parse().unwrap();
+    let proxy = livemount_tests::netem::DelayProxy::start(upstream, Duration::ZERO, None);
+    let cache = t.path().join("cache");
+    let budget = 64u64 << 20;
+    let start = |name: &str, snap: &str| {
+        let sock = t.path().join(format!("{name}.sock"));
+        let export = format!("{name}={snap}");
+        let purl = proxy.url();
+        let child = serve_s3(
+            &g,
+            &sock,
+            &os([
+                "--store",
+                url,
+                "--s3-endpoint",
+                &purl,
+                "--export",
+                &export,
+                "--read-only",
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "--cache-size",
+                "64M",
+            ]),
+        );
+        (
+            child,
+            format!("nbd+unix:///{name}?socket={}", sock.display()),
+        )
+    };
+    let read_all = |uri: &str, want: &[u8]| {
+        let out = t.path().join("copy");
+        let _ = std::fs::remove_file(&out);
+        let (ok, text) = nbd_read(uri, 0, 0, &out);
+        assert!(ok, "{text}");
+        assert!(
+            std::fs::read(&out).unwrap()[..want.len()] == *want,
+            "{uri} read wrong bytes"
+        );
+    };
+    let (ca, ua) = start("a", &sa);
+    let d0 = proxy.bytes().1;
+    read_all(&ua, &a);
+    let first = proxy.bytes().1 - d0;
+    // A second process, another snapshot of the same template: its reads are hits
+    // in the first one's chunks, only the changed chunk comes from the store.
+    let (cb, ub) = start("b", &sb);
+    let d1 = proxy.bytes().1;
+    read_all(&ub, &b);
+    let second = proxy.bytes().1 - d1;
+    assert!(first > 1 << 20, "the first read fetched only {first} bytes");
+    assert!(
+        second * 10 <= first,
+        "the second server fetched {second} bytes, the first {first}"
+    );
+    let on_disk: u64 = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().len() == 64)
+        .map(|e| {
+            use std::os::unix::fs::MetadataExt;
+            e.metadata().unwrap().blocks() * 512
+        })
+        .sum();
+    assert!(
+        on_disk > 0 && on_disk <= budget,
+        "{on_disk} bytes in the cache"
+    );
+    drop((ca, cb));
 }
 
 #[test]

@@ -1,76 +1,154 @@
 //! Disk tier of the read cache: compressed chunk bytes copied from the store into a
-//! local directory, so they survive a daemon restart and can be pre-staged.
+//! local directory, shared by every mount and process on the host that names the
+//! same `--cache-dir`, so a chunk fetched by one mount is a hit for all the others
+//! (VMs cloned from one template share most chunks), and kept across restarts.
 //!
-//! Each chunk has one sparse file `DIR/<hex id>` holding the fetched byte ranges of the
-//! chunk file at their original offsets; ranges never fetched are holes. Nothing here
-//! is trusted: every read is verified by the caller against the chunk id (a hole or a
-//! damaged range fails verification and is fetched again). The budget is enforced by
-//! evicting whole chunk files, least recently used first.
+//! # Layout
+//! ```text
+//! DIR/<hex id>   one sparse file per chunk: the fetched byte ranges of the chunk file
+//!                at their original offsets; ranges never fetched are holes
+//! DIR/.usage     8 bytes, little-endian: bytes allocated by chunk files, for the one
+//!                budget of every process (updated under flock of this file)
+//! DIR/.users     flock: shared by every open tier; exclusive (once, at open) means
+//!                "nobody else uses the directory": the counter is recomputed then
+//! DIR/.evict     flock: held by the one process evicting at a time
+//! ```
+//!
+//! Nothing here is trusted: every read is verified by the caller against the chunk
+//! id (a hole, a damaged range, or a file another process evicted between open and
+//! read fails verification or reads nothing, and is fetched again). Files are only
+//! ever written with verified bytes at their offsets, so two processes filling one
+//! chunk write identical bytes. Eviction unlinks whole chunk files, least recently
+//! used first by modification time (a read touches it, at most every
+//! [`TOUCH_EVERY`] per process), down to 90% of the budget, and rewrites the counter
+//! from what it found (so a process killed between a write and its count leaves no
+//! lasting drift).
 
 use crate::error::{IoContext, Result};
 use hashbrown::HashMap;
 use livemount_store::format::chunk::ChunkId;
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
-struct State {
-    /// Allocated bytes and last-use tick of each chunk file.
-    files: HashMap<ChunkId, (u64, u64)>,
-    total: u64,
-    tick: u64,
-}
+/// How often one process refreshes a chunk file's last-use time.
+pub const TOUCH_EVERY: Duration = Duration::from_secs(10);
 
 /// The on-disk tier.
 pub struct DiskTier {
     dir: PathBuf,
     budget: u64,
-    state: Mutex<State>,
+    usage: File,
+    evict: File,
+    /// Held (shared) for the tier's life: see the module docs.
+    _users: File,
+    touched: Mutex<HashMap<ChunkId, Instant>>,
+}
+
+fn open_private(path: &Path, read: bool) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(!read)
+        .create(!read)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .at(path)?;
+    if !f.metadata().at(path)?.file_type().is_file() {
+        return Err(crate::error::Error::Invalid(format!(
+            "disk cache: {} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
+fn lock(f: &File, exclusive: bool, wait: bool) -> std::io::Result<()> {
+    livemount_store::fsutil::flock(f, exclusive, wait)
+}
+
+fn unlock(f: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a valid descriptor owned by `f`; no memory is passed.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+}
+
+/// Allocated bytes of every chunk file, with its last-use time.
+fn scan(dir: &Path) -> Result<Vec<(i64, ChunkId, u64)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).at(dir)? {
+        let e = e.at(dir)?;
+        let Some(id) = e.file_name().to_str().and_then(ChunkId::from_hex) else {
+            continue;
+        };
+        // Removed by another process since readdir: not there.
+        let Ok(m) = e.metadata() else { continue };
+        if m.file_type().is_file() {
+            out.push((m.mtime(), id, m.blocks() * 512));
+        }
+    }
+    Ok(out)
 }
 
 impl DiskTier {
     /// Open (creating, mode 0700) the cache directory `dir` with a budget of `budget`
-    /// bytes, taking stock of files left by an earlier run.
+    /// bytes for every process that uses it. The budget of the latest opener wins
+    /// (the counter is shared, the budget is each process's own check).
     pub fn open(dir: impl Into<PathBuf>, budget: u64) -> Result<DiskTier> {
         let dir = dir.into();
         // A root daemon writes here: a planted symlink (the directory itself, or a
         // file in it) must never redirect those writes.
         crate::paths::ensure_dir(&dir)?;
-        let mut files = HashMap::new();
-        let mut total = 0;
-        let mut by_age = Vec::new();
-        for e in fs::read_dir(&dir).at(&dir)? {
-            let e = e.at(&dir)?;
-            let Some(id) = e.file_name().to_str().and_then(ChunkId::from_hex) else {
-                continue;
-            };
-            let m = e.metadata().at(e.path())?;
-            if !m.file_type().is_file() {
-                continue; // not ours (a symlink or a FIFO planted here): never opened
-            }
-            by_age.push((m.mtime(), id, m.blocks() * 512));
-        }
-        by_age.sort();
-        for (tick, (_, id, bytes)) in by_age.into_iter().enumerate() {
-            files.insert(id, (bytes, tick as u64));
-            total += bytes;
-        }
-        let tick = files.len() as u64;
-        Ok(DiskTier {
+        let users = open_private(&dir.join(".users"), false)?;
+        let usage = open_private(&dir.join(".usage"), false)?;
+        let evict = open_private(&dir.join(".evict"), false)?;
+        let tier = DiskTier {
             dir,
             budget,
-            state: Mutex::new(State { files, total, tick }),
-        })
+            usage,
+            evict,
+            _users: users,
+            touched: Mutex::new(HashMap::new()),
+        };
+        // Alone: count what earlier runs left. Not alone: trust the shared counter.
+        if lock(&tier._users, true, false).is_ok() {
+            let total = scan(&tier.dir)?.iter().map(|f| f.2).sum();
+            tier.update(|_| total)?;
+        }
+        lock(&tier._users, false, true).at(tier.dir.join(".users"))?;
+        Ok(tier)
     }
 
     fn path(&self, id: &ChunkId) -> PathBuf {
         self.dir.join(id.to_hex())
     }
 
-    /// Bytes on disk.
+    /// Apply `f` to the shared counter under its lock; returns the new value.
+    fn update(&self, f: impl FnOnce(u64) -> u64) -> Result<u64> {
+        let path = self.dir.join(".usage");
+        lock(&self.usage, true, true).at(&path)?;
+        let res = (|| {
+            let mut b = [0u8; 8];
+            let n = self.usage.read_at(&mut b, 0).at(&path)?;
+            let old = if n == 8 { u64::from_le_bytes(b) } else { 0 };
+            let new = f(old);
+            self.usage.write_all_at(&new.to_le_bytes(), 0).at(&path)?;
+            Ok(new)
+        })();
+        unlock(&self.usage);
+        res
+    }
+
+    /// Bytes on disk, by every process using the directory.
     pub fn bytes(&self) -> u64 {
-        self.state.lock().map(|s| s.total).unwrap_or(0)
+        let mut b = [0u8; 8];
+        match self.usage.read_at(&mut b, 0) {
+            Ok(8) => u64::from_le_bytes(b),
+            _ => 0,
+        }
     }
 
     /// The budget in bytes.
@@ -94,70 +172,78 @@ impl DiskTier {
             .ok()?;
         let mut buf = vec![0u8; len];
         f.read_exact_at(&mut buf, offset).ok()?;
-        if let Ok(mut s) = self.state.lock() {
-            s.tick += 1;
-            let t = s.tick;
-            if let Some(e) = s.files.get_mut(id) {
-                e.1 = t;
+        let due = match self.touched.lock() {
+            Ok(mut t) => {
+                let now = Instant::now();
+                let due = t
+                    .get(id)
+                    .is_none_or(|at| now.duration_since(*at) >= TOUCH_EVERY);
+                if due {
+                    // Bounded: forgetting touches only costs an early re-touch.
+                    if t.len() >= 65_536 {
+                        t.clear();
+                    }
+                    t.insert(*id, now);
+                }
+                due
             }
+            Err(_) => false,
+        };
+        if due {
+            // The last-use time every process's eviction sees (best effort).
+            let _ = f.set_modified(SystemTime::now());
         }
         Some(buf)
     }
 
     /// Store bytes of chunk `id`'s file at `offset` (verified ranges, or a whole chunk
     /// fetched by read-ahead; either way every later read is verified again), then
-    /// evict other chunks while over budget. Errors (e.g. a full disk) are returned; callers treat the
-    /// cache as optional and keep serving from the store.
+    /// evict while the directory is over budget. Errors (e.g. a full disk) are
+    /// returned; callers treat the cache as optional and keep serving from the store.
     pub fn write(&self, id: &ChunkId, offset: u64, bytes: &[u8]) -> Result<()> {
         let path = self.path(id);
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path)
-            .at(&path)?;
-        if !f.metadata().at(&path)?.file_type().is_file() {
-            return Err(crate::error::Error::Invalid(format!(
-                "disk cache: {} is not a regular file",
-                path.display()
-            )));
-        }
+        let f = open_private(&path, false)?;
+        let before = f.metadata().at(&path)?.blocks() * 512;
         f.write_all_at(bytes, offset).at(&path)?;
-        let allocated = f.metadata().at(&path)?.blocks() * 512;
-        let victims = {
-            let Ok(mut s) = self.state.lock() else {
-                return Ok(());
-            };
-            s.tick += 1;
-            let t = s.tick;
-            let old = s
-                .files
-                .insert(*id, (allocated, t))
-                .map(|e| e.0)
-                .unwrap_or(0);
-            s.total = s.total.saturating_sub(old) + allocated;
-            let mut victims = Vec::new();
-            while s.total > self.budget {
-                let Some((&vid, &(vb, _))) = s
-                    .files
-                    .iter()
-                    .filter(|(k, _)| *k != id)
-                    .min_by_key(|(_, v)| v.1)
-                else {
-                    break;
-                };
-                s.files.remove(&vid);
-                s.total -= vb.min(s.total);
-                victims.push(vid);
-            }
-            victims
-        };
-        for v in victims {
-            let _ = fs::remove_file(self.path(&v));
+        let after = f.metadata().at(&path)?.blocks() * 512;
+        let total = self.update(|t| t + after.saturating_sub(before))?;
+        if total > self.budget {
+            self.evict(id)?;
         }
         Ok(())
+    }
+
+    /// Remove least recently used chunk files (never `keep`) until the directory
+    /// holds at most 90% of the budget. One process evicts at a time; the others
+    /// go on (they will find the directory below budget again).
+    fn evict(&self, keep: &ChunkId) -> Result<()> {
+        if lock(&self.evict, true, false).is_err() {
+            return Ok(());
+        }
+        let res = (|| {
+            let mut files = scan(&self.dir)?;
+            files.sort();
+            let mut total: u64 = files.iter().map(|f| f.2).sum();
+            let target = self.budget / 10 * 9;
+            for (_, id, bytes) in files {
+                if total <= target {
+                    break;
+                }
+                if id == *keep {
+                    continue;
+                }
+                match fs::remove_file(self.path(&id)) {
+                    Ok(()) => total = total.saturating_sub(bytes),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        total = total.saturating_sub(bytes)
+                    }
+                    Err(e) => return Err(crate::error::Error::io(self.path(&id), e)),
+                }
+            }
+            self.update(|_| total)
+        })();
+        unlock(&self.evict);
+        res.map(|_| ())
     }
 }
 
@@ -183,8 +269,63 @@ mod tests {
         assert!(tier.write(&id, 0, b"planted").is_err());
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
         assert!(tier.read(&id, 0, 4).is_none());
+        drop(tier);
         // Reopening skips it instead of counting it as a cached chunk.
         let again = DiskTier::open(&dir, 1 << 20).unwrap();
         assert_eq!(again.bytes(), 0);
+        // A planted .usage symlink is refused too.
+        let dir2 = d.path().join("cache2");
+        std::fs::create_dir(&dir2).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir2, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink(&victim, dir2.join(".usage")).unwrap();
+        assert!(DiskTier::open(&dir2, 1 << 20).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    }
+
+    fn id(n: u32) -> ChunkId {
+        let mut b = [0u8; 32];
+        b[..4].copy_from_slice(&n.to_le_bytes());
+        ChunkId(b)
+    }
+
+    #[test]
+    fn tiers_sharing_a_directory_share_one_budget_and_each_others_chunks() {
+        let d = tempfile::tempdir().unwrap();
+        let budget = 8 << 20;
+        // Two tiers on one directory: what two processes (two mounts) have.
+        let a = DiskTier::open(d.path(), budget).unwrap();
+        let b = DiskTier::open(d.path(), budget).unwrap();
+        let chunk = vec![0x5au8; 1 << 20];
+        a.write(&id(0), 0, &chunk).unwrap();
+        // A chunk fetched by one is a hit for the other.
+        assert_eq!(b.read(&id(0), 0, 16).unwrap(), vec![0x5a; 16]);
+        for n in 1..40 {
+            let t = if n % 2 == 0 { &a } else { &b };
+            t.write(&id(n), 0, &chunk).unwrap();
+            let on_disk: u64 = scan(d.path()).unwrap().iter().map(|f| f.2).sum();
+            // Within the budget (plus the chunk being written) at every step, and
+            // both see the same count.
+            assert!(on_disk <= budget + (1 << 20), "{on_disk} > {budget} at {n}");
+            assert_eq!(a.bytes(), b.bytes());
+        }
+        assert!(a.bytes() <= budget);
+        // The newest survived, the oldest went.
+        assert!(b.read(&id(39), 0, 1).is_some());
+        assert!(a.read(&id(1), 0, 1).is_none());
+    }
+
+    #[test]
+    fn a_lone_opener_recounts_what_a_killed_process_left() {
+        let d = tempfile::tempdir().unwrap();
+        let a = DiskTier::open(d.path(), 64 << 20).unwrap();
+        a.write(&id(1), 0, &vec![1u8; 1 << 20]).unwrap();
+        drop(a);
+        // A killed writer's bytes that never reached the counter.
+        std::fs::write(d.path().join(id(2).to_hex()), vec![2u8; 1 << 20]).unwrap();
+        let b = DiskTier::open(d.path(), 64 << 20).unwrap();
+        let on_disk: u64 = scan(d.path()).unwrap().iter().map(|f| f.2).sum();
+        assert_eq!(b.bytes(), on_disk);
+        assert!(on_disk >= 2 << 20);
     }
 }

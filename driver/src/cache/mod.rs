@@ -135,6 +135,17 @@ impl ReadCache {
             return Ok(());
         }
         let _release = ReleaseOnDrop::new(&self.flight, mine);
+        // The host's disk cache may hold the whole file (another mount, another
+        // process, an earlier run fetched it): a hit costs no request. Its frames are
+        // verified when decoded, like any read-ahead bytes; a file with holes fails
+        // there and the frames are fetched again by range.
+        if let Some(bytes) = self.whole_from_disk(id, chunk_len) {
+            self.stats.disk_hits.fetch_add(1, Relaxed);
+            if let Some(c) = &self.compressed {
+                c.insert(*id, bytes);
+            }
+            return Ok(());
+        }
         let _demand = demand.then(|| self.demand.enter());
         let started = Instant::now();
         let limit = ChunkLayout::max_file_len(chunk_len, self.frame_size);
@@ -170,6 +181,21 @@ impl ReadCache {
             Ok(())
         });
         res
+    }
+
+    /// Chunk `id`'s whole file from the disk tier, if its verified layout is there
+    /// and says how long the file is.
+    fn whole_from_disk(&self, id: &ChunkId, chunk_len: u32) -> Option<Vec<u8>> {
+        let d = self.disk.as_ref()?;
+        let prefix = ChunkLayout::prefix_len(chunk_len, self.frame_size);
+        let head = d.read(id, 0, prefix)?;
+        let layout = self.checked_layout(id, chunk_len, &head).ok()?;
+        let len = usize::try_from(layout.file_len()).ok()?;
+        let bytes = d.read(id, 0, len)?;
+        if let Ok(mut m) = self.layouts.lock() {
+            m.entry(*id).or_insert_with(|| Arc::new(layout));
+        }
+        Some(bytes)
     }
 
     /// Drop chunk read-ahead's compressed copy of a chunk once every frame of it is

@@ -2,7 +2,7 @@
 
 use super::parse::parse_size;
 use super::{Outcome, StoreArgs};
-use crate::config::{DEFAULT_CACHE_MEM, DEFAULT_WORKERS};
+use crate::config::{DEFAULT_CACHE_MEM, DEFAULT_CACHE_SIZE, DEFAULT_WORKERS};
 use crate::daemon::serve::{serve, ServeOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +33,13 @@ pub struct Args {
     /// Memory tier of each export's read cache, bytes or with K/M/G.
     #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CACHE_MEM)]
     cache_mem: u64,
+    /// Directory of the host's disk cache (compressed chunks; shared with every
+    /// mount and server that names it, one budget for all; kept across restarts).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Budget of the disk cache, bytes or with K/M/G.
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CACHE_SIZE)]
+    cache_size: u64,
     /// Worker threads shared by every connection.
     #[arg(long, default_value_t = DEFAULT_WORKERS)]
     workers: usize,
@@ -56,6 +63,8 @@ pub fn run(a: Args) -> Outcome {
         socket: a.socket,
         tcp: a.tcp,
         cache_mem: a.cache_mem,
+        cache_dir: a.cache_dir,
+        cache_size: a.cache_size,
         workers: a.workers,
     })?;
     Ok(ExitCode::SUCCESS)

@@ -37,6 +37,11 @@ pub struct ServeOptions {
     pub tcp: Vec<SocketAddr>,
     /// Memory tier of each export's read cache.
     pub cache_mem: u64,
+    /// The host's disk cache directory, shared by every export (and every other
+    /// process naming it).
+    pub cache_dir: Option<PathBuf>,
+    /// Its budget.
+    pub cache_size: u64,
     /// Worker threads shared by all connections.
     pub workers: usize,
 }
@@ -72,6 +77,8 @@ fn open_exports(o: &ServeOptions) -> Result<(Stacks, Exports)> {
         let mut config = MountConfig::new(o.store.clone(), snap.clone(), overlay);
         config.read_only = o.read_only;
         config.cache_mem = o.cache_mem;
+        config.cache_dir = o.cache_dir.clone();
+        config.cache_size = o.cache_size;
         let stack = Stack::open(&config)?;
         if let Some(p) = &stack.prestager {
             let window = config.prestage.parse().map_err(Error::Invalid)?;
