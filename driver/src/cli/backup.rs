@@ -62,9 +62,14 @@ pub fn run(a: Args) -> Outcome {
             .unwrap_or_default()
     );
     println!(
-        "read {:.1} MiB in {:.2} s ({:.1} MiB/s): new {:.1} MiB ({} chunks), reused {:.1} MiB ({}), zero {:.1} MiB ({})",
+        "read {:.1} MiB in {:.2} s ({:.1} MiB/s): new {:.1} MiB ({} chunks), reused {:.1} MiB ({}), zero {:.1} MiB ({}{})",
         mib(r.bytes_read), r.seconds, r.throughput_mib_s, mib(r.bytes_new), r.chunks_new,
-        mib(r.bytes_reused), r.chunks_reused, mib(r.bytes_zero), r.chunks_zero
+        mib(r.bytes_reused), r.chunks_reused, mib(r.bytes_zero), r.chunks_zero,
+        if r.bytes_holes > 0 {
+            format!("; {:.1} MiB of holes, not read", mib(r.bytes_holes))
+        } else {
+            String::new()
+        }
     );
     println!(
         "stored {:.1} MiB: compression {:.2}x, {}",

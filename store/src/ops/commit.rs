@@ -29,6 +29,9 @@ struct SequentialReader<'a> {
     size: u64,
 }
 
+/// The merged image has no holes to report: every byte is read.
+impl crate::ops::backup::SourceRead for SequentialReader<'_> {}
+
 impl Read for SequentialReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = (self.size - self.pos).min(buf.len() as u64) as usize;
