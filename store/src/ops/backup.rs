@@ -52,6 +52,10 @@ pub struct BackupReport {
     /// being read.
     #[serde(default)]
     pub bytes_holes: u64,
+    /// Bytes of a changed-block incremental outside the changed ranges: taken from
+    /// the previous snapshot without being read.
+    #[serde(default)]
+    pub bytes_unchanged: u64,
     /// Uncompressed bytes in chunks that were new to the store.
     pub bytes_new: u64,
     /// Uncompressed bytes in chunks already in the store (or earlier in this image).
@@ -91,6 +95,15 @@ pub trait SourceRead: Read {
     fn skip_hole(&mut self, start: u64, end: u64) -> std::io::Result<bool> {
         let _ = (start, end);
         Ok(false)
+    }
+
+    /// Advance past the next `n` bytes without using them.
+    fn skip(&mut self, n: u64) -> std::io::Result<()> {
+        let done = std::io::copy(&mut Read::take(self, n), &mut std::io::sink())?;
+        if done < n {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
     }
 }
 
@@ -148,6 +161,12 @@ impl SourceRead for FileSource {
             .seek(SeekFrom::Start(if hole { end } else { start }))?;
         Ok(hole)
     }
+
+    fn skip(&mut self, n: u64) -> std::io::Result<()> {
+        let n =
+            i64::try_from(n).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        self.file.seek(SeekFrom::Current(n)).map(|_| ())
+    }
 }
 
 /// Open a source image or block device and return it with its size.
@@ -202,6 +221,19 @@ pub fn backup(
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
+    backup_changed(store, source, opts, None, progress)
+}
+
+/// [`backup`], reading only `changed` byte ranges of the source (sorted, merged:
+/// [`changed`](crate::ops::changed)) and taking every other chunk from the
+/// series' previous snapshot, which must exist with the same image and chunk size.
+pub fn backup_changed(
+    store: &Store,
+    source: &Path,
+    opts: &BackupOptions,
+    changed: Option<&[std::ops::Range<u64>]>,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
     let (file, image_size) = open_source(source)?;
     let mut file = FileSource::new(file);
     let description = format!(
@@ -215,16 +247,30 @@ pub fn backup(
     backup_from(
         store,
         &mut file,
-        image_size,
-        source,
-        &description,
+        SourceInfo {
+            size: image_size,
+            path: source,
+            description: &description,
+        },
         opts,
+        changed,
         progress,
     )
 }
 
-/// Back up `image_size` bytes read sequentially from `reader` (named `source` in
-/// errors, described as `description` in the index) as a new snapshot.
+/// What a backup reads: its size, its name in errors, its description in the index.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceInfo<'a> {
+    /// Bytes in the image.
+    pub size: u64,
+    /// The file or device, for errors.
+    pub path: &'a Path,
+    /// What the index records as the snapshot's source.
+    pub description: &'a str,
+}
+
+/// Back up the `info.size` bytes read sequentially from `reader` as a new snapshot
+/// (only the `changed` ranges, when given: [`backup_changed`]).
 // One function (~120 lines) on purpose: the reader loop and the result collector
 // share the bounded queues and drain results while reading, so that a worker's
 // error stops the reading early; split, the channels and tallies would be threaded
@@ -232,12 +278,12 @@ pub fn backup(
 pub fn backup_from(
     store: &Store,
     reader: &mut dyn SourceRead,
-    image_size: u64,
-    source: &Path,
-    description: &str,
+    info: SourceInfo<'_>,
     opts: &BackupOptions,
+    changed: Option<&[std::ops::Range<u64>]>,
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
+    let (image_size, source, description) = (info.size, info.path, info.description);
     let start = Instant::now();
     crate::store::validate_series(&opts.series)?;
     let file = reader;
@@ -258,6 +304,30 @@ pub fn backup_from(
         .or(prev_index.as_ref().map(|i| i.chunk_size))
         .unwrap_or(DEFAULT_CHUNK_SIZE);
     validate_chunk_size(chunk_size, frame_size)?;
+    // A changed-block incremental is only as right as the snapshot it builds on: a
+    // missing, unreadable or differently shaped one is an error, never a silently
+    // incomplete snapshot.
+    let base = match changed {
+        None => None,
+        Some(_) => {
+            let p = previous.as_ref().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "a changed-block backup needs a previous snapshot of series {}: run a full backup first",
+                    opts.series
+                ))
+            })?;
+            let i = store.load_index(p).map_err(|e| {
+                Error::Invalid(format!("cannot build on {p}: {e}; run a full backup"))
+            })?;
+            if i.image_size != image_size || i.chunk_size != chunk_size {
+                return Err(Error::Invalid(format!(
+                    "cannot build on {p}: it has {} bytes in chunks of {}, the source {image_size} in chunks of {chunk_size}; run a full backup",
+                    i.image_size, i.chunk_size
+                )));
+            }
+            Some(i)
+        }
+    };
     let level = opts.level;
     if !(1..=22).contains(&level) {
         return Err(Error::Invalid(format!(
@@ -324,6 +394,34 @@ pub fn backup_from(
             }
             let start = i as u64 * chunk_size as u64;
             let len = (image_size - start).min(chunk_size as u64) as usize;
+            if let (Some(ranges), Some(base)) = (changed, &base) {
+                if !crate::ops::changed::touches(ranges, &(start..start + len as u64)) {
+                    let outcome = match base.chunks[i] {
+                        ChunkRef::Zero => Outcome::Zero,
+                        ChunkRef::Stored(id) => {
+                            // A local store can check cheaply that the chunk is still
+                            // there (verify --repair may have moved it aside).
+                            if store.local_root().is_some()
+                                && !matches!(store.has_chunk(&id), Ok(true))
+                            {
+                                first_err = Some(Error::Invalid(format!(
+                                    "chunk {} of the previous snapshot is missing: run a full backup",
+                                    id.to_hex()
+                                )));
+                                break;
+                            }
+                            Outcome::Reused(id)
+                        }
+                    };
+                    collect(Ok((i, outcome, len as u64)), &mut report, &mut first_err);
+                    report.bytes_unchanged += len as u64;
+                    if let Err(e) = file.skip(len as u64) {
+                        first_err = Some(Error::io(source, e));
+                        break;
+                    }
+                    continue;
+                }
+            }
             match file.skip_hole(start, start + len as u64) {
                 Ok(true) => {
                     report.bytes_holes += len as u64;
@@ -410,6 +508,7 @@ impl BackupReport {
             chunk_size,
             bytes_read: 0,
             bytes_holes: 0,
+            bytes_unchanged: 0,
             bytes_new: 0,
             bytes_reused: 0,
             bytes_zero: 0,
@@ -536,10 +635,13 @@ mod tests {
         let dense = backup_from(
             &store,
             &mut Dense(File::open(&src).unwrap()),
-            64 << 20,
-            &src,
-            "dense",
+            SourceInfo {
+                size: 64 << 20,
+                path: &src,
+                description: "dense",
+            },
             &opts("dense"),
+            None,
             &crate::progress::NoProgress,
         )
         .unwrap();

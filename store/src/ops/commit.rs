@@ -72,10 +72,13 @@ pub fn commit(
     backup_from(
         store,
         &mut reader,
-        size,
-        source,
-        description,
+        crate::ops::backup::SourceInfo {
+            size,
+            path: source,
+            description,
+        },
         opts,
+        None,
         progress,
     )
 }

@@ -2,6 +2,7 @@
 //! through [`crate::store::Store`] and the back-end trait.
 
 pub mod backup;
+pub mod changed;
 pub mod commit;
 pub mod gc;
 pub mod info;
