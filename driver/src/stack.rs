@@ -43,9 +43,11 @@ pub struct Stack {
     pub cache: Arc<ReadCache>,
     /// Pre-staging, when a profile applies.
     pub prestager: Option<Arc<Prestager>>,
-    /// Keeps the snapshot from being forgotten while the stack lives (None: the
-    /// store is read-only to this host, see [`Stack::open`]).
-    pub lease: Option<Lease>,
+    /// Keeps the snapshot from being forgotten while the mount lives (None: the
+    /// store is read-only to this host, see [`Stack::open`]); released by
+    /// [`Stack::release_lease`] when the device is gone (a daemon exits without
+    /// dropping its stack).
+    lease: std::sync::Mutex<Option<Lease>>,
 }
 
 /// Identity of `snap` for overlays: the index's checksum and the device size.
@@ -79,6 +81,18 @@ fn origin(store: &Store, config: &MountConfig) -> Arc<dyn ChunkSource> {
 }
 
 impl Stack {
+    /// Remove the mount's lease from the store: the device is gone and nothing
+    /// reads the snapshot any more. A store that cannot be reached keeps it until
+    /// it expires, which is worth a line.
+    pub fn release_lease(&self) {
+        let lease = self.lease.lock().ok().and_then(|mut l| l.take());
+        if let Some(l) = lease {
+            if let Err(e) = l.release() {
+                eprintln!("livemount: warning: {e}");
+            }
+        }
+    }
+
     /// Build the layers of a mount (the store opened read-only).
     pub fn open(config: &MountConfig) -> Result<Stack> {
         let store = Store::open_at(&config.store, Access::ReadOnly)?;
@@ -161,7 +175,7 @@ impl Stack {
             image,
             cache,
             prestager,
-            lease,
+            lease: std::sync::Mutex::new(lease),
         })
     }
 

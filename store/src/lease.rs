@@ -377,6 +377,28 @@ impl Lease {
         self.delete_on_drop = false;
     }
 
+    /// Stop renewing and delete the lease now, reporting a failure (dropping it
+    /// deletes it too, silently).
+    pub fn release(mut self) -> Result<()> {
+        self.delete_on_drop = false;
+        self.stop_renewal();
+        let key = self.key.clone();
+        self.backend
+            .delete(&key)
+            .and_then(|()| self.backend.sync(std::slice::from_ref(&key)))
+            .map_err(|e| Error::Invalid(format!("lease {key} stays until it expires: {e}")))
+    }
+
+    fn stop_renewal(&mut self) {
+        if let Ok(mut s) = self.renewal.stop.lock() {
+            *s = true;
+        }
+        self.renewal.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
     /// Remove a lease by key (`unmount` of a mount whose daemon died).
     pub fn remove(backend: &dyn Backend, key: &str) -> Result<()> {
         if !key.starts_with(LEASE_PREFIX) || key.contains("..") {
@@ -421,13 +443,7 @@ fn renew_loop(backend: &dyn Backend, key: &str, mut record: LeaseRecord, r: &Ren
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Ok(mut s) = self.renewal.stop.lock() {
-            *s = true;
-        }
-        self.renewal.wake.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop_renewal();
         if self.delete_on_drop {
             let _ = self.backend.delete(&self.key);
             let _ = self.backend.sync(std::slice::from_ref(&self.key));

@@ -388,7 +388,17 @@ fn an_nbd_export_of_a_bucket_snapshot_is_byte_exact_and_survives_an_outage() {
         got[..data.len()] == data[..],
         "NBD read differs from the image"
     );
-    drop(child);
+    // A clean stop removes the export's lease from the bucket.
+    let b = backend(&g, url);
+    assert_eq!(b.list("leases/").unwrap().len(), 1);
+    let mut child = child;
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    assert!(child.0.wait().unwrap().success());
+    assert!(
+        b.list("leases/").unwrap().is_empty(),
+        "lease left after a clean stop"
+    );
 }
 
 /// A child killed when dropped (a failing test leaves no server behind).

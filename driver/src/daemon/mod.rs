@@ -273,6 +273,7 @@ impl Daemon {
             let _g = self.status_lock.lock();
             let _ = std::fs::remove_file(status_path(dev_id));
         }
+        self.stack.release_lease();
         if self.stack.config.temporary_overlay {
             if let Some(p) = &self.stack.config.overlay {
                 let _ = std::fs::remove_file(p);

@@ -210,6 +210,7 @@ pub fn serve(o: ServeOptions) -> Result<()> {
             eprintln!("livemount: error: {e}");
             result = Err(e);
         }
+        s.release_lease();
     }
     if let Some(s) = &socket {
         let _ = std::fs::remove_file(s);
