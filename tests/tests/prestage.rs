@@ -262,3 +262,37 @@ fn a_recovered_daemon_continues_the_learned_profile() {
     other.disk_size += 1 << 20;
     assert!(!m.recorder.as_ref().unwrap().resume_recording(&other));
 }
+
+/// `status` reports where a mount's memory goes: the overlay map (one bit per
+/// sector) and its mirror, the index, the cache budget, the daemon's RSS.
+#[test]
+fn a_mount_reports_its_memory() {
+    let t = tempfile::tempdir().unwrap();
+    let store = make_store(t.path());
+    let mut c = MountConfig::new(
+        store.as_path().into(),
+        "vm".into(),
+        Some(t.path().join("ov")),
+    );
+    c.cache_mem = 8 << 20;
+    c.prestage = "none".into();
+    let stack = Stack::open(&c).unwrap();
+    let m = livemount::daemon::status::MemoryReport::of(&stack);
+    assert_eq!(
+        m.overlay_map_bytes,
+        (SIZE as u64 / 512 / 8).next_multiple_of(4096)
+    );
+    assert_eq!(
+        m.index_bytes,
+        16 * std::mem::size_of::<livemount_store::format::index::ChunkRef>() as u64
+    );
+    assert_eq!(m.cache_mem_budget, 8 << 20);
+    assert!(m.rss_bytes > 0);
+    // The mirror exists on /run (as root) and is as large as the map, or there is
+    // none and writes are synchronous.
+    let o = stack.overlay.as_ref().unwrap();
+    assert!(
+        m.mirror_bytes == 0 && o.synchronous_writes() || m.mirror_bytes >= m.overlay_map_bytes,
+        "{m:?}"
+    );
+}

@@ -1495,6 +1495,12 @@ fn ublk_s3_snapshot_reads_exact_and_takes_ext4_writes() {
         .unwrap_or("")
         .to_string();
     assert!(lease.starts_with("leases/mount-"), "no lease: {lease:?}");
+    let mem = &m.status()["memory"];
+    assert!(mem["rss_bytes"].as_u64().unwrap_or(0) > 0, "{mem}");
+    assert!(
+        mem["overlay_map_bytes"].as_u64().unwrap_or(0) >= 16384,
+        "{mem}"
+    );
     let mnt = t.path().join("mnt");
     let fsm = FsMount::mount(&m.dev, &mnt, "rw");
     let data = pattern(77, 3 * MIB as usize + 5);

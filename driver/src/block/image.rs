@@ -73,6 +73,13 @@ impl SnapshotImage {
     }
 
     /// Bytes in the snapshot's image (the device is rounded up to 512).
+    /// Memory the in-memory index takes (its chunk list).
+    pub fn index_bytes(&self) -> u64 {
+        (self.index.chunks.len() * std::mem::size_of::<livemount_store::format::index::ChunkRef>())
+            as u64
+    }
+
+    /// Bytes in the snapshot's image.
     pub fn image_size(&self) -> u64 {
         self.index.image_size
     }

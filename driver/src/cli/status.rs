@@ -227,6 +227,17 @@ impl fmt::Display for Text<'_> {
         if let Some(io) = &s.io {
             self::io(f, io)?;
         }
+        if let Some(m) = &s.memory {
+            writeln!(
+                f,
+                "  memory: RSS {:.1} MiB; overlay map {:.1} MiB, its mirror in /run {:.1} MiB, index {:.1} MiB; cache memory budget {:.1} MiB",
+                mib(m.rss_bytes),
+                mib(m.overlay_map_bytes),
+                mib(m.mirror_bytes),
+                mib(m.index_bytes),
+                mib(m.cache_mem_budget)
+            )?;
+        }
         Ok(())
     }
 }

@@ -142,6 +142,7 @@ impl Daemon {
             io: Some(self.metrics.report()),
             uptime_s: self.started.elapsed().as_secs_f64(),
             prestage: self.stack.prestager.as_ref().map(|p| p.progress.report()),
+            memory: Some(status::MemoryReport::of(&self.stack)),
         }
     }
 

@@ -39,6 +39,52 @@ pub struct MountStatus {
     /// Pre-staging progress, when a profile is used.
     #[serde(default)]
     pub prestage: Option<PrestageReport>,
+    /// Where the daemon's memory goes.
+    #[serde(default)]
+    pub memory: Option<MemoryReport>,
+}
+
+/// The daemon's memory: what grows with the device size, and the budgets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemoryReport {
+    /// Resident set of the daemon process.
+    pub rss_bytes: u64,
+    /// The overlay's sector map in memory.
+    pub overlay_map_bytes: u64,
+    /// Its mirror on /run (tmpfs: memory too).
+    pub mirror_bytes: u64,
+    /// The snapshot index's chunk list.
+    pub index_bytes: u64,
+    /// Budget of the read cache's memory tier.
+    pub cache_mem_budget: u64,
+}
+
+impl MemoryReport {
+    /// This process's figures for `stack`.
+    pub fn of(stack: &crate::stack::Stack) -> MemoryReport {
+        MemoryReport {
+            rss_bytes: rss_bytes(),
+            overlay_map_bytes: stack.overlay.as_ref().map(|o| o.map_bytes()).unwrap_or(0),
+            mirror_bytes: stack
+                .overlay
+                .as_ref()
+                .map(|o| o.mirror_bytes())
+                .unwrap_or(0),
+            index_bytes: stack.image.index_bytes(),
+            cache_mem_budget: stack.config.cache_mem,
+        }
+    }
+}
+
+/// Resident bytes of this process (`/proc/self/statm`), 0 if unknown.
+pub fn rss_bytes() -> u64 {
+    // SAFETY: sysconf has no memory arguments.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * page)
+        .unwrap_or(0)
 }
 
 /// The status file of a `livemount serve`, `/run/livemount/serve-PID.json`.
@@ -121,6 +167,7 @@ impl MountStatus {
             io: None,
             uptime_s: 0.0,
             prestage: None,
+            memory: None,
         }
     }
 }

@@ -460,6 +460,18 @@ impl Overlay {
         }
     }
 
+    /// Bytes of the sector map in memory (one bit per 512-byte sector).
+    pub fn map_bytes(&self) -> u64 {
+        map_len(self.device_size())
+    }
+
+    /// Bytes of the map's mirror on /run (0 when there is none: synchronous writes).
+    pub fn mirror_bytes(&self) -> u64 {
+        std::fs::metadata(self.mirror_path())
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
     /// Device bytes.
     pub fn device_size(&self) -> u64 {
         self.device_size
