@@ -137,7 +137,12 @@ mod tests {
         };
         let line = serde_json::to_string(&msg).unwrap();
         let mut w = spawn(
-            Command::new("sh").args(["-c", &format!("echo '{line}' >&${READY_FD_ENV}; sleep 0.1")]),
+            // Through /proc: dash's `>&N` takes one digit only, and with other tests'
+            // files open the pipe's number may be 10 or more.
+            Command::new("sh").args([
+                "-c",
+                &format!("echo '{line}' > /proc/self/fd/${READY_FD_ENV}; sleep 0.1"),
+            ]),
         )
         .unwrap();
         assert_eq!(w.wait_ready().unwrap(), msg);
