@@ -80,6 +80,19 @@ fn origin(store: &Store, config: &MountConfig) -> Arc<dyn ChunkSource> {
     dir
 }
 
+/// True if `e` says the store does not let this host write (read-only file system,
+/// permissions, read-only credentials).
+fn refuses_writes(e: &livemount_store::Error) -> bool {
+    match e {
+        livemount_store::Error::Io { source, .. } => matches!(
+            source.raw_os_error(),
+            Some(libc::EROFS | libc::EACCES | libc::EPERM)
+        ),
+        livemount_store::Error::Remote { reason, .. } => reason.starts_with("access denied"),
+        _ => false,
+    }
+}
+
 impl Stack {
     /// Remove the mount's lease from the store: the device is gone and nothing
     /// reads the snapshot any more. A store that cannot be reached keeps it until
@@ -103,9 +116,10 @@ impl Stack {
         // would then fail with EIO, never return wrong bytes), so say so.
         let lease = match store.lease_mount(&snap, config.lease.as_deref()) {
             Ok(l) => Some(l),
-            Err(
-                e @ (livemount_store::Error::Busy(_) | livemount_store::Error::SnapshotNotFound(_)),
-            ) => return Err(e),
+            // Only a store this host may not write to: any other failure (a timeout,
+            // a server error) would leave a mount meant to live for days unprotected
+            // after one blip, so it fails the mount instead.
+            Err(e) if !refuses_writes(&e) => return Err(e),
             Err(e) => {
                 eprintln!(
                     "livemount: warning: no lease on {snap} (it is not protected from forget + gc): {e}"

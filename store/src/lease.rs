@@ -148,7 +148,11 @@ impl LeaseRecord {
     /// True while the lease protects what it names (see the module docs).
     pub fn is_live(&self, object_time: i64, now: i64) -> bool {
         let ttl = i64::try_from(self.ttl).unwrap_or(i64::MAX / 4);
-        self.renewed.max(object_time).saturating_add(ttl) + MAX_CLOCK_SKEW >= now
+        self.renewed
+            .max(object_time)
+            .saturating_add(ttl)
+            .saturating_add(MAX_CLOCK_SKEW)
+            >= now
     }
 
     /// "gc by host pid 123 since …" for messages.
@@ -206,6 +210,8 @@ pub fn list(backend: &dyn Backend, all: bool) -> Result<Vec<(String, LeaseRecord
 struct Renewal {
     stop: Mutex<bool>,
     wake: Condvar,
+    /// When the lease was last written successfully (this host's clock).
+    last_ok: std::sync::atomic::AtomicI64,
 }
 
 /// A held lease: renewed by a background thread, deleted on drop (or left for
@@ -287,7 +293,7 @@ impl Lease {
             renewed: now,
             holder: holder_id(),
         };
-        Self::take(backend, key, record)
+        Self::take(backend, key, record, false)
     }
 
     /// Take over the lease at `key` (written by a daemon that died: `mount
@@ -297,11 +303,13 @@ impl Lease {
             return Err(Error::Invalid(format!("{key:?} is not a lease name")));
         }
         let now = now_secs();
+        // Gone (expired and removed, or never written): written anew under the same
+        // key, still never deleted on failure.
         let created = match backend.get(key, LEASE_LIMIT, ReadClass::Demand)? {
             Some(b) => serde_json::from_slice::<LeaseRecord>(&b)
                 .map(|r| r.created)
                 .unwrap_or(now),
-            None => return Self::acquire(backend, kind),
+            None => now,
         };
         let record = LeaseRecord {
             ttl: kind.ttl(),
@@ -312,23 +320,35 @@ impl Lease {
             renewed: now,
             holder: holder_id(),
         };
-        Self::take(backend, key.to_string(), record)
+        // An adopted lease is the only protection of a device still waiting in the
+        // kernel: no failure here or later deletes it (`Stack::release_lease` does,
+        // once the device is gone).
+        Self::take(backend, key.to_string(), record, true)
     }
 
-    fn take(backend: Arc<dyn Backend>, key: String, record: LeaseRecord) -> Result<Lease> {
+    fn take(
+        backend: Arc<dyn Backend>,
+        key: String,
+        record: LeaseRecord,
+        adopted: bool,
+    ) -> Result<Lease> {
         write(&*backend, &key, &record)?;
         let conflict = match list(&*backend, false) {
             Ok(all) => all
                 .into_iter()
                 .find(|(k, r)| *k != key && record.kind.conflicts_with(&r.kind)),
             Err(e) => {
-                let _ = backend.delete(&key);
+                if !adopted {
+                    let _ = backend.delete(&key);
+                }
                 return Err(e);
             }
         };
         if let Some((_, other)) = conflict {
-            let _ = backend.delete(&key);
-            let _ = backend.sync(std::slice::from_ref(&key));
+            if !adopted {
+                let _ = backend.delete(&key);
+                let _ = durable(&*backend, &key);
+            }
             return Err(Error::Busy(format!(
                 "store {} is busy: {} is running",
                 backend.describe(),
@@ -338,6 +358,7 @@ impl Lease {
         let renewal = Arc::new(Renewal {
             stop: Mutex::new(false),
             wake: Condvar::new(),
+            last_ok: std::sync::atomic::AtomicI64::new(record.renewed),
         });
         let thread = {
             let (backend, key, record, renewal) = (
@@ -357,7 +378,7 @@ impl Lease {
             record,
             renewal,
             thread: Some(thread),
-            delete_on_drop: true,
+            delete_on_drop: !adopted,
         })
     }
 
@@ -369,6 +390,26 @@ impl Lease {
     /// What it holds.
     pub fn record(&self) -> &LeaseRecord {
         &self.record
+    }
+
+    /// Fail unless the lease surely still lives for others: its last successful
+    /// write is younger than its ttl less the clock-skew margin. A holder that was
+    /// stopped or cut off from the store longer may have lost it (gc may have run):
+    /// a backup must then not commit an index naming chunks it uploaded.
+    pub fn check_fresh(&self) -> Result<()> {
+        let last = self
+            .renewal
+            .last_ok
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let ttl = i64::try_from(self.record.ttl).unwrap_or(i64::MAX / 4);
+        let age = now_secs().saturating_sub(last);
+        if age > ttl.saturating_sub(MAX_CLOCK_SKEW) {
+            return Err(Error::Busy(format!(
+                "lease {} was last renewed {age} s ago (ttl {ttl} s): another host may have collected garbage meanwhile; run the backup again",
+                self.key
+            )));
+        }
+        Ok(())
     }
 
     /// Stop renewing but leave the object in place (a daemon handing its mount to a
@@ -385,7 +426,7 @@ impl Lease {
         let key = self.key.clone();
         self.backend
             .delete(&key)
-            .and_then(|()| self.backend.sync(std::slice::from_ref(&key)))
+            .and_then(|()| durable(&*self.backend, &key))
             .map_err(|e| Error::Invalid(format!("lease {key} stays until it expires: {e}")))
     }
 
@@ -405,14 +446,25 @@ impl Lease {
             return Err(Error::Invalid(format!("{key:?} is not a lease name")));
         }
         backend.delete(key)?;
-        backend.sync(&[key.to_string()])
+        durable(backend, key)
     }
 }
 
 fn write(backend: &dyn Backend, key: &str, record: &LeaseRecord) -> Result<()> {
     let bytes = serde_json::to_vec(record).map_err(|e| Error::Invalid(e.to_string()))?;
     backend.put(key, &bytes, PutMode::Overwrite)?;
-    backend.sync(&[key.to_string()])
+    durable(backend, key)
+}
+
+/// Make a lease put or delete durable. Only a directory needs a barrier; an object
+/// store's completed request is durable, and its `sync` would also wait for (and
+/// report) the holder's own pending chunk uploads — a renewal must never wait
+/// behind a backup's upload queue, nor take its errors.
+fn durable(backend: &dyn Backend, key: &str) -> Result<()> {
+    match backend.local_root() {
+        Some(_) => backend.sync(&[key.to_string()]),
+        None => Ok(()),
+    }
 }
 
 fn renew_loop(backend: &dyn Backend, key: &str, mut record: LeaseRecord, r: &Renewal) {
@@ -437,6 +489,9 @@ fn renew_loop(backend: &dyn Backend, key: &str, mut record: LeaseRecord, r: &Ren
             // Keep trying: the lease still lives for its ttl; a store that stays
             // away that long leaves the holder unprotected, which is worth a line.
             eprintln!("livemount: cannot renew lease {key}: {e}");
+        } else {
+            r.last_ok
+                .store(record.renewed, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
@@ -446,7 +501,7 @@ impl Drop for Lease {
         self.stop_renewal();
         if self.delete_on_drop {
             let _ = self.backend.delete(&self.key);
-            let _ = self.backend.sync(std::slice::from_ref(&self.key));
+            let _ = durable(&*self.backend, &self.key);
         }
     }
 }
@@ -513,8 +568,56 @@ mod tests {
         assert!(Lease::acquire(b.clone(), forget.clone()).is_err());
         let adopted = Lease::adopt(b.clone(), &key, kind).unwrap();
         assert_eq!(adopted.key(), key);
-        drop(adopted);
+        adopted.release().unwrap();
         Lease::acquire(b.clone(), forget).unwrap();
+    }
+
+    #[test]
+    fn an_adopted_lease_is_never_deleted_by_a_failure_or_a_drop() {
+        let (_d, b) = backend();
+        let snap = "s@t".to_string();
+        let kind = LeaseKind::Mount {
+            snapshot: snap.clone(),
+        };
+        let l = Lease::acquire(b.clone(), kind.clone()).unwrap();
+        let key = l.key().to_string();
+        l.keep(); // its daemon was killed
+                  // A forget that got in (both back off): adopting fails, the lease stays.
+        let forget = LeaseRecord {
+            kind: LeaseKind::Forget { snapshot: snap },
+            host: "other".into(),
+            pid: 1,
+            created: now_secs(),
+            renewed: now_secs(),
+            ttl: 600,
+            holder: None,
+        };
+        write(&*b, "leases/forget-x.json", &forget).unwrap();
+        assert!(Lease::adopt(b.clone(), &key, kind.clone()).is_err());
+        assert!(
+            b.head(&key).unwrap().is_some(),
+            "a failed adopt removed the lease"
+        );
+        b.delete("leases/forget-x.json").unwrap();
+        // Adopted, then dropped (a recovering daemon failing later): still there.
+        drop(Lease::adopt(b.clone(), &key, kind).unwrap());
+        assert!(
+            b.head(&key).unwrap().is_some(),
+            "dropping an adopted lease removed it"
+        );
+    }
+
+    #[test]
+    fn a_lease_not_renewed_for_its_ttl_is_not_fresh() {
+        let (_d, b) = backend();
+        let l = Lease::acquire(b.clone(), LeaseKind::Backup).unwrap();
+        l.check_fresh().unwrap();
+        // As if the holder had been stopped (or cut off) for an hour.
+        l.renewal
+            .last_ok
+            .store(now_secs() - 3600, std::sync::atomic::Ordering::SeqCst);
+        let e = l.check_fresh().unwrap_err().to_string();
+        assert!(e.contains("last renewed"), "{e}");
     }
 
     #[test]
@@ -532,6 +635,13 @@ mod tests {
         assert!(!r.is_live(0, 1101 + MAX_CLOCK_SKEW));
         // The server saw a later write than the holder's clock says.
         assert!(r.is_live(5000, 5100));
+        // A crafted lease cannot overflow the arithmetic.
+        let huge = LeaseRecord {
+            renewed: i64::MAX - 1,
+            ttl: u64::MAX,
+            ..r
+        };
+        assert!(huge.is_live(0, 0));
     }
 
     #[test]

@@ -55,6 +55,8 @@ use std::sync::Arc;
 const SMALL_OBJECT_LIMIT: u64 = 16 << 20;
 /// Largest index object read (64 TiB at 64 KiB chunks, with headroom).
 const INDEX_LIMIT: u64 = 64 << 30;
+/// Markers of chunks moved aside in a remote store.
+const QUARANTINE_PREFIX: &str = "quarantine/";
 /// How long a backup waits for a running gc before it gives up.
 const GC_WAIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
@@ -570,8 +572,37 @@ impl Store {
         if let Ok(Some(bytes)) = self.backend.get(&key, limit, ReadClass::Background) {
             self.backend.put(&bad, &bytes, PutMode::Overwrite)?;
         }
+        self.distrust(id)?;
         self.backend.delete(&key)?;
         Ok(self.backend.describe_key(&bad))
+    }
+
+    /// Backups of a remote store trust the previous index instead of asking for each
+    /// chunk; this marker (for a chunk verify found damaged or missing) tells them
+    /// not to trust it for `id`, so the next backup of its data uploads it again.
+    /// A directory store needs none (backups stat every chunk).
+    pub fn distrust(&self, id: &ChunkId) -> Result<()> {
+        if self.backend.local_root().is_some() {
+            return Ok(());
+        }
+        self.backend
+            .put(
+                &format!("{QUARANTINE_PREFIX}{}", id.to_hex()),
+                b"",
+                PutMode::Overwrite,
+            )
+            .map(|_| ())
+    }
+
+    /// Chunks `verify --repair` moved aside in a remote store (see
+    /// [`quarantine_chunk`](Self::quarantine_chunk)).
+    pub fn quarantined(&self) -> Result<std::collections::HashSet<ChunkId>> {
+        Ok(self
+            .backend
+            .list(QUARANTINE_PREFIX)?
+            .into_iter()
+            .filter_map(|m| ChunkId::from_hex(m.key.strip_prefix(QUARANTINE_PREFIX)?))
+            .collect())
     }
 
     /// Store an encoded chunk (create-only; it becomes durable, and a failed upload
@@ -653,6 +684,11 @@ impl Store {
     /// second both land and neither replaces the other). Returns the new snapshot.
     pub fn commit_index(&self, series: &str, index: &mut SnapshotIndex) -> Result<SnapshotRef> {
         validate_series(series)?;
+        // The chunks this index names are protected from gc by our backup lease
+        // only while it lives.
+        if let Some(l) = &self.lease {
+            l.check_fresh()?;
+        }
         // A directory's link() is create-only everywhere; an object store's
         // If-None-Match may be ignored: names are then taken under a commit lease.
         let naming = match self.backend.local_root() {

@@ -293,6 +293,14 @@ fn bad_credentials_missing_buckets_a_dead_server_and_damaged_objects() {
         ],
     )
     .error(&["chunk"]);
+    // verify --repair moves the damaged one aside and marks both: the next backup
+    // of the data uploads them again (it would otherwise trust the previous index),
+    // and the store verifies clean.
+    let r = lm_s3(&g, &os(["verify", "--store", url, "--repair"]));
+    assert_eq!(r.code, Some(3), "{}", r.stderr);
+    let again = backup_s3(&g, img.as_os_str(), url);
+    assert_eq!(again["chunks_new"], 2, "{again}");
+    lm_s3(&g, &os(["verify", "--store", url])).ok();
 
     // The server goes away: a bounded, clear failure; back again: works.
     g.kill();

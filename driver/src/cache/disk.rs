@@ -45,6 +45,10 @@ pub struct DiskTier {
     /// Held (shared) for the tier's life: see the module docs.
     _users: File,
     touched: Mutex<HashMap<ChunkId, Instant>>,
+    /// flock excludes other open files, not this process's threads (they share one
+    /// descriptor): updates and evictions also take this.
+    local: Mutex<()>,
+    evicting: Mutex<()>,
 }
 
 fn open_private(path: &Path, read: bool) -> Result<File> {
@@ -112,6 +116,8 @@ impl DiskTier {
             evict,
             _users: users,
             touched: Mutex::new(HashMap::new()),
+            local: Mutex::new(()),
+            evicting: Mutex::new(()),
         };
         // Alone: count what earlier runs left. Not alone: trust the shared counter.
         if lock(&tier._users, true, false).is_ok() {
@@ -129,7 +135,18 @@ impl DiskTier {
     /// Apply `f` to the shared counter under its lock; returns the new value.
     fn update(&self, f: impl FnOnce(u64) -> u64) -> Result<u64> {
         let path = self.dir.join(".usage");
-        lock(&self.usage, true, true).at(&path)?;
+        let _local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: a process stopped while holding it (SIGSTOP, a frozen cgroup)
+        // must not stall every other mount's reads; an uncounted write is
+        // corrected by the next eviction's scan.
+        let mut tries = 0;
+        while let Err(e) = lock(&self.usage, true, false) {
+            tries += 1;
+            if tries > 200 {
+                return Err(crate::error::Error::io(&path, e));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let res = (|| {
             let mut b = [0u8; 8];
             let n = self.usage.read_at(&mut b, 0).at(&path)?;
@@ -217,6 +234,10 @@ impl DiskTier {
     /// holds at most 90% of the budget. One process evicts at a time; the others
     /// go on (they will find the directory below budget again).
     fn evict(&self, keep: &ChunkId) -> Result<()> {
+        // One evicting thread per process, and one process at a time.
+        let Ok(_evicting) = self.evicting.try_lock() else {
+            return Ok(());
+        };
         if lock(&self.evict, true, false).is_err() {
             return Ok(());
         }
@@ -313,6 +334,24 @@ mod tests {
         // The newest survived, the oldest went.
         assert!(b.read(&id(39), 0, 1).is_some());
         assert!(a.read(&id(1), 0, 1).is_none());
+    }
+
+    #[test]
+    fn threads_of_one_process_never_lose_a_count() {
+        let d = tempfile::tempdir().unwrap();
+        let tier = std::sync::Arc::new(DiskTier::open(d.path(), 1 << 40).unwrap());
+        std::thread::scope(|s| {
+            for t in 0..8u32 {
+                let tier = tier.clone();
+                s.spawn(move || {
+                    for n in 0..40 {
+                        tier.write(&id(t * 1000 + n), 0, &[t as u8; 8192]).unwrap();
+                    }
+                });
+            }
+        });
+        let on_disk: u64 = scan(d.path()).unwrap().iter().map(|f| f.2).sum();
+        assert_eq!(tier.bytes(), on_disk);
     }
 
     #[test]

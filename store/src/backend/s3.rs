@@ -93,7 +93,12 @@ pub fn parse_url(url: &str) -> Result<(String, String)> {
         )));
     }
     let prefix = prefix.trim_matches('/');
-    if prefix.split('/').any(|c| c == ".." || c == ".") || prefix.contains("//") {
+    // Only characters object_store's paths keep as they are: others would be
+    // percent-encoded in requests and listings would not match the prefix.
+    let plain = prefix
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'/'));
+    if !plain || prefix.split('/').any(|c| c == ".." || c == ".") || prefix.contains("//") {
         return Err(Error::Invalid(format!("{url}: invalid prefix {prefix:?}")));
     }
     Ok((bucket.to_string(), prefix.to_string()))
@@ -256,11 +261,20 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// Deferred uploads: how many are running and the first failure.
+/// Deferred uploads: how many are running and the first failure (what, reason),
+/// which stays: every later sync reports it, so no caller can consume the error
+/// another (the backup's final sync before its index) must see.
 #[derive(Default)]
 struct Pending {
     running: usize,
-    failed: Option<Error>,
+    failed: Option<(String, String)>,
+}
+
+fn upload_failed((what, reason): &(String, String)) -> Error {
+    Error::Remote {
+        what: what.clone(),
+        reason: format!("upload failed: {reason}"),
+    }
 }
 
 /// Counters for status and benchmarks.
@@ -410,7 +424,16 @@ impl S3Backend {
         key: &str,
         fut: impl std::future::Future<Output = object_store::Result<T>>,
     ) -> Result<std::result::Result<T, object_store::Error>> {
-        let limit = self.io_timeout;
+        self.run_for(key, self.io_timeout, fut)
+    }
+
+    /// [`run`](Self::run) with its own limit (a listing is many requests).
+    fn run_for<T>(
+        &self,
+        key: &str,
+        limit: Duration,
+        fut: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> Result<std::result::Result<T, object_store::Error>> {
         self.runtime
             .block_on(async { tokio::time::timeout(limit, fut).await })
             .map_err(|_| self.remote(key, format!("no answer within {} s", limit.as_secs())))
@@ -515,7 +538,8 @@ impl S3Backend {
 /// What a client error means for an operator, on one line: the common causes
 /// named plainly, the client's own text (without a response body's XML) after.
 fn reason(e: &str) -> String {
-    let head = e.split("<?xml").next().unwrap_or(e);
+    // Never a response body: a server's error document may echo the request.
+    let head = e.split('<').next().unwrap_or(e);
     let plain = if e.contains("NoSuchBucket") {
         Some("no such bucket")
     } else if e.contains("403") || e.contains("AccessDenied") || e.contains("InvalidAccessKeyId") {
@@ -607,8 +631,8 @@ impl Backend for S3Backend {
                     .wait(p)
                     .map_err(|_| self.remote(key, "upload queue poisoned"))?;
             }
-            if let Some(e) = p.failed.take() {
-                return Err(e);
+            if let Some(f) = &p.failed {
+                return Err(upload_failed(f));
             }
             p.running += 1;
         }
@@ -636,7 +660,7 @@ impl Backend for S3Backend {
             if let Ok(mut p) = lock.lock() {
                 p.running -= 1;
                 if let Some(reason) = err {
-                    p.failed.get_or_insert(Error::Remote { what, reason });
+                    p.failed.get_or_insert((what, reason));
                 }
             }
             cv.notify_all();
@@ -663,9 +687,13 @@ impl Backend for S3Backend {
         };
         let store = self.store.clone();
         let metas: Vec<object_store::ObjectMeta> = self
-            .run(prefix, async move {
-                store.list(Some(&path)).try_collect().await
-            })?
+            // Each page is a request with its own attempt timeout and retries; the
+            // whole listing of a large store takes many (1000 keys each).
+            .run_for(
+                prefix,
+                (self.io_timeout * 40).max(Duration::from_secs(600)),
+                async move { store.list(Some(&path)).try_collect().await },
+            )?
             .map_err(|e| self.remote(prefix, e))?;
         Ok(metas
             .into_iter()
@@ -705,8 +733,8 @@ impl Backend for S3Backend {
                 .wait(p)
                 .map_err(|_| self.remote("", "upload queue poisoned"))?;
         }
-        match p.failed.take() {
-            Some(e) => Err(e),
+        match &p.failed {
+            Some(f) => Err(upload_failed(f)),
             None => Ok(()),
         }
     }
@@ -727,6 +755,8 @@ mod tests {
             ("backups".into(), "".into())
         );
         for bad in [
+            "s3://okname/a~b",
+            "s3://okname/a%20b",
             "backups",
             "s3://ab",
             "s3://Upper/x",

@@ -122,6 +122,11 @@ impl FileSource {
             .metadata()
             .map(|m| m.file_type().is_file())
             .unwrap_or(false);
+        // Data still in the page cache must be on disk before holes are asked for:
+        // some file systems (OpenZFS 2.2.0/2.2.1, older ones with
+        // zfs_dmu_offset_next_sync=0) report dirty, unsynced data as holes. A
+        // source that cannot be synced is read in full.
+        let sparse = sparse && file.sync_data().is_ok();
         FileSource { file, sparse }
     }
 }
@@ -147,8 +152,13 @@ impl SourceRead for FileSource {
             data as u64 >= end
         } else {
             match std::io::Error::last_os_error().raw_os_error() {
-                // No data at or after `start`: the rest of the file is a hole.
-                Some(libc::ENXIO) => true,
+                // No data at or after `start`: the rest of the file is a hole,
+                // unless the file shrank under us (then the read below says so).
+                Some(libc::ENXIO) => self
+                    .file
+                    .metadata()
+                    .map(|m| m.len() >= end)
+                    .unwrap_or(false),
                 // Not supported here: read everything from now on.
                 _ => {
                     self.sparse = false;
@@ -296,7 +306,13 @@ pub fn backup_from(
     let known: HashSet<ChunkId> = match (&prev_index, store.local_root()) {
         // A local stat is cheap and also sees a chunk verify --repair moved aside.
         (_, Some(_)) | (None, _) => HashSet::new(),
-        (Some(i), None) => i.stored_ids().into_iter().collect(),
+        (Some(i), None) => {
+            let bad = store.quarantined()?;
+            i.stored_ids()
+                .into_iter()
+                .filter(|id| !bad.contains(id))
+                .collect()
+        }
     };
     let frame_size = store.config().frame_size;
     let chunk_size = opts
@@ -399,11 +415,13 @@ pub fn backup_from(
                     let outcome = match base.chunks[i] {
                         ChunkRef::Zero => Outcome::Zero,
                         ChunkRef::Stored(id) => {
-                            // A local store can check cheaply that the chunk is still
-                            // there (verify --repair may have moved it aside).
-                            if store.local_root().is_some()
-                                && !matches!(store.has_chunk(&id), Ok(true))
-                            {
+                            // The chunk must still be there (verify --repair may have
+                            // moved it aside): a stat locally, the trusted set remotely.
+                            let present = match store.local_root() {
+                                Some(_) => matches!(store.has_chunk(&id), Ok(true)),
+                                None => known.contains(&id),
+                            };
+                            if !present {
                                 first_err = Some(Error::Invalid(format!(
                                     "chunk {} of the previous snapshot is missing: run a full backup",
                                     id.to_hex()

@@ -116,7 +116,9 @@ pub fn from_dirty_bitmap(spec: &str, image_size: u64) -> Result<Vec<Range<u64>>>
         )));
     }
     let run = |args: &[&str]| -> Result<String> {
-        let out = Command::new("nbdinfo")
+        // Bounded: a hung NBD server must not hang the backup.
+        let out = Command::new("timeout")
+            .args(["--kill-after=5", "120", "nbdinfo"])
             .args(args)
             .stdin(Stdio::null())
             .output()

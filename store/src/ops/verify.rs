@@ -139,6 +139,9 @@ pub fn repair(store: &Store, report: &mut VerifyReport) -> Result<()> {
     for b in &mut report.bad_chunks {
         if let Some(id) = b.damaged {
             b.moved_to = Some(store.quarantine_chunk(&id)?);
+        } else if let Some(id) = ChunkId::from_hex(&b.id) {
+            // Missing or unreadable: the next backup must not reuse it by name.
+            store.distrust(&id)?;
         }
     }
     Ok(())
