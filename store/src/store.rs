@@ -718,16 +718,24 @@ impl Store {
     }
 
     /// The lease under which a backup names its index in `series`; both of two
-    /// backups finishing together may back off, so retry for a bounded time.
+    /// backups finishing together may back off, so retry — for as long as a
+    /// killed process's stale commit lease can live (its ttl and the skew margin),
+    /// rather than failing a backup that has uploaded everything.
     fn commit_lease(&self, series: &str) -> Result<Lease> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let wait = crate::lease::WRITER_TTL + crate::lease::MAX_CLOCK_SKEW as u64 + 30;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+        let mut said = false;
         let mut pause = 20u64;
         loop {
             let kind = LeaseKind::Commit {
                 series: series.to_string(),
             };
             match Lease::acquire(self.backend.clone(), kind) {
-                Err(Error::Busy(_)) if std::time::Instant::now() < deadline => {
+                Err(Error::Busy(why)) if std::time::Instant::now() < deadline => {
+                    if !said && pause >= 1000 {
+                        eprintln!("livemount: waiting to name the snapshot: {why}");
+                        said = true;
+                    }
                     // Jittered, so two backing-off writers do not collide again.
                     let jitter = u64::from(std::process::id()) % pause;
                     std::thread::sleep(std::time::Duration::from_millis(pause + jitter));

@@ -124,6 +124,18 @@ fn bad_ranges_and_a_missing_base_are_refused() {
         1,
         "a refused backup added a snapshot"
     );
+    // A base that is not the latest snapshot of the series: refused.
+    backup_json(&v1, &store, &[]);
+    let names = list_names(&store);
+    std::fs::write(&ranges, "0 10\n").unwrap();
+    let r = ranges.to_str().unwrap();
+    backup_vm(&v1, &store, &["--changed", r, "--changed-base", &names[0]]).error(&[
+        "--changed-base",
+        "latest snapshot of vm is",
+        &names[1],
+    ]);
+    backup_vm(&v1, &store, &["--changed", r, "--changed-base", &names[1]]).ok();
+    assert_eq!(list_names(&store).len(), 3);
 }
 
 fn tool(prog: &str, args: &[&str]) {

@@ -36,6 +36,11 @@ pub struct Args {
     /// nbd+unix:///vda?socket=/run/qsd.sock#bitmap0 (read with nbdinfo --map).
     #[arg(long, value_name = "NBD-URI#BITMAP")]
     changed_from: Option<String>,
+    /// With --changed/--changed-from: the snapshot the ranges are relative to
+    /// (series@time); the backup is refused unless it is the series' latest (a
+    /// bitmap applied to another base would be a silently wrong snapshot).
+    #[arg(long, value_name = "SNAPSHOT")]
+    changed_base: Option<String>,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -58,6 +63,19 @@ pub fn run(a: Args) -> Outcome {
         (None, None) => None,
     };
     let st = a.store.open(Access::Write)?;
+    if let Some(base) = &a.changed_base {
+        if changed.is_none() {
+            anyhow::bail!("--changed-base needs --changed or --changed-from");
+        }
+        let latest = st.list(Some(&a.name))?.pop();
+        if latest.as_ref().map(|s| s.to_string()).as_deref() != Some(base.as_str()) {
+            anyhow::bail!(
+                "--changed-base {base}: the latest snapshot of {} is {}; the changed ranges do not apply to it (run a full backup)",
+                a.name,
+                latest.map(|s| s.to_string()).unwrap_or_else(|| "none".into())
+            );
+        }
+    }
     let chunk_size = a
         .chunk_size
         .map(|c| u32::try_from(c).map_err(|_| anyhow::anyhow!("invalid chunk size {c}")))

@@ -178,7 +178,15 @@ impl Backend for DirBackend {
                         .open(&tmp)?;
                     io::Write::write_all(&mut f, bytes)?;
                     f.sync_all()?;
-                    fs::hard_link(&tmp, &dest)
+                    match fs::hard_link(&tmp, &dest) {
+                        // The parent went meanwhile (forget removes an emptied series
+                        // directory): make it again, once.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            self.ensure_parent(&dest).map_err(io::Error::other)?;
+                            fs::hard_link(&tmp, &dest)
+                        }
+                        other => other,
+                    }
                 })();
                 let _ = fs::remove_file(&tmp);
                 match res {
