@@ -43,6 +43,8 @@ pub struct Stack {
     pub cache: Arc<ReadCache>,
     /// Pre-staging, when a profile applies.
     pub prestager: Option<Arc<Prestager>>,
+    /// The store's back end (its request figures for status).
+    pub backend: Arc<dyn livemount_store::backend::Backend>,
     /// Keeps the snapshot from being forgotten while the mount lives (None: the
     /// store is read-only to this host, see [`Stack::open`]); released by
     /// [`Stack::release_lease`] when the device is gone (a daemon exits without
@@ -190,6 +192,7 @@ impl Stack {
             cache,
             prestager,
             lease: std::sync::Mutex::new(lease),
+            backend: store.backend().clone(),
         })
     }
 

@@ -396,6 +396,22 @@ fn an_nbd_export_of_a_bucket_snapshot_is_byte_exact_and_survives_an_outage() {
         got[..data.len()] == data[..],
         "NBD read differs from the image"
     );
+    // The server's status shows its requests to the store (the status writer
+    // refreshes the file every second or so).
+    let status = format!("/run/livemount/serve-{}.json", child.0.id());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let gets = std::fs::read(&status)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["exports"][0]["store_requests"]["gets"].as_u64())
+            .unwrap_or(0);
+        if gets > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no store requests in {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // A clean stop removes the export's lease from the bucket.
     let b = backend(&g, url);
     assert_eq!(b.list("leases/").unwrap().len(), 1);

@@ -1501,6 +1501,8 @@ fn ublk_s3_snapshot_reads_exact_and_takes_ext4_writes() {
         mem["overlay_map_bytes"].as_u64().unwrap_or(0) >= 16384,
         "{mem}"
     );
+    let req = &m.status()["store_requests"];
+    assert!(req["gets"].as_u64().unwrap_or(0) > 0, "{req}");
     let mnt = t.path().join("mnt");
     let fsm = FsMount::mount(&m.dev, &mnt, "rw");
     let data = pattern(77, 3 * MIB as usize + 5);

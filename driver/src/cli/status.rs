@@ -227,6 +227,18 @@ impl fmt::Display for Text<'_> {
         if let Some(io) = &s.io {
             self::io(f, io)?;
         }
+        if let Some(r) = &s.store_requests {
+            writeln!(
+                f,
+                "  store: {} GETs ({} hedged), {:.1} MiB in, {} in flight, GET p50 {:.1} ms, p99 {:.1} ms",
+                r.gets,
+                r.hedged,
+                mib(r.bytes_in),
+                r.in_flight,
+                r.get_p50_ms,
+                r.get_p99_ms
+            )?;
+        }
         if let Some(m) = &s.memory {
             writeln!(
                 f,

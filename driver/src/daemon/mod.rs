@@ -143,6 +143,7 @@ impl Daemon {
             uptime_s: self.started.elapsed().as_secs_f64(),
             prestage: self.stack.prestager.as_ref().map(|p| p.progress.report()),
             memory: Some(status::MemoryReport::of(&self.stack)),
+            store_requests: self.stack.backend.requests(),
         }
     }
 

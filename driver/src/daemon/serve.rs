@@ -245,6 +245,7 @@ fn status_writer(
                     overlay_bytes: s.overlay_bytes(),
                     cache: s.cache.report(),
                     io: e.metrics.report(),
+                    store_requests: s.backend.requests(),
                 })
                 .collect(),
         };

@@ -7,6 +7,7 @@ use crate::config::MountConfig;
 use crate::error::{Error, Result};
 use crate::metrics::IoReport;
 use crate::paths::RUN_DIR;
+use livemount_store::backend::RequestReport;
 use livemount_store::StoreLocation;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -42,6 +43,9 @@ pub struct MountStatus {
     /// Where the daemon's memory goes.
     #[serde(default)]
     pub memory: Option<MemoryReport>,
+    /// Requests to a remote store (None for a directory).
+    #[serde(default)]
+    pub store_requests: Option<RequestReport>,
 }
 
 /// The daemon's memory: what grows with the device size, and the budgets.
@@ -121,6 +125,9 @@ pub struct ExportStatus {
     pub cache: CacheReport,
     /// I/O figures.
     pub io: IoReport,
+    /// Requests to a remote store (None for a directory).
+    #[serde(default)]
+    pub store_requests: Option<RequestReport>,
 }
 
 /// Where `livemount serve` with `pid` keeps its status.
@@ -168,6 +175,7 @@ impl MountStatus {
             uptime_s: 0.0,
             prestage: None,
             memory: None,
+            store_requests: None,
         }
     }
 }

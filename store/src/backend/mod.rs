@@ -119,6 +119,30 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Make the puts and deletes of `keys` durable (a directory fsyncs their parent
     /// directories; an object store's completed requests already are).
     fn sync(&self, keys: &[String]) -> Result<()>;
+
+    /// Request figures of a remote back end (None for a directory).
+    fn requests(&self) -> Option<RequestReport> {
+        None
+    }
+}
+
+/// What a remote back end's requests did, for `status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RequestReport {
+    /// GET requests sent (hedges included).
+    pub gets: u64,
+    /// GETs hedged with a second request.
+    pub hedged: u64,
+    /// PUT requests completed.
+    pub puts: u64,
+    /// Bytes received by GETs.
+    pub bytes_in: u64,
+    /// Requests in flight now.
+    pub in_flight: u64,
+    /// Median latency of the recent successful GETs, milliseconds.
+    pub get_p50_ms: f64,
+    /// 99th percentile of the same, milliseconds.
+    pub get_p99_ms: f64,
 }
 
 /// The key of chunk `id`'s object.

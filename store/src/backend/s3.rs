@@ -23,7 +23,7 @@
 //! `AWS_PROFILE` or `default`), in that order. They go to the client only: never to
 //! [`Backend::describe`], errors, logs or status.
 
-use super::{Backend, ObjectMeta, Put, PutMode, ReadClass};
+use super::{Backend, ObjectMeta, Put, PutMode, ReadClass, RequestReport};
 use crate::error::{Error, Result};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjPath;
@@ -277,17 +277,13 @@ fn upload_failed((what, reason): &(String, String)) -> Error {
     }
 }
 
-/// Counters for status and benchmarks.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
-pub struct S3Counters {
-    /// GET requests sent (hedges included).
-    pub gets: u64,
-    /// GETs hedged with a second request.
-    pub hedged: u64,
-    /// PUT requests completed.
-    pub puts: u64,
-    /// Bytes received by GETs.
-    pub bytes_in: u64,
+/// Counters of requests so far.
+#[derive(Debug, Default, Clone, Copy)]
+struct S3Counters {
+    gets: u64,
+    hedged: u64,
+    puts: u64,
+    bytes_in: u64,
 }
 
 /// A store in an S3-compatible bucket.
@@ -396,11 +392,6 @@ impl S3Backend {
             pending: Arc::new((Mutex::new(Pending::default()), Condvar::new())),
             counters: Mutex::new(S3Counters::default()),
         })
-    }
-
-    /// Request counters so far.
-    pub fn counters(&self) -> S3Counters {
-        self.counters.lock().map(|c| *c).unwrap_or_default()
     }
 
     fn path(&self, key: &str) -> ObjPath {
@@ -720,6 +711,31 @@ impl Backend for S3Backend {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.remote(key, e)),
         }
+    }
+
+    fn requests(&self) -> Option<RequestReport> {
+        let c = self.counters.lock().map(|c| *c).unwrap_or_default();
+        let mut lat: Vec<Duration> = self
+            .latencies
+            .lock()
+            .map(|l| l.iter().copied().collect())
+            .unwrap_or_default();
+        lat.sort_unstable();
+        let pct = |p: usize| {
+            lat.get((lat.len() * p / 100).min(lat.len().saturating_sub(1)))
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .unwrap_or(0.0)
+        };
+        let in_flight = self.gate.state.lock().map(|s| s.busy as u64).unwrap_or(0);
+        Some(RequestReport {
+            gets: c.gets,
+            hedged: c.hedged,
+            puts: c.puts,
+            bytes_in: c.bytes_in,
+            in_flight,
+            get_p50_ms: pct(50),
+            get_p99_ms: pct(99),
+        })
     }
 
     fn sync(&self, _keys: &[String]) -> Result<()> {
