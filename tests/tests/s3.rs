@@ -569,7 +569,6 @@ fn a_store_location_round_trips_without_secrets() {
 /// byte-exact.
 #[test]
 fn commit_of_an_overlay_lands_in_the_bucket() {
-    use livemount::block::BlockDevice;
     let Some(g) = server("commit_of_an_overlay_lands_in_the_bucket", "lm-commit") else {
         return;
     };
