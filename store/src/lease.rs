@@ -29,7 +29,7 @@
 
 use crate::backend::{Backend, PutMode, ReadClass};
 use crate::error::{Error, Result};
-use crate::store::now_secs;
+use crate::store::{hostname, now_secs};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -247,12 +247,6 @@ fn holder_id() -> Option<String> {
         return None;
     }
     Some(format!("{machine}/{boot}/{}", ns.display()))
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn nonce() -> u64 {

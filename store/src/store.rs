@@ -223,6 +223,13 @@ pub fn format_utc(secs: i64) -> String {
     )
 }
 
+/// This host's name (for snapshot descriptions and leases).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown host".into())
+}
+
 /// Seconds since the epoch, now.
 pub fn now_secs() -> i64 {
     std::time::SystemTime::now()
@@ -614,14 +621,7 @@ impl Store {
     /// Make the chunks `ids` durable (and wait for their uploads) before an index
     /// that refers to them is written.
     pub fn sync_chunks<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) -> Result<()> {
-        let mut prefixes: Vec<u8> = ids.into_iter().map(|id| id.0[0]).collect();
-        prefixes.sort_unstable();
-        prefixes.dedup();
-        // One key per prefix directory is enough for the directory back end.
-        let keys: Vec<String> = prefixes
-            .into_iter()
-            .map(|p| format!("chunks/{p:02x}/x"))
-            .collect();
+        let keys: Vec<String> = ids.into_iter().map(chunk_key).collect();
         self.backend.sync(&keys)
     }
 
@@ -822,9 +822,9 @@ impl Store {
     }
 
     /// Temp files of killed writers (directory store), removed by gc: every one but
-    /// a lease write's younger than an hour (mounts and forgets renew or write
-    /// leases while gc runs; backups, whose temp files these mostly are, cannot run
-    /// then). Returns how many.
+    /// a lease write of a process still running here, younger than an hour (mounts
+    /// and forgets renew or write leases while gc runs; backups, whose temp files
+    /// these mostly are, cannot run then). Returns how many.
     pub fn remove_temp_files(&self) -> Result<u64> {
         let Some(root) = self.backend.local_root() else {
             return Ok(0);
@@ -844,7 +844,19 @@ impl Store {
             let lease_write = ["mount-", "backup-", "gc-", "forget-", "commit-"]
                 .iter()
                 .any(|k| name.starts_with(k));
+            // Temp names are `<tag>.<pid>.<seq>.tmp` (fsutil::temp_path): a lease
+            // write whose writer no longer runs here is as dead as any other.
+            let writer_gone = name
+                .rsplitn(4, '.')
+                .nth(2)
+                .and_then(|p| p.parse::<i32>().ok())
+                .is_some_and(|pid| {
+                    // SAFETY: kill with signal 0 only checks that the process exists.
+                    let rc = unsafe { libc::kill(pid, 0) };
+                    rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+                });
             let stale = !lease_write
+                || writer_gone
                 || e.metadata()
                     .and_then(|m| m.modified())
                     .map(|t| t < old)
@@ -918,6 +930,33 @@ mod tests {
         fs::write(other2.join("data"), b"x").unwrap();
         assert!(Store::open(&other2, Access::Write).is_err());
         assert!(!other2.join(CONFIG_FILE).exists());
+    }
+
+    #[test]
+    fn gc_removes_lease_temp_files_of_dead_writers_only() {
+        let d = tempfile::tempdir().unwrap();
+        let st = Store::open(d.path(), Access::Write).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let tmp = d.path().join("tmp");
+        let live = format!("mount-h-1-ab.json.{}.0.tmp", std::process::id());
+        fs::write(tmp.join(format!("backup-h-1-ab.json.{dead}.3.tmp")), b"x").unwrap();
+        fs::write(tmp.join(&live), b"x").unwrap();
+        fs::write(
+            tmp.join(format!("0123abcd.{}.1.tmp", std::process::id())),
+            b"x",
+        )
+        .unwrap();
+        // The dead backup's lease write and a chunk temp file go; the lease write of
+        // a process still running (a mount renewing) stays.
+        assert_eq!(st.remove_temp_files().unwrap(), 2);
+        let left: Vec<_> = fs::read_dir(&tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from(live)]);
     }
 
     #[test]

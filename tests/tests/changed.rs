@@ -134,21 +134,15 @@ fn bad_ranges_and_a_missing_base_are_refused() {
         "latest snapshot of vm is",
         &names[1],
     ]);
+    backup_vm(&v1, &store, &["--changed-base", &names[1]])
+        .error(&["--changed-base needs --changed or --changed-from"]);
     backup_vm(&v1, &store, &["--changed", r, "--changed-base", &names[1]]).ok();
     assert_eq!(list_names(&store).len(), 3);
 }
 
 fn tool(prog: &str, args: &[&str]) {
-    let out = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e} (installed by `cargo xtask setup`)"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    sh(prog, &args);
 }
 
 /// `qemu-nbd` serving `qcow2` read-only with its bitmap `bm0` on `sock`.

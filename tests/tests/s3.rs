@@ -14,7 +14,7 @@ use livemount_store::backend::{chunk_key, Backend, PutMode};
 use livemount_store::{Access, Store, StoreLocation};
 use livemount_tests::garage::{garage_bin, Garage};
 use std::ffi::{OsStr, OsString};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,18 +70,38 @@ fn backup_s3(g: &Garage, source: impl AsRef<OsStr>, url: &str) -> serde_json::Va
     .json()
 }
 
-/// The library's view of the bucket (for damaging objects and holding leases).
-fn backend(g: &Garage, url: &str) -> Arc<dyn Backend> {
-    // A credentials file, not the environment: tests run in parallel threads, each
-    // with a server and key of its own.
-    let opts = S3Options {
+/// How the library reaches `g`: a credentials file, not the environment (tests
+/// run in parallel threads, each with a server and key of its own).
+fn options(g: &Garage) -> S3Options {
+    S3Options {
         credentials_file: Some(g.credentials_file()),
         endpoint: Some(g.endpoint.clone()),
         region: Some("garage".into()),
         io_timeout: Duration::from_secs(5),
         ..Default::default()
-    };
-    Arc::new(S3Backend::open(url, &opts).unwrap())
+    }
+}
+
+/// The library's view of the bucket (for damaging objects and holding leases).
+fn backend(g: &Garage, url: &str) -> Arc<dyn Backend> {
+    Arc::new(S3Backend::open(url, &options(g)).unwrap())
+}
+
+/// A `mib` MiB image (of `seed`) in `dir`, backed up into `url` as series vm:
+/// the image's path, its bytes and the backup's snapshot.
+fn backed_up(
+    g: &Garage,
+    dir: &Path,
+    url: &str,
+    mib: usize,
+    seed: u64,
+) -> (PathBuf, Vec<u8>, String) {
+    let img = dir.join("img");
+    let data = compressible_image(mib, seed);
+    std::fs::write(&img, &data).unwrap();
+    let r = backup_s3(g, img.as_os_str(), url);
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    (img, data, snap)
 }
 
 #[test]
@@ -189,10 +209,7 @@ fn leases_keep_gc_and_forget_off_what_others_use() {
     };
     let t = tempfile::tempdir().unwrap();
     let url = "s3://lm-lease/x";
-    let img = t.path().join("img");
-    std::fs::write(&img, compressible_image(2, 3)).unwrap();
-    let r = backup_s3(&g, img.as_os_str(), url);
-    let snap = r["snapshot"].as_str().unwrap().to_string();
+    let (_, _, snap) = backed_up(&g, t.path(), url, 2, 3);
     let b = backend(&g, url);
     // A backup in progress on "another host": gc refuses, naming it.
     let writer = Store::open_backend(b.clone(), Access::Write).unwrap();
@@ -220,11 +237,7 @@ fn bad_credentials_missing_buckets_a_dead_server_and_damaged_objects() {
     };
     let t = tempfile::tempdir().unwrap();
     let url = "s3://lm-errors/x";
-    let img = t.path().join("img");
-    let data = compressible_image(3, 5);
-    std::fs::write(&img, &data).unwrap();
-    let r = backup_s3(&g, img.as_os_str(), url);
-    let snap = r["snapshot"].as_str().unwrap().to_string();
+    let (img, _, snap) = backed_up(&g, t.path(), url, 3, 5);
 
     // Wrong secret: access denied, naming the object and endpoint, no secret shown.
     let args = os(["list", "--store", url]);
@@ -344,21 +357,7 @@ fn an_nbd_export_of_a_bucket_snapshot_is_byte_exact_and_survives_an_outage() {
     };
     let t = tempfile::tempdir().unwrap();
     let url = "s3://lm-nbd/x";
-    let img = t.path().join("img");
-    let data = compressible_image(8, 9);
-    std::fs::write(&img, &data).unwrap();
-    lm_s3(
-        &g,
-        &[
-            OsStr::new("backup"),
-            img.as_os_str(),
-            "--store".as_ref(),
-            url.as_ref(),
-            "--name".as_ref(),
-            "vm".as_ref(),
-        ],
-    )
-    .ok();
+    let (_, data, _) = backed_up(&g, t.path(), url, 8, 9);
     let sock = t.path().join("nbd.sock");
     let child = serve_s3(
         &g,
@@ -574,19 +573,11 @@ fn commit_of_an_overlay_lands_in_the_bucket() {
     };
     let t = tempfile::tempdir().unwrap();
     let url = "s3://lm-commit/x";
-    let img = t.path().join("img");
-    let mut data = compressible_image(6, 13);
-    std::fs::write(&img, &data).unwrap();
-    backup_s3(&g, img.as_os_str(), url);
+    let (_, mut data, _) = backed_up(&g, t.path(), url, 6, 13);
     let overlay = t.path().join("vm.overlay");
     let location = StoreLocation::S3 {
         url: url.into(),
-        options: S3Options {
-            endpoint: Some(g.endpoint.clone()),
-            region: Some("garage".into()),
-            credentials_file: Some(g.credentials_file()),
-            ..Default::default()
-        },
+        options: options(&g),
     };
     let mut config =
         livemount::config::MountConfig::new(location, "vm".into(), Some(overlay.clone()));

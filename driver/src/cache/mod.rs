@@ -22,7 +22,7 @@ use compressed::ChunkTier;
 use disk::DiskTier;
 use flight::{DemandGauge, ReleaseOnDrop, SingleFlight};
 use hashbrown::HashMap;
-use livemount_store::backend::ChunkSource;
+use livemount_store::backend::{ChunkSource, ReadClass};
 use livemount_store::format::chunk::{ChunkId, ChunkLayout};
 use memory::{FrameBytes, TwoQueue};
 use readahead::{Fetch, ReadAheadMode, ReadAheadPolicy};
@@ -149,37 +149,40 @@ impl ReadCache {
         let _demand = demand.then(|| self.demand.enter());
         let started = Instant::now();
         let limit = ChunkLayout::max_file_len(chunk_len, self.frame_size);
-        let res = self.origin.read_all(id, limit).and_then(|bytes| {
-            self.readahead.observe_whole_chunk(started.elapsed());
-            self.stats.store_reads.fetch_add(1, Relaxed);
-            self.stats
-                .store_bytes
-                .fetch_add(bytes.len() as u64, Relaxed);
-            let layout = self
-                .checked_layout(id, chunk_len, &bytes)
-                .inspect_err(|_| {
+        let res = self
+            .origin
+            .read_all_as(id, limit, class_of(demand))
+            .and_then(|bytes| {
+                self.readahead.observe_whole_chunk(started.elapsed());
+                self.stats.store_reads.fetch_add(1, Relaxed);
+                self.stats
+                    .store_bytes
+                    .fetch_add(bytes.len() as u64, Relaxed);
+                let layout = self
+                    .checked_layout(id, chunk_len, &bytes)
+                    .inspect_err(|_| {
+                        self.stats.corrupt.fetch_add(1, Relaxed);
+                    })?;
+                if bytes.len() as u64 != layout.file_len() {
                     self.stats.corrupt.fetch_add(1, Relaxed);
-                })?;
-            if bytes.len() as u64 != layout.file_len() {
-                self.stats.corrupt.fetch_add(1, Relaxed);
-                return Err(Error::CorruptChunk {
-                    id: id.to_hex(),
-                    reason: format!(
-                        "file is {} bytes, its seek table says {}",
-                        bytes.len(),
-                        layout.file_len()
-                    ),
-                });
-            }
-            self.stats.readahead_chunks.fetch_add(1, Relaxed);
-            if let Some(d) = &self.disk {
-                let _ = d.write(id, 0, &bytes);
-            }
-            if let Some(c) = &self.compressed {
-                c.insert(*id, bytes);
-            }
-            Ok(())
-        });
+                    return Err(Error::CorruptChunk {
+                        id: id.to_hex(),
+                        reason: format!(
+                            "file is {} bytes, its seek table says {}",
+                            bytes.len(),
+                            layout.file_len()
+                        ),
+                    });
+                }
+                self.stats.readahead_chunks.fetch_add(1, Relaxed);
+                if let Some(d) = &self.disk {
+                    let _ = d.write(id, 0, &bytes);
+                }
+                if let Some(c) = &self.compressed {
+                    c.insert(*id, bytes);
+                }
+                Ok(())
+            });
         res
     }
 
@@ -278,7 +281,9 @@ impl ReadCache {
                 return Ok(Prefetched::BudgetReached);
             }
         }
-        let decoded = self.fetch(id, stored_range, |b| layout.decode_frames(run.clone(), b))?;
+        let decoded = self.fetch(id, stored_range, ReadClass::Background, |b| {
+            layout.decode_frames(run.clone(), b)
+        })?;
         if to_memory {
             let mut mem = self.mem.lock().map_err(|_| poisoned())?;
             let mut keys = self.prestaged.lock().map_err(|_| poisoned())?;
@@ -335,6 +340,7 @@ impl ReadCache {
         &self,
         id: &ChunkId,
         range: Range<u64>,
+        class: ReadClass,
         check: impl Fn(&[u8]) -> Result<T>,
     ) -> Result<T> {
         let len = (range.end - range.start) as usize;
@@ -365,7 +371,7 @@ impl ReadCache {
         }
         self.stats.store_reads.fetch_add(1, Relaxed);
         let started = Instant::now();
-        let bytes = self.origin.read_range(id, range.start, len)?;
+        let bytes = self.origin.read_range_as(id, range.start, len, class)?;
         self.readahead.observe_range(len, started.elapsed());
         self.stats
             .store_bytes
@@ -387,7 +393,11 @@ impl ReadCache {
         }
         let prefix = ChunkLayout::prefix_len(chunk_len, self.frame_size) as u64;
         let layout =
-            Arc::new(self.fetch(id, 0..prefix, |b| self.checked_layout(id, chunk_len, b))?);
+            // A layout is small and every later read of the chunk waits for it:
+            // fetched as demand whoever asks.
+            Arc::new(self.fetch(id, 0..prefix, ReadClass::Demand, |b| {
+                self.checked_layout(id, chunk_len, b)
+            })?);
         if let Ok(mut m) = self.layouts.lock() {
             m.insert(*id, layout.clone());
         }
@@ -450,7 +460,7 @@ impl ReadCache {
         ahead: bool,
     ) -> Result<Vec<FrameBytes>> {
         let file_range = layout.file_range(frames.clone());
-        let decoded = self.fetch(&layout.id, file_range, |b| {
+        let decoded = self.fetch(&layout.id, file_range, class_of(!ahead), |b| {
             let started = Instant::now();
             let frames = layout.decode_frames(frames.clone(), b)?;
             let bytes = frames.iter().map(Vec::len).sum();
@@ -675,6 +685,16 @@ fn copy_out(
     Ok(())
 }
 
+/// The store's priority for a fetch: demand reads go first at back ends that queue
+/// requests (S3); pre-staging and read-ahead wait behind them.
+fn class_of(demand: bool) -> ReadClass {
+    if demand {
+        ReadClass::Demand
+    } else {
+        ReadClass::Background
+    }
+}
+
 fn poisoned() -> Error {
     Error::Invalid("read cache: internal lock poisoned".into())
 }
@@ -705,6 +725,57 @@ mod tests {
         fn read_all(&self, id: &ChunkId, limit: u64) -> Result<Vec<u8>> {
             self.read_range(id, 0, limit as usize + 1)
         }
+    }
+
+    /// Records the priority class of every frame read it serves (layout reads of
+    /// a header-sized prefix are left out: always demand).
+    struct ClassSource {
+        inner: Arc<SlowSource>,
+        seen: std::sync::Mutex<Vec<ReadClass>>,
+    }
+
+    impl ChunkSource for ClassSource {
+        fn read_range(&self, id: &ChunkId, offset: u64, len: usize) -> Result<Vec<u8>> {
+            self.read_range_as(id, offset, len, ReadClass::Demand)
+        }
+        fn read_all(&self, id: &ChunkId, limit: u64) -> Result<Vec<u8>> {
+            self.read_all_as(id, limit, ReadClass::Demand)
+        }
+        fn read_range_as(&self, id: &ChunkId, o: u64, len: usize, c: ReadClass) -> Result<Vec<u8>> {
+            if o > 0 {
+                self.seen.lock().unwrap().push(c);
+            }
+            self.inner.read_range(id, o, len)
+        }
+        fn read_all_as(&self, id: &ChunkId, limit: u64, c: ReadClass) -> Result<Vec<u8>> {
+            self.seen.lock().unwrap().push(c);
+            self.inner.read_all(id, limit)
+        }
+    }
+
+    #[test]
+    fn prestaging_and_read_ahead_ask_the_store_as_background_demand_reads_as_demand() {
+        let (slow, data) = source();
+        let id = slow.id;
+        let src = Arc::new(ClassSource {
+            inner: slow,
+            seen: std::sync::Mutex::new(Vec::new()),
+        });
+        let take = || std::mem::take(&mut *src.seen.lock().unwrap());
+        let cache = ReadCache::new(src.clone(), 8 << 20, None, 65536);
+        let mut out = vec![0u8; 4096];
+        cache
+            .read(&id, data.len() as u32, 0..4096, &mut out)
+            .unwrap();
+        assert_eq!(take(), [ReadClass::Demand]);
+        cache.prefetch(&id, data.len() as u32, 4..6, true).unwrap();
+        assert_eq!(take(), [ReadClass::Background]);
+        cache.read_ahead(&id, data.len() as u32).unwrap();
+        let seen = take();
+        assert!(
+            !seen.is_empty() && seen.iter().all(|c| *c == ReadClass::Background),
+            "{seen:?}"
+        );
     }
 
     fn source() -> (Arc<SlowSource>, Vec<u8>) {

@@ -62,11 +62,11 @@ pub fn run(a: Args) -> Outcome {
         )?),
         (None, None) => None,
     };
+    if a.changed_base.is_some() && changed.is_none() {
+        anyhow::bail!("--changed-base needs --changed or --changed-from");
+    }
     let st = a.store.open(Access::Write)?;
     if let Some(base) = &a.changed_base {
-        if changed.is_none() {
-            anyhow::bail!("--changed-base needs --changed or --changed-from");
-        }
         let latest = st.list(Some(&a.name))?.pop();
         if latest.as_ref().map(|s| s.to_string()).as_deref() != Some(base.as_str()) {
             anyhow::bail!(

@@ -252,7 +252,7 @@ pub fn backup_changed(
             .unwrap_or_else(|_| source.to_path_buf())
             .display(),
         image_size,
-        hostname()
+        crate::store::hostname()
     );
     backup_from(
         store,
@@ -596,12 +596,6 @@ pub fn ratio(a: u64, b: u64) -> f64 {
     } else {
         a as f64 / b as f64
     }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown host".into())
 }
 
 #[cfg(test)]
