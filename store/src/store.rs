@@ -847,7 +847,7 @@ impl Store {
             // Temp names are `<tag>.<pid>.<seq>.tmp` (fsutil::temp_path): a lease
             // write whose writer no longer runs here is as dead as any other.
             let writer_gone = name
-                .rsplitn(4, '.')
+                .rsplit('.')
                 .nth(2)
                 .and_then(|p| p.parse::<i32>().ok())
                 .is_some_and(|pid| {
