@@ -56,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
         frame_size,
         created: 0,
         source: String::new(),
-        chunks: vec![ChunkRef::Stored(ChunkId(id))],
+        chunks: vec![ChunkRef::Stored(ChunkId(id))].into(),
     };
     let cache = Arc::new(
         ReadCache::new(Arc::new(One(file)), 4 << 20, None, frame_size)

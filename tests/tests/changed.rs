@@ -37,7 +37,12 @@ fn backup_json(img: &Path, store: &Path, extra: &[&str]) -> serde_json::Value {
 /// The chunk list of the latest snapshot of series vm.
 fn chunks(store: &Path) -> Vec<livemount_store::format::index::ChunkRef> {
     let st = Store::open(store, Access::ReadOnly).unwrap();
-    st.load_index(&st.resolve("vm").unwrap()).unwrap().chunks
+    st.load_index(&st.resolve("vm").unwrap())
+        .unwrap()
+        .chunks
+        .iter()
+        .copied()
+        .collect()
 }
 
 /// v1, and v2 = v1 with `changes` (offset, length) overwritten.

@@ -72,11 +72,9 @@ impl SnapshotImage {
         &self.cache
     }
 
-    /// Bytes in the snapshot's image (the device is rounded up to 512).
     /// Memory the in-memory index takes (its chunk list).
     pub fn index_bytes(&self) -> u64 {
-        (self.index.chunks.len() * std::mem::size_of::<livemount_store::format::index::ChunkRef>())
-            as u64
+        self.index.chunks.heap_bytes() as u64
     }
 
     /// Bytes in the snapshot's image.
@@ -187,7 +185,8 @@ mod tests {
                 ChunkRef::Zero,
                 ChunkRef::Stored(chunks[1].0),
                 ChunkRef::Stored(chunks[0].0),
-            ],
+            ]
+            .into(),
         };
         let mut want = chunks[0].1.clone();
         want.extend(std::iter::repeat_n(0u8, cs as usize));

@@ -338,7 +338,8 @@ mod tests {
                 ChunkRef::Zero,
                 ChunkRef::Stored(ChunkId([2; 32])),
                 ChunkRef::Stored(ChunkId([3; 32])),
-            ],
+            ]
+            .into(),
         }
     }
 

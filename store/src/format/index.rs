@@ -61,8 +61,177 @@ pub struct SnapshotIndex {
     /// What was backed up (path, size, host).
     pub source: String,
     /// The chunks in order.
-    pub chunks: Vec<ChunkRef>,
+    pub chunks: ChunkList,
 }
+
+/// The chunks of an image in order, kept as runs of equal entries.
+///
+/// A thin disk is mostly zero chunks: a 4 TiB image at 1 MiB chunks has 4 M
+/// positions, and a `Vec<ChunkRef>` of them costs 132 MiB of memory before one byte
+/// is read, in every mount, backup and gc. Runs make the cost follow the data: one
+/// run (36 bytes) per stretch of equal entries — a zero stretch of any length, or a
+/// stored chunk. Lookup is a binary search over the runs.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ChunkList {
+    /// Positions.
+    len: u32,
+    /// First position of each run, ascending; run `r` ends where run `r + 1` starts.
+    starts: Vec<u32>,
+    /// The entry of each run.
+    refs: Vec<ChunkRef>,
+}
+
+/// Largest number of positions a [`ChunkList`] holds (64 TiB at 64 KiB chunks).
+pub const MAX_CHUNKS: u64 = MAX_IMAGE_SIZE / CHUNK_SIZE_RANGE.0 as u64;
+
+impl ChunkList {
+    /// An empty list.
+    pub fn new() -> ChunkList {
+        ChunkList::default()
+    }
+
+    /// `len` zero chunks.
+    pub fn zeros(len: usize) -> ChunkList {
+        let mut l = ChunkList::new();
+        l.push_run(ChunkRef::Zero, len);
+        l
+    }
+
+    /// Append `n` copies of `c`.
+    pub fn push_run(&mut self, c: ChunkRef, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if self.refs.last() != Some(&c) {
+            self.starts.push(self.len);
+            self.refs.push(c);
+        }
+        // Callers are bounded by MAX_CHUNKS (decode checks the count first).
+        self.len = self
+            .len
+            .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+
+    /// Append one entry.
+    pub fn push(&mut self, c: ChunkRef) {
+        self.push_run(c, 1);
+    }
+
+    /// Number of positions.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// True if there are no positions.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The entry at position `i`.
+    pub fn get(&self, i: usize) -> Option<&ChunkRef> {
+        if i >= self.len() {
+            return None;
+        }
+        let r = self.starts.partition_point(|&s| s as usize <= i) - 1;
+        self.refs.get(r)
+    }
+
+    /// The entries, one per position.
+    pub fn iter(&self) -> ChunkIter<'_> {
+        ChunkIter {
+            list: self,
+            pos: 0,
+            run: 0,
+        }
+    }
+
+    /// The runs: (first position, positions, entry).
+    pub fn runs(&self) -> impl Iterator<Item = (usize, usize, &ChunkRef)> + '_ {
+        (0..self.refs.len()).map(move |r| {
+            let start = self.starts[r] as usize;
+            let end = self.starts.get(r + 1).map_or(self.len(), |&s| s as usize);
+            (start, end - start, &self.refs[r])
+        })
+    }
+
+    /// Bytes of memory the list holds.
+    pub fn heap_bytes(&self) -> usize {
+        self.starts.capacity() * 4 + self.refs.capacity() * std::mem::size_of::<ChunkRef>()
+    }
+}
+
+impl std::fmt::Debug for ChunkList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.runs()).finish()
+    }
+}
+
+impl std::ops::Index<usize> for ChunkList {
+    type Output = ChunkRef;
+    fn index(&self, i: usize) -> &ChunkRef {
+        match self.get(i) {
+            Some(c) => c,
+            None => panic!("chunk position {i} out of range ({})", self.len),
+        }
+    }
+}
+
+impl FromIterator<ChunkRef> for ChunkList {
+    fn from_iter<T: IntoIterator<Item = ChunkRef>>(iter: T) -> ChunkList {
+        let mut l = ChunkList::new();
+        for c in iter {
+            l.push(c);
+        }
+        l
+    }
+}
+
+impl From<Vec<ChunkRef>> for ChunkList {
+    fn from(v: Vec<ChunkRef>) -> ChunkList {
+        v.into_iter().collect()
+    }
+}
+
+impl<'a> IntoIterator for &'a ChunkList {
+    type Item = &'a ChunkRef;
+    type IntoIter = ChunkIter<'a>;
+    fn into_iter(self) -> ChunkIter<'a> {
+        self.iter()
+    }
+}
+
+/// Iterator over a [`ChunkList`]'s positions.
+pub struct ChunkIter<'a> {
+    list: &'a ChunkList,
+    pos: usize,
+    run: usize,
+}
+
+impl<'a> Iterator for ChunkIter<'a> {
+    type Item = &'a ChunkRef;
+    fn next(&mut self) -> Option<&'a ChunkRef> {
+        if self.pos >= self.list.len() {
+            return None;
+        }
+        while self
+            .list
+            .starts
+            .get(self.run + 1)
+            .is_some_and(|&s| s as usize <= self.pos)
+        {
+            self.run += 1;
+        }
+        self.pos += 1;
+        self.list.refs.get(self.run)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.list.len() - self.pos;
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for ChunkIter<'_> {}
 
 impl SnapshotIndex {
     /// Number of chunks an image of `image_size` bytes needs.
@@ -151,7 +320,7 @@ impl SnapshotIndex {
                 "source length {source_len} or image size {image_size} out of range"
             )));
         }
-        if chunk_count != Self::chunk_count(image_size, chunk_size) {
+        if chunk_count != Self::chunk_count(image_size, chunk_size) || chunk_count > MAX_CHUNKS {
             return Err(bad("chunk count does not match image size".into()));
         }
         let expected = chunk_count
@@ -193,8 +362,8 @@ impl SnapshotIndex {
     pub fn stored_ids(&self) -> Vec<ChunkId> {
         let mut ids: Vec<ChunkId> = self
             .chunks
-            .iter()
-            .filter_map(|c| match c {
+            .runs()
+            .filter_map(|(_, _, c)| match c {
                 ChunkRef::Stored(id) => Some(*id),
                 ChunkRef::Zero => None,
             })
@@ -221,7 +390,8 @@ mod tests {
                 ChunkRef::Zero,
                 ChunkRef::Stored(ChunkId([2; 32])),
                 ChunkRef::Stored(ChunkId([1; 32])),
-            ],
+            ]
+            .into(),
         }
     }
 
@@ -232,6 +402,53 @@ mod tests {
         assert_eq!(SnapshotIndex::decode(Path::new("x"), &bytes).unwrap(), idx);
         assert_eq!(idx.stored_ids().len(), 2);
         assert_eq!(idx.chunk_len(3), 5);
+    }
+
+    #[test]
+    fn chunk_lists_keep_runs_and_answer_like_a_vector() {
+        let a = ChunkRef::Stored(ChunkId([1; 32]));
+        let b = ChunkRef::Stored(ChunkId([2; 32]));
+        let v = vec![
+            ChunkRef::Zero,
+            ChunkRef::Zero,
+            a,
+            a,
+            b,
+            ChunkRef::Zero,
+            ChunkRef::Zero,
+            ChunkRef::Zero,
+            b,
+        ];
+        let l = ChunkList::from(v.clone());
+        assert_eq!(l.len(), v.len());
+        assert_eq!(l.runs().count(), 5);
+        for (i, c) in v.iter().enumerate() {
+            assert_eq!(l.get(i), Some(c), "{i}");
+            assert_eq!(&l[i], c, "{i}");
+        }
+        assert_eq!(l.get(v.len()), None);
+        assert_eq!(l.iter().copied().collect::<Vec<_>>(), v);
+        assert_eq!(l.iter().len(), v.len());
+        // A 4 TiB image of zero chunks but one, at 1 MiB chunks: three runs.
+        let mut big = ChunkList::zeros(2 << 20);
+        big.push(a);
+        big.push_run(ChunkRef::Zero, (2 << 20) - 1);
+        assert_eq!(big.len(), 4 << 20);
+        assert_eq!(big.runs().count(), 3);
+        assert!(big.heap_bytes() < 1024, "{}", big.heap_bytes());
+        assert_eq!(big.get(2 << 20), Some(&a));
+        assert_eq!(big.get((2 << 20) + 1), Some(&ChunkRef::Zero));
+        let idx = SnapshotIndex {
+            image_size: 4 << 40,
+            chunk_size: 1 << 20,
+            frame_size: 65536,
+            created: 1,
+            source: String::new(),
+            chunks: big,
+        };
+        let back = SnapshotIndex::decode(Path::new("x"), &idx.encode()).unwrap();
+        assert_eq!(back, idx);
+        assert!(back.chunks.heap_bytes() < 1024);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::chunk::{self, ChunkId};
-use crate::format::index::{ChunkRef, SnapshotIndex};
+use crate::format::index::{ChunkList, ChunkRef, SnapshotIndex};
 use crate::progress::Progress;
 use crate::store::{SnapshotRef, Store, CHUNK_SIZE_RANGE, DEFAULT_CHUNK_SIZE};
 use serde::Serialize;
@@ -357,7 +357,9 @@ pub fn backup_from(
     let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(threads * 2);
     let work_rx = Mutex::new(work_rx);
     let (done_tx, done_rx) = mpsc::channel::<Result<(usize, Outcome, u64)>>();
-    let mut refs = vec![ChunkRef::Zero; count];
+    // Stored chunks by position (the rest are zero): memory follows the data, not
+    // the image size.
+    let mut refs: std::collections::BTreeMap<usize, ChunkId> = Default::default();
     let mut report = BackupReport::empty(previous.as_ref(), image_size, chunk_size);
     // Every chunk the index will name, new or reused: a reused chunk may have been
     // renamed into place by a concurrent backup that has not synced its directory yet.
@@ -388,14 +390,14 @@ pub fn backup_from(
                     Outcome::Reused(id) => {
                         report.chunks_reused += 1;
                         report.bytes_reused += len;
-                        refs[i] = ChunkRef::Stored(id);
+                        refs.insert(i, id);
                         synced_ids.push(id);
                     }
                     Outcome::New { id, stored } => {
                         report.chunks_new += 1;
                         report.bytes_new += len;
                         report.bytes_stored += stored;
-                        refs[i] = ChunkRef::Stored(id);
+                        refs.insert(i, id);
                         synced_ids.push(id);
                     }
                 }
@@ -483,13 +485,19 @@ pub fn backup_from(
     if let Some(e) = first_err {
         return Err(e);
     }
+    let mut chunks = ChunkList::new();
+    for (i, id) in refs {
+        chunks.push_run(ChunkRef::Zero, i - chunks.len());
+        chunks.push(ChunkRef::Stored(id));
+    }
+    chunks.push_run(ChunkRef::Zero, count - chunks.len());
     let index = SnapshotIndex {
         image_size,
         chunk_size,
         frame_size,
         created: crate::store::now_secs(),
         source: description.to_string(),
-        chunks: refs,
+        chunks,
     };
     commit(store, &opts.series, index, &synced_ids, report, start)
 }
