@@ -278,21 +278,22 @@ fn a_mount_reports_its_memory() {
     c.prestage = "none".into();
     let stack = Stack::open(&c).unwrap();
     let m = livemount::daemon::status::MemoryReport::of(&stack);
-    assert_eq!(
-        m.overlay_map_bytes,
-        (SIZE as u64 / 512 / 8).next_multiple_of(4096)
+    // Before any write the sector map is page pointers only (no bitmap of the
+    // device), and the index at most one run per chunk.
+    let full_map = SIZE as u64 / 512 / 8;
+    assert!(
+        m.overlay_map_bytes > 0 && m.overlay_map_bytes < full_map / 64,
+        "{m:?}"
     );
-    assert_eq!(
-        m.index_bytes,
-        16 * std::mem::size_of::<livemount_store::format::index::ChunkRef>() as u64
-    );
+    let run = 4 + std::mem::size_of::<livemount_store::format::index::ChunkRef>() as u64;
+    assert!(m.index_bytes > 0 && m.index_bytes <= 2 * 16 * run, "{m:?}");
     assert_eq!(m.cache_mem_budget, 8 << 20);
     assert!(m.rss_bytes > 0);
-    // The mirror exists on /run (as root) and is as large as the map, or there is
-    // none and writes are synchronous.
+    // The mirror exists on /run (as root: its header at least), or there is none
+    // and writes are synchronous.
     let o = stack.overlay.as_ref().unwrap();
     assert!(
-        m.mirror_bytes == 0 && o.synchronous_writes() || m.mirror_bytes >= m.overlay_map_bytes,
+        m.mirror_bytes == 0 && o.synchronous_writes() || m.mirror_bytes >= 4096,
         "{m:?}"
     );
 }

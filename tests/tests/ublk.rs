@@ -1497,10 +1497,7 @@ fn ublk_s3_snapshot_reads_exact_and_takes_ext4_writes() {
     assert!(lease.starts_with("leases/mount-"), "no lease: {lease:?}");
     let mem = &m.status()["memory"];
     assert!(mem["rss_bytes"].as_u64().unwrap_or(0) > 0, "{mem}");
-    assert!(
-        mem["overlay_map_bytes"].as_u64().unwrap_or(0) >= 16384,
-        "{mem}"
-    );
+    assert!(mem["overlay_map_bytes"].as_u64().unwrap_or(0) > 0, "{mem}");
     let req = &m.status()["store_requests"];
     assert!(req["gets"].as_u64().unwrap_or(0) > 0, "{req}");
     let mnt = t.path().join("mnt");

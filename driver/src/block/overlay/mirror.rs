@@ -21,9 +21,10 @@
 //! 80  device_size  u64
 //! 88  map_len      u64
 //! 4092 crc32c of bytes 0..4092
-//! 4096 the map, as in the overlay file
+//! 4096 the map, as in the overlay file (sparse: only pages with set bits exist)
 //! ```
 
+use super::map::SparseMap;
 use super::OverlayIdentity;
 use crate::error::{Error, IoContext, Result};
 use std::fs::{File, OpenOptions};
@@ -121,7 +122,7 @@ impl MirrorKey {
 
 /// The map bits a mirror at `path` holds for `key`: `Ok(None)` if there is none,
 /// `Err` (with the reason, for a warning) if it is not this overlay's of this boot.
-pub fn load(path: &Path, key: &MirrorKey) -> std::result::Result<Option<Vec<u8>>, String> {
+pub fn load(path: &Path, key: &MirrorKey) -> std::result::Result<Option<SparseMap>, String> {
     let f = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -141,10 +142,9 @@ pub fn load(path: &Path, key: &MirrorKey) -> std::result::Result<Option<Vec<u8>>
     if h != key.header() {
         return Err("it belongs to another overlay file, snapshot or boot".into());
     }
-    let mut map = vec![0u8; key.map_len as usize];
-    f.read_exact_at(&mut map, HEADER_LEN)
-        .map_err(|e| e.to_string())?;
-    Ok(Some(map))
+    SparseMap::load(&f, HEADER_LEN, key.map_len)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// A mirror being kept up to date.
@@ -159,7 +159,7 @@ impl Mirror {
     /// The new mirror is written under a temporary name and renamed over the old
     /// one only when complete: a crash meanwhile leaves the old mirror (whose bits
     /// the caller has merged) in place, never a partial one.
-    pub fn create(path: &Path, key: &MirrorKey, map: &[u8]) -> Result<Mirror> {
+    pub fn create(path: &Path, key: &MirrorKey, map: &SparseMap) -> Result<Mirror> {
         let tmp = path.with_extension("map.new");
         let _ = std::fs::remove_file(&tmp);
         let file = OpenOptions::new()
@@ -169,9 +169,15 @@ impl Mirror {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)
             .at(&tmp)?;
+        // Sparse: only the map's existing pages take space on tmpfs.
         let written = file
             .write_all_at(&key.header(), 0)
-            .and_then(|()| file.write_all_at(map, HEADER_LEN))
+            .and_then(|()| file.set_len(HEADER_LEN + key.map_len))
+            .and_then(|()| {
+                map.allocated_pages().try_for_each(|p| {
+                    file.write_all_at(&map.page_bytes(p), HEADER_LEN + p * super::map::PAGE)
+                })
+            })
             .and_then(|()| std::fs::rename(&tmp, path));
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);

@@ -38,10 +38,12 @@
 //! Without its map mirror ([`mirror`]; e.g. /run is full) every write is flushed
 //! before it completes, so a killed daemon still loses no acknowledged write.
 
+pub mod map;
 pub mod mirror;
 
 use super::BlockDevice;
 use crate::error::{Error, IoContext, Result};
+use map::SparseMap;
 use mirror::{Mirror, MirrorKey};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -57,7 +59,7 @@ pub const OVERLAY_VERSION: u32 = 1;
 /// Map granularity.
 pub const SECTOR: u64 = 512;
 const HEADER_LEN: u64 = 4096;
-const PAGE: u64 = 4096;
+const PAGE: u64 = map::PAGE;
 const MAX_NAME: usize = 256;
 
 /// Which snapshot an overlay belongs to.
@@ -72,7 +74,7 @@ pub struct OverlayIdentity {
 }
 
 struct MapState {
-    bits: Vec<u64>,
+    bits: SparseMap,
     /// Dirty map pages (index of 4096-byte page of the map).
     dirty: std::collections::BTreeSet<u64>,
     /// The map's copy on tmpfs; None once it failed (then writes are synchronous).
@@ -271,10 +273,16 @@ impl Overlay {
                 id.snapshot
             )));
         }
-        let mut bits = read_map(&file, path, map_offset, ml)?;
+        if file.metadata().at(path)?.len() < data_offset {
+            return Err(Error::Invalid(format!(
+                "overlay {}: truncated map",
+                path.display()
+            )));
+        }
+        let mut bits = SparseMap::load(&file, map_offset, ml).at(path)?;
         let dirty = merge_mirror(&mut bits, &mirror_path, &key, path);
         let mirror = start_mirror(&bits, mirror_dir.map(|_| mirror_path.as_path()), &key, path);
-        let mapped = bits.iter().map(|w| w.count_ones() as u64).sum();
+        let mapped = bits.count_ones();
         let sync_writes = AtomicBool::new(mirror.is_none());
         Ok(Overlay {
             file,
@@ -386,7 +394,7 @@ impl Overlay {
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
         let first = offset / SECTOR;
         for s in first..first + len / SECTOR {
-            let bit = m.bits[(s / 64) as usize] >> (s % 64) & 1 == 1;
+            let bit = m.bits.get(s);
             match out.last_mut() {
                 Some(last) if last.2 == bit => last.1 += SECTOR,
                 _ => out.push((s * SECTOR, SECTOR, bit)),
@@ -402,8 +410,11 @@ impl Overlay {
         if self.mapped_sectors.load(Relaxed) == 0 {
             return true;
         }
-        let Ok(m) = self.map.lock() else { return false };
         let (mut s, end) = (offset / SECTOR, (offset + len).div_ceil(SECTOR));
+        if end > self.device_size.div_ceil(SECTOR) {
+            return false;
+        }
+        let Ok(m) = self.map.lock() else { return false };
         while s < end {
             let (w, b) = ((s / 64) as usize, s % 64);
             let n = (64 - b).min(end - s);
@@ -412,9 +423,8 @@ impl Overlay {
             } else {
                 ((1u64 << n) - 1) << b
             };
-            match m.bits.get(w) {
-                Some(word) if word & mask == 0 => {}
-                _ => return false,
+            if m.bits.word(w) & mask != 0 {
+                return false;
             }
             s += n;
         }
@@ -430,18 +440,17 @@ impl Overlay {
         let mut newly = 0;
         let mut changed: Option<(usize, usize)> = None;
         for s in first..first + len / SECTOR {
-            let (w, b) = ((s / 64) as usize, s % 64);
-            if m.bits[w] >> b & 1 == 0 {
-                m.bits[w] |= 1 << b;
+            if m.bits.set(s) {
+                let w = (s / 64) as usize;
                 newly += 1;
-                m.dirty.insert(w as u64 * 8 / PAGE);
+                m.dirty.insert(s / (PAGE * 8));
                 changed = Some(changed.map_or((w, w), |(a, _)| (a, w)));
             }
         }
         // Under the lock, so that concurrent writers cannot store older words over
         // newer ones.
         if let (Some(mirror), Some((a, z))) = (&m.mirror, changed) {
-            let bytes: Vec<u8> = m.bits[a..=z].iter().flat_map(|w| w.to_le_bytes()).collect();
+            let bytes: Vec<u8> = (a..=z).flat_map(|w| m.bits.word(w).to_le_bytes()).collect();
             if let Err(e) = mirror.write(a as u64 * 8, &bytes) {
                 // The file stays: its bits are all acknowledged writes, and the next
                 // flush (this write's, now synchronous) makes them durable anyway.
@@ -460,15 +469,17 @@ impl Overlay {
         }
     }
 
-    /// Bytes of the sector map in memory (one bit per 512-byte sector).
+    /// Bytes of memory the sector map holds (pages exist where sectors were written).
     pub fn map_bytes(&self) -> u64 {
-        map_len(self.device_size())
+        self.map.lock().map_or(0, |m| m.bits.heap_bytes())
     }
 
-    /// Bytes of the map's mirror on /run (0 when there is none: synchronous writes).
+    /// Bytes the map's mirror takes on /run (allocated, not its sparse length; 0
+    /// when there is none: synchronous writes).
     pub fn mirror_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
         std::fs::metadata(self.mirror_path())
-            .map(|m| m.len())
+            .map(|m| m.blocks() * 512)
             .unwrap_or(0)
     }
 
@@ -501,22 +512,11 @@ fn warn_no_mirror(path: &Path, why: &str) {
     );
 }
 
-/// The on-disk map of an overlay: `ml` bytes at `map_offset`, as words.
-fn read_map(file: &File, path: &Path, map_offset: u64, ml: u64) -> Result<Vec<u64>> {
-    let mut raw = vec![0u8; ml as usize];
-    file.read_exact_at(&mut raw, map_offset)
-        .map_err(|_| Error::Invalid(format!("overlay {}: truncated map", path.display())))?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-        .collect())
-}
-
 /// Merge the bits of this overlay's mirror (a dead daemon's acknowledged writes)
 /// into `bits`; the map pages that gained bits are dirty (to be made durable at the
 /// next flush). A mirror of another file or boot is ignored, with a warning.
 fn merge_mirror(
-    bits: &mut [u64],
+    bits: &mut SparseMap,
     mirror_path: &Path,
     key: &MirrorKey,
     path: &Path,
@@ -524,11 +524,9 @@ fn merge_mirror(
     let mut dirty = std::collections::BTreeSet::new();
     match mirror::load(mirror_path, key) {
         Ok(Some(old)) => {
-            for (w, c) in old.chunks_exact(8).enumerate() {
-                let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
-                if v & !bits[w] != 0 {
-                    bits[w] |= v;
-                    dirty.insert(w as u64 * 8 / PAGE);
+            for p in old.allocated_pages() {
+                if bits.merge_page(p, &old.page_bytes(p)) {
+                    dirty.insert(p);
                 }
             }
         }
@@ -544,13 +542,17 @@ fn merge_mirror(
 
 /// A fresh mirror holding `bits` at `at` (None: no run directory), or None with a
 /// loud warning: writes are then synchronous.
-fn start_mirror(bits: &[u64], at: Option<&Path>, key: &MirrorKey, path: &Path) -> Option<Mirror> {
+fn start_mirror(
+    bits: &SparseMap,
+    at: Option<&Path>,
+    key: &MirrorKey,
+    path: &Path,
+) -> Option<Mirror> {
     let Some(at) = at else {
         warn_no_mirror(path, "no run directory");
         return None;
     };
-    let bytes: Vec<u8> = bits.iter().flat_map(|w| w.to_le_bytes()).collect();
-    match Mirror::create(at, key, &bytes) {
+    match Mirror::create(at, key, bits) {
         Ok(m) => Some(m),
         Err(e) => {
             warn_no_mirror(path, &e.to_string());
@@ -660,11 +662,7 @@ impl BlockDevice for Overlay {
             let dirty = std::mem::take(&mut m.dirty);
             dirty
                 .into_iter()
-                .map(|p| {
-                    let words = &m.bits[(p * PAGE / 8) as usize..((p + 1) * PAGE / 8) as usize];
-                    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-                    (p, bytes)
-                })
+                .map(|p| (p, m.bits.page_bytes(p)))
                 .collect()
         };
         // The pages stay dirty in memory if anything below fails: the mirror keeps
@@ -978,6 +976,62 @@ mod tests {
             !mp.exists(),
             "a failed sync left a mirror a later open would merge"
         );
+    }
+
+    /// Memory, mirror and the file's allocated map follow the writes, not the size
+    /// of the device: a 4 TiB overlay written at both ends and in the middle.
+    #[test]
+    fn a_4_tib_overlay_costs_what_is_written_and_survives_kill_and_reopen() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let mirrors = tempfile::tempdir().unwrap();
+        let p = d.path().join("ov");
+        let size = 4u64 << 40;
+        let base: Arc<dyn BlockDevice> = Arc::new(Pattern(size));
+        let ov = open(&p, base.clone(), &ident(size, 1), &mirrors);
+        assert!(
+            ov.map_bytes() <= 2 << 20,
+            "before writes: {}",
+            ov.map_bytes()
+        );
+        assert!(ov.mirror_bytes() <= 64 << 10, "{}", ov.mirror_bytes());
+        let spots = [0, size / 2 + 4096, size - 8192];
+        for (i, &at) in spots.iter().enumerate() {
+            ov.write_at(at, &[0x10 + i as u8; 8192]).unwrap();
+        }
+        ov.flush().unwrap();
+        ov.write_at(size / 4, &[0x77; 512]).unwrap(); // acknowledged, not flushed
+        assert!(ov.map_bytes() <= (2 << 20) + 4 * PAGE, "{}", ov.map_bytes());
+        assert!(ov.mirror_bytes() <= 64 << 10, "{}", ov.mirror_bytes());
+        let m = std::fs::metadata(&p).unwrap();
+        assert!(
+            m.blocks() * 512 < 1 << 20,
+            "overlay file uses {}",
+            m.blocks() * 512
+        );
+        drop(ov); // killed: the unflushed write lives in the mirror
+        let ov = open(&p, base.clone(), &ident(size, 1), &mirrors);
+        let mut buf = vec![0u8; 8192];
+        for (i, &at) in spots.iter().enumerate() {
+            ov.read_at(at, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == 0x10 + i as u8), "at {at}");
+        }
+        ov.read_at(size / 4, &mut buf[..1024]).unwrap();
+        assert_eq!(buf[..512], [0x77; 512]);
+        assert_eq!(
+            buf[512],
+            ((size / 4 + 512) / 512) as u8 | 1,
+            "base after it"
+        );
+        assert_eq!(ov.mapped_sectors.load(Relaxed), 3 * 16 + 1);
+        ov.close().unwrap();
+        drop(ov);
+        // After a reboot (no mirror) the on-disk map alone has everything closed.
+        let fresh = tempfile::tempdir().unwrap();
+        let ov = open(&p, base, &ident(size, 1), &fresh);
+        ov.read_at(size / 4, &mut buf[..512]).unwrap();
+        assert_eq!(buf[..512], [0x77; 512]);
+        assert_eq!(ov.mapped_sectors.load(Relaxed), 3 * 16 + 1);
     }
 
     #[test]
