@@ -5,6 +5,7 @@
 //! `cargo xtask setup`, which `demo`, `test` and the benchmarks call first.
 
 mod bench_nbd;
+mod bench_scale;
 mod bench_vm;
 mod boot;
 mod demo;
@@ -48,6 +49,9 @@ enum Cmd {
     /// The store on Garage (loopback, and 20 ms RTT through the delay proxy) vs a
     /// local directory: backup, re-backup, restore.
     BenchS3,
+    /// A 4 TiB thin disk on the host: backup, changed-block incremental, serve's
+    /// ready time and memory, restore (vs 2 GiB references, same run).
+    BenchScale,
     /// Build the release binary and run `livemount mount` with these arguments
     /// (e.g. `cargo xtask create-device web01 --store /srv/store --daemon`).
     CreateDevice {
@@ -113,6 +117,10 @@ fn main() -> Result<()> {
         Cmd::BenchS3 => {
             setup::run()?;
             util::cargo(&["bench", "-p", "livemount-benches", "--bench", "s3"])
+        }
+        Cmd::BenchScale => {
+            setup::run()?;
+            bench_scale::run()
         }
         Cmd::VmTest => {
             setup::run()?;

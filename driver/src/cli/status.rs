@@ -4,9 +4,10 @@ use super::{mib, print_json, Outcome, OutputArgs};
 use crate::block::prestage::PrestageReport;
 use crate::cache::CacheReport;
 use crate::daemon::status::{
-    list_serve_status, list_status, read_status, MountStatus, ServeStatus,
+    list_serve_status, list_status, read_status, MemoryReport, MountStatus, ServeStatus,
 };
 use crate::metrics::IoReport;
+use livemount_store::backend::RequestReport;
 use std::fmt;
 use std::process::ExitCode;
 
@@ -86,6 +87,12 @@ impl fmt::Display for ServeText<'_> {
             )?;
             cache(f, &e.cache)?;
             io(f, &e.io)?;
+            if let Some(r) = &e.store_requests {
+                requests(f, r)?;
+            }
+            if let Some(m) = &e.memory {
+                memory(f, m)?;
+            }
         }
         Ok(())
     }
@@ -228,30 +235,38 @@ impl fmt::Display for Text<'_> {
             self::io(f, io)?;
         }
         if let Some(r) = &s.store_requests {
-            writeln!(
-                f,
-                "  store: {} GETs ({} hedged), {:.1} MiB in, {} in flight, GET p50 {:.1} ms, p99 {:.1} ms",
-                r.gets,
-                r.hedged,
-                mib(r.bytes_in),
-                r.in_flight,
-                r.get_p50_ms,
-                r.get_p99_ms
-            )?;
+            requests(f, r)?;
         }
         if let Some(m) = &s.memory {
-            writeln!(
-                f,
-                "  memory: RSS {:.1} MiB; overlay map {:.1} MiB, its mirror in /run {:.1} MiB, index {:.1} MiB; cache memory budget {:.1} MiB",
-                mib(m.rss_bytes),
-                mib(m.overlay_map_bytes),
-                mib(m.mirror_bytes),
-                mib(m.index_bytes),
-                mib(m.cache_mem_budget)
-            )?;
+            memory(f, m)?;
         }
         Ok(())
     }
+}
+
+fn requests(f: &mut fmt::Formatter<'_>, r: &RequestReport) -> fmt::Result {
+    writeln!(
+        f,
+        "  store: {} GETs ({} hedged), {:.1} MiB in, {} in flight, GET p50 {:.1} ms, p99 {:.1} ms",
+        r.gets,
+        r.hedged,
+        mib(r.bytes_in),
+        r.in_flight,
+        r.get_p50_ms,
+        r.get_p99_ms
+    )
+}
+
+fn memory(f: &mut fmt::Formatter<'_>, m: &MemoryReport) -> fmt::Result {
+    writeln!(
+        f,
+        "  memory: RSS {:.1} MiB; overlay map {:.1} MiB, its mirror in /run {:.1} MiB, index {:.1} MiB; cache memory budget {:.1} MiB",
+        mib(m.rss_bytes),
+        mib(m.overlay_map_bytes),
+        mib(m.mirror_bytes),
+        mib(m.index_bytes),
+        mib(m.cache_mem_budget)
+    )
 }
 
 fn cache(f: &mut fmt::Formatter<'_>, c: &CacheReport) -> fmt::Result {

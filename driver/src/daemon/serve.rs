@@ -246,6 +246,7 @@ fn status_writer(
                     cache: s.cache.report(),
                     io: e.metrics.report(),
                     store_requests: s.backend.requests(),
+                    memory: Some(super::status::MemoryReport::of(s)),
                 })
                 .collect(),
         };

@@ -128,6 +128,10 @@ pub struct ExportStatus {
     /// Requests to a remote store (None for a directory).
     #[serde(default)]
     pub store_requests: Option<RequestReport>,
+    /// Where the server's memory goes (RSS is the whole process's, shared by
+    /// every export).
+    #[serde(default)]
+    pub memory: Option<MemoryReport>,
 }
 
 /// Where `livemount serve` with `pid` keeps its status.

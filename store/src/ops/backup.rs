@@ -113,11 +113,16 @@ pub trait SourceRead: Read {
 pub struct FileSource {
     file: File,
     sparse: bool,
+    /// Where the next read starts (reads are positioned: skipping costs nothing).
+    pos: u64,
+    /// Everything below this offset from `pos` on is known to be a hole (the last
+    /// SEEK_DATA answer), so a long hole costs one system call, not one per chunk.
+    hole_until: u64,
 }
 
 impl FileSource {
-    /// `file`, positioned at its start.
-    pub fn new(file: File) -> Self {
+    /// `file`, read from its current position.
+    pub fn new(mut file: File) -> Self {
         let sparse = file
             .metadata()
             .map(|m| m.file_type().is_file())
@@ -127,13 +132,22 @@ impl FileSource {
         // zfs_dmu_offset_next_sync=0) report dirty, unsynced data as holes. A
         // source that cannot be synced is read in full.
         let sparse = sparse && file.sync_data().is_ok();
-        FileSource { file, sparse }
+        let pos = file.stream_position().unwrap_or(0);
+        FileSource {
+            file,
+            sparse,
+            pos,
+            hole_until: 0,
+        }
     }
 }
 
 impl Read for FileSource {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.file.read(buf)
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
@@ -143,22 +157,28 @@ impl SourceRead for FileSource {
         if !self.sparse {
             return Ok(false);
         }
+        if start >= self.pos && end <= self.hole_until {
+            self.pos = end;
+            return Ok(true);
+        }
         let Ok(at) = libc::off_t::try_from(start) else {
             return Ok(false);
         };
         // SAFETY: lseek on a descriptor owned by `self.file`; no memory is passed.
+        // (Reads are positioned, so the offset lseek leaves behind is not used.)
         let data = unsafe { libc::lseek(self.file.as_raw_fd(), at, libc::SEEK_DATA) };
         let hole = if data >= 0 {
+            self.hole_until = data as u64;
             data as u64 >= end
         } else {
             match std::io::Error::last_os_error().raw_os_error() {
                 // No data at or after `start`: the rest of the file is a hole,
                 // unless the file shrank under us (then the read below says so).
-                Some(libc::ENXIO) => self
-                    .file
-                    .metadata()
-                    .map(|m| m.len() >= end)
-                    .unwrap_or(false),
+                Some(libc::ENXIO) => {
+                    let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+                    self.hole_until = len;
+                    len >= end
+                }
                 // Not supported here: read everything from now on.
                 _ => {
                     self.sparse = false;
@@ -166,16 +186,16 @@ impl SourceRead for FileSource {
                 }
             }
         };
-        // SEEK_DATA moved the offset: back to the chunk's end (skipped) or start.
-        self.file
-            .seek(SeekFrom::Start(if hole { end } else { start }))?;
+        self.pos = if hole { end } else { start };
         Ok(hole)
     }
 
     fn skip(&mut self, n: u64) -> std::io::Result<()> {
-        let n =
-            i64::try_from(n).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        self.file.seek(SeekFrom::Current(n)).map(|_| ())
+        self.pos = self
+            .pos
+            .checked_add(n)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        Ok(())
     }
 }
 
