@@ -13,6 +13,7 @@ use crate::cache::ReadCache;
 use crate::config::MountConfig;
 use crate::error::{Error, Result};
 use livemount_store::backend::ChunkSource;
+use livemount_store::format::index::ChunkRef;
 use livemount_store::format::profile::Profile;
 use livemount_store::lease::Lease;
 use livemount_store::ops::backup::{BackupOptions, BackupReport};
@@ -219,6 +220,19 @@ impl ImageRead for Merged<'_> {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.0.top.read_at(offset, buf)
+    }
+    fn unchanged(&self, offset: u64, len: u64) -> Option<ChunkRef> {
+        let index = self.0.image.index();
+        let cs = index.chunk_size as u64;
+        let i = usize::try_from(offset / cs).ok()?;
+        let entry = index.chunks.get(i)?;
+        let whole = offset.is_multiple_of(cs) && len == index.chunk_len(i) as u64;
+        let untouched = self
+            .0
+            .overlay
+            .as_ref()
+            .is_none_or(|o| o.untouched(offset, len));
+        (whole && untouched).then_some(*entry)
     }
 }
 

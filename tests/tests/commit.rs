@@ -80,6 +80,10 @@ fn commit_keeps_overlay_writes_and_dedups() {
     // Only the three changed chunks are new; the rest deduplicate against the base.
     assert!(r.chunks_new <= 3, "{r:?}");
     assert!(r.chunks_reused >= 1, "{r:?}");
+    // And only the chunks the overlay wrote (0, 1 and 3 of 1 MiB) were read: the
+    // others are the base's entries, taken without reading.
+    assert_eq!(r.bytes_read, 3 << 20, "{r:?}");
+    assert_eq!(r.bytes_unchanged, (2 << 20) + 1000, "{r:?}");
     let store = Store::open(&store_dir, Access::ReadOnly).unwrap();
     let snap = store.resolve("vm-kept").unwrap();
     let out = d.path().join("out.img");
@@ -120,4 +124,68 @@ fn overlay_of_another_snapshot_is_refused() {
     config.snapshot = "b".into();
     let e = Stack::open(&config).err().expect("must refuse").to_string();
     assert!(e.contains("belongs to snapshot a@"), "{e}");
+}
+
+/// A commit costs what the VM wrote, not the size of the disk: a 4 TiB thin
+/// snapshot with one write at its end is committed by reading one chunk.
+#[test]
+fn commit_of_a_4_tib_overlay_reads_only_written_chunks() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("thin.img");
+    let size = 4u64 << 40;
+    {
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(size).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &image(3 << 20), size / 2).unwrap();
+    }
+    let store_dir = d.path().join("store");
+    let opts = |s: &str| BackupOptions {
+        series: s.into(),
+        chunk_size: None,
+        level: 1,
+        threads: 2,
+    };
+    backup(
+        &Store::open(&store_dir, Access::Write).unwrap(),
+        &src,
+        &opts("thin"),
+        &NoProgress,
+    )
+    .unwrap();
+    let overlay = d.path().join("overlay");
+    let mut config = MountConfig::new(
+        store_dir.as_path().into(),
+        "thin".into(),
+        Some(overlay.clone()),
+    );
+    config.cache_mem = 1 << 20;
+    config.prestage = "none".into();
+    {
+        let m = Stack::open(&config).unwrap();
+        m.top.write_at(size - 4096, &[0x5a; 4096]).unwrap();
+        m.top.flush().unwrap();
+    }
+    let r = commit(
+        &store_dir.as_path().into(),
+        &overlay,
+        &opts("thin-kept"),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(r.image_size, size);
+    assert_eq!(r.bytes_read, 1 << 20, "{r:?}");
+    assert_eq!(r.chunks_new, 1, "{r:?}");
+    assert_eq!(r.chunks_reused, 3, "{r:?}");
+    // The new snapshot shows the write and the base's data.
+    let store = Store::open(&store_dir, Access::ReadOnly).unwrap();
+    let idx = store
+        .load_index(&store.resolve("thin-kept").unwrap())
+        .unwrap();
+    let base = store.load_index(&store.resolve("thin").unwrap()).unwrap();
+    assert!(idx.chunks.runs().count() <= 6, "{:?}", idx.chunks);
+    let last = idx.chunks.len() - 1;
+    assert_ne!(idx.chunks[last], base.chunks[last]);
+    for i in [0, idx.chunks.len() / 2, idx.chunks.len() / 2 + 2] {
+        assert_eq!(idx.chunks[i], base.chunks[i], "chunk {i}");
+    }
 }

@@ -97,6 +97,15 @@ pub trait SourceRead: Read {
         Ok(false)
     }
 
+    /// If `start..end` (the next bytes: one whole chunk of this backup) is known to
+    /// hold exactly the content of entry `c` of a snapshot already in the store (a
+    /// commit: a chunk the overlay never wrote), that entry; it is then taken
+    /// without reading (the caller skips the bytes).
+    fn unchanged(&mut self, start: u64, end: u64) -> Option<ChunkRef> {
+        let _ = (start, end);
+        None
+    }
+
     /// Advance past the next `n` bytes without using them.
     fn skip(&mut self, n: u64) -> std::io::Result<()> {
         let done = std::io::copy(&mut Read::take(self, n), &mut std::io::sink())?;
@@ -432,20 +441,32 @@ pub fn backup_from(
             }
             let start = i as u64 * chunk_size as u64;
             let len = (image_size - start).min(chunk_size as u64) as usize;
-            if let (Some(ranges), Some(base)) = (changed, &base) {
-                if !crate::ops::changed::touches(ranges, &(start..start + len as u64)) {
-                    let outcome = match base.chunks[i] {
+            let span = start..start + len as u64;
+            let unchanged = match (changed, &base) {
+                (Some(ranges), Some(base)) if !crate::ops::changed::touches(ranges, &span) => {
+                    Some((base.chunks[i], "the previous snapshot"))
+                }
+                _ => file
+                    .unchanged(span.start, span.end)
+                    .map(|c| (c, "the base snapshot")),
+            };
+            if let Some((entry, whose)) = unchanged {
+                {
+                    let outcome = match entry {
                         ChunkRef::Zero => Outcome::Zero,
                         ChunkRef::Stored(id) => {
                             // The chunk must still be there (verify --repair may have
-                            // moved it aside): a stat locally, the trusted set remotely.
+                            // moved it aside): a stat locally, the trusted set (or a
+                            // HEAD) remotely.
                             let present = match store.local_root() {
                                 Some(_) => matches!(store.has_chunk(&id), Ok(true)),
-                                None => known.contains(&id),
+                                None => {
+                                    known.contains(&id) || matches!(store.has_chunk(&id), Ok(true))
+                                }
                             };
                             if !present {
                                 first_err = Some(Error::Invalid(format!(
-                                    "chunk {} of the previous snapshot is missing: run a full backup",
+                                    "chunk {} of {whose} is missing: run a full backup",
                                     id.to_hex()
                                 )));
                                 break;

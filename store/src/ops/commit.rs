@@ -7,6 +7,7 @@
 //! stack and locks the overlay while it is read.
 
 use crate::error::Result;
+use crate::format::index::ChunkRef;
 use crate::ops::backup::{backup_from, BackupOptions, BackupReport};
 use crate::progress::Progress;
 use crate::store::Store;
@@ -19,6 +20,13 @@ pub trait ImageRead: Send + Sync {
     fn size(&self) -> u64;
     /// Fill `buf` from `offset` (whole 512-byte sectors; the caller trims).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// If `offset..offset+len` is exactly one chunk of the base snapshot that the
+    /// overlay never wrote, its entry: taken without reading, so a commit costs
+    /// what the VM wrote, not the size of the disk.
+    fn unchanged(&self, offset: u64, len: u64) -> Option<ChunkRef> {
+        let _ = (offset, len);
+        None
+    }
 }
 
 /// Sequential reader over an [`ImageRead`], for the backup pipeline. Reads are done
@@ -29,8 +37,19 @@ struct SequentialReader<'a> {
     size: u64,
 }
 
-/// The merged image has no holes to report: every byte is read.
-impl crate::ops::backup::SourceRead for SequentialReader<'_> {}
+/// Chunks the overlay never wrote come from the base snapshot's index.
+impl crate::ops::backup::SourceRead for SequentialReader<'_> {
+    fn unchanged(&mut self, start: u64, end: u64) -> Option<ChunkRef> {
+        (start == self.pos)
+            .then(|| self.image.unchanged(start, end - start))
+            .flatten()
+    }
+
+    fn skip(&mut self, n: u64) -> std::io::Result<()> {
+        self.pos = (self.pos + n).min(self.size);
+        Ok(())
+    }
+}
 
 impl Read for SequentialReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
