@@ -12,6 +12,7 @@ pub struct MemDisk {
     data: RwLock<Vec<u8>>,
     cached: bool,
     writable: bool,
+    delay: std::time::Duration,
     /// Calls of `read_at`.
     pub slow_reads: AtomicU64,
     /// Successful calls of `read_cached`.
@@ -25,6 +26,7 @@ impl MemDisk {
             data: RwLock::new(data),
             cached,
             writable: false,
+            delay: std::time::Duration::ZERO,
             slow_reads: AtomicU64::new(0),
             fast_reads: AtomicU64::new(0),
         }
@@ -33,6 +35,13 @@ impl MemDisk {
     /// The same, accepting writes.
     pub fn writable(mut self) -> Self {
         self.writable = true;
+        self
+    }
+
+    /// The same, each slow read returning `delay` after it took its bytes (a
+    /// store's latency, so that tests can race writes against reads in flight).
+    pub fn slow(mut self, delay: std::time::Duration) -> Self {
+        self.delay = delay;
         self
     }
 
@@ -54,11 +63,18 @@ impl BlockDevice for MemDisk {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.slow_reads.fetch_add(1, Relaxed);
         let r = self.range(offset, buf.len())?;
-        let d = self
-            .data
-            .read()
-            .map_err(|_| Error::Invalid("MemDisk poisoned".into()))?;
-        buf.copy_from_slice(&d[r]);
+        {
+            let d = self
+                .data
+                .read()
+                .map_err(|_| Error::Invalid("MemDisk poisoned".into()))?;
+            buf.copy_from_slice(&d[r]);
+        }
+        // The bytes were taken before the delay: what a reader gets may be older
+        // than a write that completes meanwhile, as with a real store read.
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
         Ok(())
     }
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! frontend (ublk, …) → Recorder (learned profile, optional)
+//!                    → Migrating (live migration to local storage, idle until asked)
 //!                    → Overlay (copy-on-write, optional: read-only mounts skip it)
 //!                    → SnapshotImage (index → read cache → store back end)
 //! ```
@@ -14,6 +15,7 @@
 
 pub mod image;
 pub mod mem;
+pub mod migrate;
 pub mod overlay;
 pub mod prestage;
 pub mod recording;

@@ -48,7 +48,8 @@ pub struct MirrorKey {
     map_len: u64,
 }
 
-fn boot_id() -> [u8; 16] {
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), as bytes.
+pub fn boot_id() -> [u8; 16] {
     let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let hex: Vec<u8> = text
         .bytes()

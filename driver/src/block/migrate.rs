@@ -1,0 +1,948 @@
+//! Live migration: copy a running mount to local storage (a raw image file or a
+//! block device, the TARGET) without stopping it, then serve from TARGET alone.
+//!
+//! The layer sits under the recorder, over the overlay. Idle, it passes everything
+//! through. Migrating:
+//! - a background copier reads every region (one snapshot chunk) of the device from
+//!   the layer below — overlay where the VM wrote, snapshot elsewhere — and writes it
+//!   into TARGET, profile regions first, yielding to demand reads and at most
+//!   `rate` bytes/s;
+//! - every VM write and discard goes below *and* into TARGET before it completes, so
+//!   TARGET never misses a write;
+//! - a copy races a VM write to its region: the copier reads without a lock, then
+//!   takes the region's stripe lock and writes into TARGET only if no VM write
+//!   touched the stripe meanwhile (its generation is unchanged), else it reads again.
+//!   VM writes hold the same lock while they write below and into TARGET. No stale
+//!   copy can land over a newer write;
+//! - once every region is copied, the layer serves reads and writes from TARGET
+//!   alone: the store, the cache and the overlay are no longer used.
+//!
+//! # Progress map (`TARGET.lmmig`, or `OVERLAY.lmmig` for a block-device target)
+//! ```text
+//!  0 magic [u8; 8] b"LMMIGR\x01\0"   8 boot_id [u8; 16]   24 device_size u64
+//! 32 region u64    40 index_sum [u8; 32]   72 state u32 (0 copying, 1 done)
+//! 4092 crc32c of 0..4092;   4096: one bit per region, 1 = TARGET holds it
+//! ```
+//! Same discipline as the overlay: a flush (the VM's, or the copier's every second)
+//! snapshots the dirty map pages, fdatasyncs TARGET, writes the pages, fsyncs the
+//! map. A bit is durable only after the data it stands for. After a daemon kill the
+//! page cache keeps every acknowledged write in both places, so `mount --recover`
+//! resumes from the durable bits. After a power cut it does not (a write that was
+//! not flushed may have reached TARGET and not the overlay, or the other way round),
+//! so a map from another boot is reset: the copy starts over, never wrong.
+
+use super::BlockDevice;
+use crate::error::{Error, IoContext, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+const MAGIC: [u8; 8] = *b"LMMIGR\x01\0";
+const HEADER: u64 = 4096;
+const PAGE: u64 = 4096;
+/// Stripe locks for the copy/write race (regions hash onto them).
+const STRIPES: usize = 1024;
+
+/// What a migration was asked to do (kept in the mount's configuration, so that
+/// `mount --recover` continues it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationConfig {
+    /// The raw image file or block device that receives the disk.
+    pub target: PathBuf,
+    /// The progress map.
+    pub map: PathBuf,
+    /// Bytes per second read for the copy (0: unlimited).
+    pub rate: u64,
+}
+
+/// What `status` shows of a migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// `copying`, `paused`, `migrated` or `failed`.
+    pub state: String,
+    /// TARGET.
+    pub target: PathBuf,
+    /// Bytes of the device TARGET holds.
+    pub copied_bytes: u64,
+    /// Device bytes.
+    pub total_bytes: u64,
+    /// Regions still to copy.
+    pub regions_left: u64,
+    /// Bytes per second copied since this daemon started (or resumed) the copy.
+    pub rate_bytes_s: f64,
+    /// Seconds to go at that rate (None before there is a rate).
+    pub eta_s: Option<f64>,
+    /// Why it is paused or failed.
+    pub error: Option<String>,
+}
+
+/// Identity of the device a map belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceKey {
+    /// Device bytes.
+    pub size: u64,
+    /// Bytes per region (the snapshot's chunk size).
+    pub region: u64,
+    /// The snapshot index's checksum.
+    pub index_sum: [u8; 32],
+}
+
+/// Phases of the layer.
+const IDLE: u8 = 0;
+const COPYING: u8 = 1;
+const DONE: u8 = 2;
+
+/// The migration layer.
+pub struct Migrating {
+    lower: Arc<dyn BlockDevice>,
+    key: DeviceKey,
+    phase: AtomicU8,
+    /// Held shared by every VM write while it runs; exclusively to switch phases
+    /// (so no write is half in the old phase).
+    switch: RwLock<()>,
+    job: Mutex<Option<Arc<Job>>>,
+}
+
+struct Job {
+    config: MigrationConfig,
+    target: File,
+    is_block: bool,
+    map_file: File,
+    regions: u64,
+    done: Mutex<DoneMap>,
+    done_count: AtomicU64,
+    stripes: Vec<Mutex<u64>>,
+    /// Serializes map persistence (VM flushes and the copier's).
+    persist: Mutex<()>,
+    copied_now: AtomicU64,
+    started: Instant,
+    paused: Mutex<Option<String>>,
+    failed: Mutex<Option<String>>,
+    stop: AtomicBool,
+    wake: (Mutex<()>, Condvar),
+}
+
+struct DoneMap {
+    bits: Vec<u64>,
+    dirty: std::collections::BTreeSet<u64>,
+}
+
+impl DoneMap {
+    fn get(&self, r: u64) -> bool {
+        self.bits[(r / 64) as usize] >> (r % 64) & 1 == 1
+    }
+    fn set(&mut self, r: u64) -> bool {
+        let (w, b) = ((r / 64) as usize, r % 64);
+        let new = self.bits[w] >> b & 1 == 0;
+        self.bits[w] |= 1 << b;
+        if new {
+            self.dirty.insert(w as u64 * 8 / PAGE);
+        }
+        new
+    }
+    fn page(&self, p: u64) -> Vec<u8> {
+        let words = (PAGE / 8) as usize;
+        let start = p as usize * words;
+        (start..start + words)
+            .flat_map(|w| self.bits.get(w).copied().unwrap_or(0).to_le_bytes())
+            .collect()
+    }
+}
+
+fn map_len(regions: u64) -> u64 {
+    regions.div_ceil(8).div_ceil(PAGE).max(1) * PAGE
+}
+
+fn header(key: &DeviceKey, done: bool) -> Vec<u8> {
+    let mut h = vec![0u8; HEADER as usize];
+    h[..8].copy_from_slice(&MAGIC);
+    h[8..24].copy_from_slice(&crate::block::overlay::mirror::boot_id());
+    h[24..32].copy_from_slice(&key.size.to_le_bytes());
+    h[32..40].copy_from_slice(&key.region.to_le_bytes());
+    h[40..72].copy_from_slice(&key.index_sum);
+    h[72..76].copy_from_slice(&(done as u32).to_le_bytes());
+    let crc = crc32c::crc32c(&h[..4092]);
+    h[4092..].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn invalid(msg: String) -> Error {
+    Error::Invalid(msg)
+}
+
+impl Migrating {
+    /// An idle migration layer over `lower`, for a device of `key`.
+    pub fn new(lower: Arc<dyn BlockDevice>, key: DeviceKey) -> Migrating {
+        Migrating {
+            lower,
+            key,
+            phase: AtomicU8::new(IDLE),
+            switch: RwLock::new(()),
+            job: Mutex::new(None),
+        }
+    }
+
+    fn job(&self) -> Option<Arc<Job>> {
+        self.job.lock().ok().and_then(|j| j.clone())
+    }
+
+    /// The migration's figures (None when there is none).
+    pub fn report(&self) -> Option<MigrationReport> {
+        let job = self.job()?;
+        let done = job.done_count.load(SeqCst);
+        let region = self.key.region;
+        let copied = (done * region).min(self.key.size);
+        let secs = job.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = job.copied_now.load(SeqCst) as f64 / secs;
+        let left = self.key.size - copied;
+        let failed = job.failed.lock().ok().and_then(|f| f.clone());
+        let paused = job.paused.lock().ok().and_then(|p| p.clone());
+        let state = match (self.phase.load(SeqCst), &failed, &paused) {
+            (DONE, _, _) => "migrated",
+            (_, Some(_), _) => "failed",
+            (_, _, Some(_)) => "paused",
+            _ => "copying",
+        };
+        Some(MigrationReport {
+            state: state.into(),
+            target: job.config.target.clone(),
+            copied_bytes: copied,
+            total_bytes: self.key.size,
+            regions_left: job.regions - done,
+            rate_bytes_s: rate,
+            eta_s: (rate > 0.0 && state != "migrated").then(|| left as f64 / rate),
+            error: failed.or(paused),
+        })
+    }
+
+    /// The configuration of the migration in progress or done, if any.
+    pub fn config(&self) -> Option<MigrationConfig> {
+        self.job().map(|j| j.config.clone())
+    }
+
+    /// Start (or, with an existing map of this device, resume) migrating to
+    /// `config.target`; `order` lists regions to copy first (the profile's). The
+    /// copier runs on its own thread; `wait_idle` lets it yield to demand reads.
+    pub fn start(
+        self: &Arc<Self>,
+        config: MigrationConfig,
+        overlay: Option<&Path>,
+        order: Vec<u64>,
+        wait_idle: Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<()> {
+        if let Some(j) = self.job() {
+            if j.failed.lock().map(|f| f.is_none()).unwrap_or(false) {
+                return Err(Error::Busy(format!(
+                    "the device is already migrating to {}",
+                    j.config.target.display()
+                )));
+            }
+        }
+        let job = Arc::new(Job::open(&config, &self.key, overlay)?);
+        let complete = job.done_count.load(SeqCst) == job.regions;
+        if let Ok(mut j) = self.job.lock() {
+            *j = Some(job.clone());
+        }
+        let _w = self.switch.write().map_err(|_| poisoned())?;
+        if complete {
+            self.phase.store(DONE, SeqCst);
+            return Ok(());
+        }
+        self.phase.store(COPYING, SeqCst);
+        drop(_w);
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("migrate".into())
+            .spawn(move || me.copy_all(job, order, wait_idle))
+            .map_err(|e| Error::io("migration thread", e))?;
+        Ok(())
+    }
+
+    /// Stop the copier (the daemon is stopping); the map keeps what was copied.
+    pub fn stop(&self) {
+        if let Some(j) = self.job() {
+            j.stop.store(true, SeqCst);
+            j.wake.1.notify_all();
+            let _ = j.persist_map();
+        }
+    }
+
+    fn copy_all(
+        self: Arc<Self>,
+        job: Arc<Job>,
+        order: Vec<u64>,
+        wait_idle: Arc<dyn Fn() + Send + Sync>,
+    ) {
+        let region = self.key.region;
+        let mut buf = vec![0u8; region as usize];
+        let mut last_persist = Instant::now();
+        let mut budget = RateBudget::new(job.config.rate);
+        let sequence = order
+            .into_iter()
+            .filter(|&r| r < job.regions)
+            .chain(0..job.regions);
+        for r in sequence {
+            if job.stop.load(SeqCst) {
+                return;
+            }
+            if job.done.lock().map(|d| d.get(r)).unwrap_or(true) {
+                continue;
+            }
+            let start = r * region;
+            let len = region.min(self.key.size - start) as usize;
+            let mut backoff = Duration::from_secs(1);
+            let mut raced = 0;
+            loop {
+                if job.stop.load(SeqCst) {
+                    return;
+                }
+                wait_idle();
+                budget.take(len as u64);
+                // A region the VM keeps writing would starve optimistic copies:
+                // after two lost races, copy it holding its lock (its writes wait
+                // for one region read).
+                match self.copy_region(&job, r, start, &mut buf[..len], raced >= 2) {
+                    Ok(true) => break,
+                    Ok(false) => raced += 1, // a VM write raced the copy: read again
+                    Err(CopyError::Source(e)) => {
+                        // The store went away (or a chunk is bad): pause, retry.
+                        if let Ok(mut p) = job.paused.lock() {
+                            *p = Some(format!("reading the device failed, retrying: {e}"));
+                        }
+                        job.sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                    Err(CopyError::Target(e)) => {
+                        job.fail(&e.to_string());
+                        return;
+                    }
+                }
+            }
+            if let Ok(mut p) = job.paused.lock() {
+                *p = None;
+            }
+            job.copied_now.fetch_add(len as u64, SeqCst);
+            if last_persist.elapsed() >= Duration::from_secs(1) {
+                last_persist = Instant::now();
+                if let Err(e) = job.persist_map() {
+                    job.fail(&e.to_string());
+                    return;
+                }
+            }
+        }
+        if let Err(e) = self.complete(&job) {
+            job.fail(&e.to_string());
+        }
+    }
+
+    /// Copy region `r`; Ok(false) if a VM write raced it. `locked`: hold the
+    /// region's stripe lock across the read, so no write can race it.
+    fn copy_region(
+        &self,
+        job: &Job,
+        r: u64,
+        start: u64,
+        buf: &mut [u8],
+        locked: bool,
+    ) -> std::result::Result<bool, CopyError> {
+        let stripe = &job.stripes[r as usize % STRIPES];
+        let lock = || stripe.lock().map_err(|_| CopyError::Target(poisoned()));
+        let g = if locked {
+            let g = lock()?;
+            self.lower.read_at(start, buf).map_err(CopyError::Source)?;
+            g
+        } else {
+            let gen = *lock()?;
+            self.lower.read_at(start, buf).map_err(CopyError::Source)?;
+            let g = lock()?;
+            if *g != gen {
+                return Ok(false);
+            }
+            g
+        };
+        job.write_target(start, buf).map_err(CopyError::Target)?;
+        if let Ok(mut d) = job.done.lock() {
+            if d.set(r) {
+                job.done_count.fetch_add(1, SeqCst);
+            }
+        }
+        drop(g);
+        Ok(true)
+    }
+
+    /// Every region is in TARGET: make that durable, then serve from TARGET alone.
+    fn complete(&self, job: &Job) -> Result<()> {
+        let _w = self.switch.write().map_err(|_| poisoned())?;
+        job.persist_map()?;
+        job.map_file
+            .write_all_at(&header(&self.key, true), 0)
+            .and_then(|()| job.map_file.sync_data())
+            .at(&job.config.map)?;
+        self.phase.store(DONE, SeqCst);
+        eprintln!(
+            "livemount: migration to {} complete: the device is served from it alone",
+            job.config.target.display()
+        );
+        Ok(())
+    }
+
+    /// Run `f` (a VM write or discard of `offset..offset+len`) below and into
+    /// TARGET under the stripe locks of its regions.
+    fn mirrored(
+        &self,
+        offset: u64,
+        len: u64,
+        below: impl FnOnce() -> Result<()>,
+        into_target: impl FnOnce(&Job) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let _s = self.switch.read().map_err(|_| poisoned())?;
+        match self.phase.load(SeqCst) {
+            COPYING => {}
+            DONE => {
+                let job = self.job().ok_or_else(poisoned)?;
+                return into_target(&job).at(&job.config.target);
+            }
+            _ => return below(),
+        }
+        let Some(job) = self.job() else {
+            return below();
+        };
+        if job.failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+            return below();
+        }
+        let region = self.key.region;
+        let (first, last) = (offset / region, (offset + len.max(1) - 1) / region);
+        let mut idx: Vec<usize> = (first..=last.min(first + STRIPES as u64))
+            .map(|r| r as usize % STRIPES)
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        let mut guards = Vec::with_capacity(idx.len());
+        for i in idx {
+            guards.push(job.stripes[i].lock().map_err(|_| poisoned())?);
+        }
+        below()?;
+        if let Err(e) = into_target(&job) {
+            // The VM's write is safe below; TARGET lacks it, so this migration can
+            // no longer finish: it fails (the map's bits for this region would lie).
+            job.fail(&format!("writing {}: {e}", job.config.target.display()));
+        }
+        for g in guards.iter_mut() {
+            **g += 1;
+        }
+        Ok(())
+    }
+}
+
+enum CopyError {
+    Source(Error),
+    Target(Error),
+}
+
+impl Job {
+    fn open(config: &MigrationConfig, key: &DeviceKey, overlay: Option<&Path>) -> Result<Job> {
+        let t = &config.target;
+        if let Some(o) = overlay {
+            let (a, b) = (std::fs::metadata(o).at(o)?, std::fs::metadata(t).ok());
+            if b.is_some_and(|b| b.dev() == a.dev() && b.ino() == a.ino()) {
+                return Err(invalid(format!(
+                    "{} is the mount's overlay; migrate to another file or device",
+                    t.display()
+                )));
+            }
+        }
+        let existing = std::fs::symlink_metadata(t).ok();
+        let is_block = existing
+            .as_ref()
+            .is_some_and(|m| m.file_type().is_block_device());
+        let map_exists = config.map.exists();
+        let target = if is_block {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
+                .open(t)
+                .at(t)?
+        } else {
+            if existing.as_ref().is_some_and(|m| !m.file_type().is_file()) {
+                return Err(invalid(format!(
+                    "{} is neither a regular file nor a block device",
+                    t.display()
+                )));
+            }
+            if existing.is_some() && !map_exists {
+                return Err(invalid(format!(
+                    "{} exists and is not this mount's migration target; name a new file (created sparse) or a block device",
+                    t.display()
+                )));
+            }
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(t)
+                .at(t)?
+        };
+        let size = if is_block {
+            block_size(&target).at(t)?
+        } else {
+            target.metadata().at(t)?.len()
+        };
+        if is_block && size < key.size {
+            return Err(invalid(format!(
+                "{} holds {size} bytes, the device {}: too small",
+                t.display(),
+                key.size
+            )));
+        }
+        if !is_block && size < key.size {
+            target.set_len(key.size).at(t)?;
+        }
+        let regions = key.size.div_ceil(key.region);
+        let ml = map_len(regions);
+        let map_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&config.map)
+            .at(&config.map)?;
+        let mut bits = vec![0u64; (ml / 8) as usize];
+        let mut h = vec![0u8; HEADER as usize];
+        let fresh = map_file.read_exact_at(&mut h, 0).is_err();
+        if !fresh {
+            let same_device = h[..8] == MAGIC
+                && crc32c::crc32c(&h[..4092])
+                    == u32::from_le_bytes([h[4092], h[4093], h[4094], h[4095]])
+                && h[24..72] == header(key, false)[24..72];
+            if !same_device {
+                return Err(invalid(format!(
+                    "{} is the progress map of another device or damaged; remove it (and the target) to start over",
+                    config.map.display()
+                )));
+            }
+            let same_boot = h[8..24] == header(key, false)[8..24];
+            if same_boot {
+                let mut raw = vec![0u8; ml as usize];
+                map_file
+                    .read_exact_at(&mut raw, HEADER)
+                    .map_err(|_| invalid(format!("{}: truncated", config.map.display())))?;
+                for (w, c) in raw.chunks_exact(8).enumerate() {
+                    bits[w] = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+                }
+            } else {
+                eprintln!(
+                    "livemount: warning: the migration map {} is from another boot (a power cut may have kept writes in one place and not the other): copying everything again",
+                    config.map.display()
+                );
+            }
+        }
+        // Bits past the last region are never set.
+        let done_count = bits
+            .iter()
+            .map(|w| w.count_ones() as u64)
+            .sum::<u64>()
+            .min(regions);
+        map_file
+            .write_all_at(&header(key, false), 0)
+            .and_then(|()| map_file.set_len(HEADER + ml))
+            .and_then(|()| {
+                let raw: Vec<u8> = bits.iter().flat_map(|w| w.to_le_bytes()).collect();
+                map_file.write_all_at(&raw, HEADER)
+            })
+            .and_then(|()| map_file.sync_all())
+            .at(&config.map)?;
+        if let Some(dir) = config.map.parent().filter(|d| !d.as_os_str().is_empty()) {
+            livemount_store::fsutil::fsync_dir(dir)?;
+        }
+        let mut stripes = Vec::with_capacity(STRIPES);
+        stripes.resize_with(STRIPES, || Mutex::new(0));
+        Ok(Job {
+            config: config.clone(),
+            target,
+            is_block,
+            map_file,
+            regions,
+            done: Mutex::new(DoneMap {
+                bits,
+                dirty: Default::default(),
+            }),
+            done_count: AtomicU64::new(done_count),
+            stripes,
+            persist: Mutex::new(()),
+            copied_now: AtomicU64::new(0),
+            started: Instant::now(),
+            paused: Mutex::new(None),
+            failed: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            wake: (Mutex::new(()), Condvar::new()),
+        })
+    }
+
+    fn write_target(&self, at: u64, data: &[u8]) -> Result<()> {
+        if !self.is_block && data.iter().all(|&b| b == 0) {
+            return punch(&self.target, at, data.len() as u64).at(&self.config.target);
+        }
+        self.target.write_all_at(data, at).at(&self.config.target)
+    }
+
+    fn discard_target(&self, at: u64, len: u64) -> std::io::Result<()> {
+        if !self.is_block && punch(&self.target, at, len).is_ok() {
+            return Ok(());
+        }
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut pos = at;
+        while pos < at + len {
+            let n = (at + len - pos).min(zeros.len() as u64) as usize;
+            self.target.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Make TARGET's data, then the map bits that stand for it, durable.
+    fn persist_map(&self) -> Result<()> {
+        let _p = self.persist.lock().map_err(|_| poisoned())?;
+        let pages: Vec<(u64, Vec<u8>)> = {
+            let mut d = self.done.lock().map_err(|_| poisoned())?;
+            let dirty = std::mem::take(&mut d.dirty);
+            dirty.into_iter().map(|p| (p, d.page(p))).collect()
+        };
+        self.target.sync_data().at(&self.config.target)?;
+        for (p, bytes) in &pages {
+            self.map_file
+                .write_all_at(bytes, HEADER + p * PAGE)
+                .at(&self.config.map)?;
+        }
+        if !pages.is_empty() {
+            self.map_file.sync_data().at(&self.config.map)?;
+        }
+        Ok(())
+    }
+
+    fn fail(&self, why: &str) {
+        eprintln!(
+            "livemount: error: migration to {} failed: {why}",
+            self.config.target.display()
+        );
+        if let Ok(mut f) = self.failed.lock() {
+            f.get_or_insert_with(|| why.to_string());
+        }
+        // The map is no longer true (a VM write may have missed TARGET): make sure
+        // a recovery never resumes from it.
+        let _ = self
+            .map_file
+            .set_len(0)
+            .and_then(|()| self.map_file.sync_all());
+    }
+
+    fn sleep(&self, d: Duration) {
+        if let Ok(g) = self.wake.0.lock() {
+            let _ = self.wake.1.wait_timeout(g, d);
+        }
+    }
+}
+
+/// At most `rate` bytes per second (0: unlimited), in 100 ms slices.
+struct RateBudget {
+    rate: u64,
+    start: Instant,
+    taken: u64,
+}
+
+impl RateBudget {
+    fn new(rate: u64) -> RateBudget {
+        RateBudget {
+            rate,
+            start: Instant::now(),
+            taken: 0,
+        }
+    }
+
+    fn take(&mut self, n: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.taken as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        self.taken += n;
+    }
+}
+
+fn punch(f: &File, at: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on our own descriptor; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            at as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn block_size(f: &File) -> std::io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 into `size`, which we own.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), 0x8008_1272, &mut size) };
+    if rc == 0 {
+        Ok(size)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn poisoned() -> Error {
+    Error::io(
+        "migration",
+        std::io::Error::other("migration lock poisoned by a panic"),
+    )
+}
+
+impl BlockDevice for Migrating {
+    fn size(&self) -> u64 {
+        self.lower.size()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if self.phase.load(SeqCst) == DONE {
+            if let Some(job) = self.job() {
+                return job.target.read_exact_at(buf, offset).at(&job.config.target);
+            }
+        }
+        self.lower.read_at(offset, buf)
+    }
+
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
+        self.phase.load(SeqCst) != DONE && self.lower.read_cached(offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.mirrored(
+            offset,
+            buf.len() as u64,
+            || self.lower.write_at(offset, buf),
+            |job| job.target.write_all_at(buf, offset),
+        )
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.mirrored(
+            offset,
+            len,
+            || self.lower.discard(offset, len),
+            |job| job.discard_target(offset, len),
+        )
+    }
+
+    fn flush(&self) -> Result<()> {
+        match self.phase.load(SeqCst) {
+            DONE => match self.job() {
+                Some(job) => job.target.sync_data().at(&job.config.target),
+                None => Ok(()),
+            },
+            COPYING => {
+                self.lower.flush()?;
+                match self.job() {
+                    Some(job) if job.failed.lock().map(|f| f.is_none()).unwrap_or(false) => {
+                        if let Err(e) = job.persist_map() {
+                            job.fail(&e.to_string());
+                        }
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            }
+            _ => self.lower.flush(),
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        self.lower.read_only()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::mem::MemDisk;
+
+    fn key(size: u64) -> DeviceKey {
+        DeviceKey {
+            size,
+            region: 65536,
+            index_sum: [7; 32],
+        }
+    }
+
+    fn noop() -> Arc<dyn Fn() + Send + Sync> {
+        Arc::new(|| {})
+    }
+
+    fn wait_done(m: &Migrating) {
+        let t = Instant::now();
+        while m.report().is_some_and(|r| r.state != "migrated") {
+            assert!(t.elapsed() < Duration::from_secs(30), "{:?}", m.report());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn an_idle_migration_copies_everything_then_serves_from_the_target() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 1u64 << 20;
+        let data: Vec<u8> = (0..size).map(|i| (i / 512) as u8 | 1).collect();
+        let lower = Arc::new(MemDisk::new(data.clone(), false).writable());
+        let m = Arc::new(Migrating::new(lower.clone(), key(size)));
+        let cfg = MigrationConfig {
+            target: d.path().join("t.raw"),
+            map: d.path().join("t.raw.lmmig"),
+            rate: 0,
+        };
+        m.start(cfg.clone(), None, vec![7, 3], noop()).unwrap();
+        wait_done(&m);
+        assert_eq!(std::fs::read(&cfg.target).unwrap(), data);
+        // Served from TARGET alone: a write lands there, not below.
+        m.write_at(4096, &[0xee; 512]).unwrap();
+        m.flush().unwrap();
+        let mut buf = [0u8; 512];
+        m.read_at(4096, &mut buf).unwrap();
+        assert_eq!(buf, [0xee; 512]);
+        lower.read_at(4096, &mut buf).unwrap();
+        assert_eq!(
+            buf[0],
+            8 | 1,
+            "the layer below was written after completion"
+        );
+        let e = m.start(cfg, None, vec![], noop());
+        assert!(e.is_err(), "a second migration of the same device");
+    }
+
+    #[test]
+    fn writes_racing_the_copy_are_never_lost() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 4u64 << 20;
+        let lower = Arc::new(
+            MemDisk::new(vec![0x11; size as usize], false)
+                .writable()
+                .slow(Duration::from_micros(300)),
+        );
+        let m = Arc::new(Migrating::new(lower.clone(), key(size)));
+        let cfg = MigrationConfig {
+            target: d.path().join("t.raw"),
+            map: d.path().join("t.raw.lmmig"),
+            rate: 0,
+        };
+        m.start(cfg.clone(), None, vec![], noop()).unwrap();
+        // Write every sector once, round-robin over the regions, while the copier
+        // runs: a copy landing over one of these writes is never repaired by a
+        // later one, so any lost update shows.
+        let regions = size / 65536;
+        for i in 0..size / 512 {
+            if m.report().is_some_and(|r| r.state == "migrated") {
+                break;
+            }
+            let (r, k) = (i % regions, i / regions);
+            m.write_at(r * 65536 + k * 512, &[(i % 251) as u8 + 2; 512])
+                .unwrap();
+        }
+        wait_done(&m);
+        // Every write before completion is below; TARGET must hold all of them.
+        let mut below = vec![0u8; size as usize];
+        lower.read_at(0, &mut below).unwrap();
+        let target = std::fs::read(&cfg.target).unwrap();
+        let lost = (0..size as usize / 512)
+            .filter(|&s| target[s * 512..(s + 1) * 512] != below[s * 512..(s + 1) * 512])
+            .count();
+        assert_eq!(lost, 0, "sectors of TARGET differ from the device");
+    }
+
+    #[test]
+    fn bad_targets_are_refused_with_one_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 1u64 << 20;
+        let m = Arc::new(Migrating::new(
+            Arc::new(MemDisk::new(vec![1; size as usize], false).writable()),
+            key(size),
+        ));
+        let ov = d.path().join("ov");
+        std::fs::write(&ov, b"x").unwrap();
+        let cfg = |t: &Path| MigrationConfig {
+            target: t.to_path_buf(),
+            map: t.with_extension("lmmig"),
+            rate: 0,
+        };
+        let e = m
+            .start(cfg(&ov), Some(&ov), vec![], noop())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("overlay"), "{e}");
+        let other = d.path().join("existing.raw");
+        std::fs::write(&other, b"precious").unwrap();
+        let e = m
+            .start(cfg(&other), None, vec![], noop())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exists"), "{e}");
+        assert_eq!(std::fs::read(&other).unwrap(), b"precious");
+        let e = m
+            .start(
+                cfg(&d.path().join("no/such/dir/t.raw")),
+                None,
+                vec![],
+                noop(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no/such/dir"), "{e}");
+    }
+
+    #[test]
+    fn a_killed_migration_resumes_from_its_durable_map() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 2u64 << 20;
+        let data: Vec<u8> = (0..size).map(|i| (i / 4096) as u8).collect();
+        let lower = Arc::new(MemDisk::new(data.clone(), false).writable());
+        let cfg = MigrationConfig {
+            target: d.path().join("t.raw"),
+            map: d.path().join("t.raw.lmmig"),
+            rate: 4 << 20,
+        };
+        let m = Arc::new(Migrating::new(lower.clone(), key(size)));
+        m.start(cfg.clone(), None, vec![], noop()).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        m.write_at(size - 512, &[0x99; 512]).unwrap();
+        m.flush().unwrap();
+        let copied = m.report().unwrap().copied_bytes;
+        assert!(copied > 0 && copied < size, "{copied}");
+        m.stop(); // the daemon dies; a new one opens the same map
+        let m2 = Arc::new(Migrating::new(lower.clone(), key(size)));
+        let cfg2 = MigrationConfig {
+            rate: 0,
+            ..cfg.clone()
+        };
+        m2.start(cfg2, None, vec![], noop()).unwrap();
+        assert!(m2.report().unwrap().copied_bytes >= copied.saturating_sub(256 << 10));
+        wait_done(&m2);
+        let mut want = data;
+        want[(size - 512) as usize..].fill(0x99);
+        assert!(std::fs::read(&cfg.target).unwrap() == want);
+    }
+}
