@@ -62,6 +62,9 @@ pub struct MountConfig {
     /// read-ahead frames stay in the memory tier's probation segment until read.
     #[serde(default = "default_seq_readahead")]
     pub seq_readahead: u64,
+    /// A migration to local storage in progress or done.
+    #[serde(default)]
+    pub migration: Option<MigrationConfig>,
 }
 
 /// Memory tier of the read cache (`--cache-mem`).
@@ -110,6 +113,18 @@ fn default_prestage() -> String {
     DEFAULT_PRESTAGE.into()
 }
 
+/// A live migration to local storage (`livemount migrate`), kept in the mount's
+/// configuration so that `mount --recover` continues it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationConfig {
+    /// The raw image file or block device that receives the disk.
+    pub target: PathBuf,
+    /// The progress map.
+    pub map: PathBuf,
+    /// Bytes per second read for the copy (0: unlimited).
+    pub rate: u64,
+}
+
 impl MountConfig {
     /// A configuration with defaults for everything but store, snapshot and overlay.
     pub fn new(store: StoreLocation, snapshot: String, overlay: Option<PathBuf>) -> Self {
@@ -133,6 +148,7 @@ impl MountConfig {
             record_profile_every_s: default_record_profile_every(),
             readahead: ReadAheadMode::Auto,
             seq_readahead: default_seq_readahead(),
+            migration: None,
         }
     }
 }

@@ -1,16 +1,17 @@
 //! Building a live mount's block stack from its configuration: store → read cache
-//! → snapshot image → overlay → recorder, plus pre-staging. Used by the daemon (to
+//! → snapshot image → overlay → migration → recorder, plus pre-staging. Used by the daemon (to
 //! serve it) and by `commit` (to read the merged image), so both see exactly the
 //! same bytes.
 
 use crate::block::image::SnapshotImage;
+use crate::block::migrate::{DeviceKey, Migrating};
 use crate::block::overlay::{Overlay, OverlayIdentity};
 use crate::block::prestage::Prestager;
 use crate::block::recording::Recorder;
 use crate::block::{device_size, BlockDevice};
 use crate::cache::disk::DiskTier;
 use crate::cache::ReadCache;
-use crate::config::MountConfig;
+use crate::config::{MigrationConfig, MountConfig};
 use crate::error::{Error, Result};
 use livemount_store::backend::ChunkSource;
 use livemount_store::format::index::ChunkRef;
@@ -20,6 +21,7 @@ use livemount_store::ops::backup::{BackupOptions, BackupReport};
 use livemount_store::ops::commit::ImageRead;
 use livemount_store::progress::Progress;
 use livemount_store::store::{Access, SnapshotRef, Store, StoreLocation};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -38,6 +40,8 @@ pub struct Stack {
     pub recorder: Option<Arc<Recorder>>,
     /// The overlay (None: read-only).
     pub overlay: Option<Arc<Overlay>>,
+    /// Live migration to local storage (idle until `livemount migrate`).
+    pub migrating: Arc<Migrating>,
     /// The snapshot image at the bottom.
     pub image: Arc<SnapshotImage>,
     /// The read cache (for status).
@@ -132,6 +136,7 @@ impl Stack {
         };
         let index = store.load_index(&snap)?;
         let size = device_size(index.image_size);
+        let index_chunk_size = index.chunk_size as u64;
         let image_size = index.image_size;
         let profile = match &config.profile {
             Some(p) => Some(Profile::load(p).map_err(|e| Error::Invalid(e.to_string()))?),
@@ -167,15 +172,24 @@ impl Stack {
             ),
         );
         let mut top: Arc<dyn BlockDevice> = image.clone();
+        let id = snapshot_identity(&store, &snap, size)?;
         let overlay = match (&config.overlay, config.read_only) {
             (Some(p), false) => {
-                let id = snapshot_identity(&store, &snap, size)?;
                 let o = Arc::new(Overlay::open(p, top.clone(), &id)?);
                 top = o.clone();
                 Some(o)
             }
             _ => None,
         };
+        let migrating = Arc::new(Migrating::new(
+            top.clone(),
+            DeviceKey {
+                size,
+                region: index_chunk_size,
+                index_sum: id.index_sum,
+            },
+        ));
+        top = migrating.clone();
         let recorder = config.record_profile.as_ref().map(|_| {
             let r = Arc::new(Recorder::new(top.clone(), image_size));
             top = r.clone();
@@ -189,12 +203,62 @@ impl Stack {
             top,
             recorder,
             overlay,
+            migrating,
             image,
             cache,
             prestager,
             lease: std::sync::Mutex::new(lease),
             backend: store.backend().clone(),
         })
+    }
+
+    /// Start (or resume) migrating the device to `target` (see
+    /// [`crate::block::migrate`]): the progress map goes next to a file target,
+    /// next to the overlay for a block device. Profile regions are copied first; the
+    /// copier yields to demand reads.
+    pub fn migrate(&self, target: &Path, rate: u64) -> Result<MigrationConfig> {
+        let map = match std::fs::metadata(target) {
+            Ok(m) if m.file_type().is_block_device() => match &self.config.overlay {
+                Some(o) => o.with_extension("lmmig"),
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "{} is a block device and the mount has no overlay to keep the progress map beside; migrate to a file",
+                        target.display()
+                    )))
+                }
+            },
+            _ => {
+                let mut m = target.as_os_str().to_owned();
+                m.push(".lmmig");
+                m.into()
+            }
+        };
+        let config = MigrationConfig {
+            target: target.to_path_buf(),
+            map,
+            rate,
+        };
+        self.resume_migration(&config)?;
+        Ok(config)
+    }
+
+    /// Start the migration `config` describes (a recovered mount continues it).
+    pub fn resume_migration(&self, config: &MigrationConfig) -> Result<()> {
+        let order = self
+            .prestager
+            .as_ref()
+            .map(|p| p.chunk_order())
+            .unwrap_or_default();
+        let cache = self.cache.clone();
+        let wait_idle: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            cache.wait_for_demand_idle(std::time::Duration::from_millis(50));
+        });
+        self.migrating.start(
+            config.clone(),
+            self.config.overlay.as_deref(),
+            order,
+            wait_idle,
+        )
     }
 
     /// Bytes in the snapshot's image (the device may be rounded up to 512).

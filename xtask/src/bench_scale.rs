@@ -34,7 +34,7 @@ fn extent_at(i: u64) -> u64 {
 
 fn extent_data(i: u64, generation: u64, buf: &mut [u8]) {
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (i << 20) ^ generation;
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         for b in buf.iter_mut() {
             x ^= x << 13;
             x ^= x >> 7;

@@ -32,6 +32,7 @@
 //! so a map from another boot is reset: the copy starts over, never wrong.
 
 use super::BlockDevice;
+pub use crate::config::MigrationConfig;
 use crate::error::{Error, IoContext, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
@@ -47,18 +48,6 @@ const HEADER: u64 = 4096;
 const PAGE: u64 = 4096;
 /// Stripe locks for the copy/write race (regions hash onto them).
 const STRIPES: usize = 1024;
-
-/// What a migration was asked to do (kept in the mount's configuration, so that
-/// `mount --recover` continues it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrationConfig {
-    /// The raw image file or block device that receives the disk.
-    pub target: PathBuf,
-    /// The progress map.
-    pub map: PathBuf,
-    /// Bytes per second read for the copy (0: unlimited).
-    pub rate: u64,
-}
 
 /// What `status` shows of a migration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -220,9 +209,17 @@ impl Migrating {
         })
     }
 
-    /// The configuration of the migration in progress or done, if any.
+    /// The configuration of the migration in progress or done, if any (a failed
+    /// one is not continued by a recovery: the operator starts it again).
     pub fn config(&self) -> Option<MigrationConfig> {
-        self.job().map(|j| j.config.clone())
+        self.job()
+            .filter(|j| j.failed.lock().map(|f| f.is_none()).unwrap_or(false))
+            .map(|j| j.config.clone())
+    }
+
+    /// True once the device is served from TARGET alone.
+    pub fn migrated(&self) -> bool {
+        self.phase.load(SeqCst) == DONE
     }
 
     /// Start (or, with an existing map of this device, resume) migrating to

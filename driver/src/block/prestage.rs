@@ -208,6 +208,16 @@ pub struct Prestager {
 }
 
 impl Prestager {
+    /// The chunks of the plan, each once, in the profile's first-access order.
+    pub fn chunk_order(&self) -> Vec<u64> {
+        let mut seen = std::collections::HashSet::new();
+        self.steps
+            .iter()
+            .filter(|s| seen.insert(s.chunk))
+            .map(|s| s.chunk as u64)
+            .collect()
+    }
+
     /// Plan `profile` over `index`; stage into memory too when `to_memory`.
     pub fn new(
         index: Arc<SnapshotIndex>,

@@ -9,6 +9,7 @@ mod forget;
 mod gc;
 mod info;
 mod list;
+mod migrate;
 mod mount;
 pub mod parse;
 mod prestage;
@@ -69,6 +70,9 @@ enum Cmd {
     Profile(profile::Cmd),
     /// Save a live mount's changes: base snapshot + overlay as a new snapshot.
     Commit(commit::Args),
+    /// Copy a running live mount to a local file or block device, then serve it
+    /// from there (finish a recovery without stopping the VM).
+    Migrate(migrate::Args),
     /// Remove chunks that no snapshot references.
     Gc(gc::Args),
 }
@@ -181,6 +185,7 @@ fn dispatch(cmd: Cmd) -> Outcome {
         Cmd::Prestage(a) => prestage::run(a),
         Cmd::Profile(c) => profile::run(c),
         Cmd::Commit(a) => commit::run(a),
+        Cmd::Migrate(a) => migrate::run(a),
         Cmd::Gc(a) => gc::run(a),
     }
 }

@@ -240,6 +240,25 @@ impl fmt::Display for Text<'_> {
         if let Some(m) = &s.memory {
             memory(f, m)?;
         }
+        if let Some(m) = &s.migration {
+            writeln!(
+                f,
+                "  migration to {}: {}, {:.1}/{:.1} MiB, {} regions left, {:.1} MiB/s{}{}",
+                m.target.display(),
+                m.state,
+                mib(m.copied_bytes),
+                mib(m.total_bytes),
+                m.regions_left,
+                m.rate_bytes_s / 1048576.0,
+                m.eta_s
+                    .map(|s| format!(", ETA {s:.0} s"))
+                    .unwrap_or_default(),
+                m.error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            )?;
+        }
         Ok(())
     }
 }

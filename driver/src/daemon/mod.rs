@@ -6,6 +6,7 @@
 //! ([`status`]) that also saves a learned profile. Readiness reaches a parent
 //! through [`ready`]. The daemon runs in its own mount namespace ([`namespace`]).
 
+pub mod control;
 pub mod namespace;
 pub mod ready;
 pub mod serve;
@@ -114,6 +115,8 @@ impl Daemon {
         self.clone().handle_signals(ctrl.clone())?;
         self.clone().status_writer(dev_id, device.clone());
         let me = self.clone();
+        control::listen(&control::path(dev_id), move |r| me.control(r))?;
+        let me = self.clone();
         let ready = move |c: &libublk::ctrl::UblkCtrl| me.on_ready(dev_id, &c.get_bdev_path());
         let result = ublk::serve(
             &ctrl,
@@ -128,14 +131,37 @@ impl Daemon {
         flushed
     }
 
+    /// Answer a control request (`livemount migrate`).
+    fn control(&self, r: control::Request) -> control::Reply {
+        match r {
+            control::Request::Migrate { target, rate } => match self.stack.migrate(&target, rate) {
+                Ok(c) => control::Reply {
+                    ok: true,
+                    message: format!(
+                        "migrating to {} (progress map {})",
+                        c.target.display(),
+                        c.map.display()
+                    ),
+                },
+                Err(e) => control::Reply {
+                    ok: false,
+                    message: e.to_string(),
+                },
+            },
+        }
+    }
+
     /// The status file's content now.
     fn status(&self, dev_id: u32, device: &str, state: &str) -> MountStatus {
+        // The migration goes into the saved configuration: `--recover` continues it.
+        let mut config = self.stack.config.clone();
+        config.migration = self.stack.migrating.config();
         MountStatus {
             device: device.to_string(),
             dev_id,
             pid: std::process::id(),
             state: state.into(),
-            config: self.stack.config.clone(),
+            config,
             size: self.stack.top.size(),
             overlay_bytes: self.stack.overlay_bytes(),
             cache: Some(self.stack.cache.report()),
@@ -144,6 +170,7 @@ impl Daemon {
             prestage: self.stack.prestager.as_ref().map(|p| p.progress.report()),
             memory: Some(status::MemoryReport::of(&self.stack)),
             store_requests: self.stack.backend.requests(),
+            migration: self.stack.migrating.report(),
         }
     }
 
@@ -202,6 +229,15 @@ impl Daemon {
         if let Some(p) = self.stack.prestager.clone() {
             std::thread::spawn(move || p.continue_in_background());
         }
+        // A recovered mount continues its predecessor's migration.
+        if let Some(m) = &self.stack.config.migration {
+            if let Err(e) = self.stack.resume_migration(m) {
+                eprintln!(
+                    "livemount: error: cannot continue the migration to {}: {e}",
+                    m.target.display()
+                );
+            }
+        }
         let _ = write_status(&self.status(dev_id, dev, "running"));
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", attach_help(dev));
@@ -255,6 +291,9 @@ impl Daemon {
     /// Clean stop: make every write durable, save the learned profile, remove the
     /// device and our files. Returns the flush's result.
     fn shutdown(&self, ctrl: &libublk::ctrl::UblkCtrl, dev_id: u32, device: &str) -> Result<()> {
+        // The copier stops first (its map is made durable); then the final flush.
+        self.stack.migrating.stop();
+        let _ = std::fs::remove_file(control::path(dev_id));
         // The overlay's close also removes its map mirror: nothing is left in /run.
         let flushed = self
             .stack
@@ -276,6 +315,15 @@ impl Daemon {
             let _ = std::fs::remove_file(status_path(dev_id));
         }
         self.stack.release_lease();
+        if self.stack.migrating.migrated() {
+            if let Some(m) = self.stack.migrating.config() {
+                let _ = std::fs::remove_file(&m.map);
+                eprintln!(
+                    "livemount: {} holds the disk (every write since the migration completed is there, not in the overlay); start the VM on it as a raw disk",
+                    m.target.display()
+                );
+            }
+        }
         if self.stack.config.temporary_overlay {
             if let Some(p) = &self.stack.config.overlay {
                 let _ = std::fs::remove_file(p);

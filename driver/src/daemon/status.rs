@@ -46,6 +46,9 @@ pub struct MountStatus {
     /// Requests to a remote store (None for a directory).
     #[serde(default)]
     pub store_requests: Option<RequestReport>,
+    /// A migration to local storage (`livemount migrate`).
+    #[serde(default)]
+    pub migration: Option<crate::block::migrate::MigrationReport>,
 }
 
 /// The daemon's memory: what grows with the device size, and the budgets.
@@ -180,6 +183,7 @@ impl MountStatus {
             prestage: None,
             memory: None,
             store_requests: None,
+            migration: None,
         }
     }
 }
