@@ -1692,3 +1692,135 @@ fn ublk_4_tib_thin_snapshot_memory_follows_writes() {
     drop(dev);
     m3.unmount();
 }
+
+/// 17. `livemount migrate` of a real ublk device under a write+flush load: the
+///     daemon is SIGKILLed three times during the copy and recovered each time;
+///     when migrated, TARGET holds the snapshot and every flushed write, the store
+///     is removed and the device keeps reading and writing (from TARGET alone).
+#[test]
+fn ublk_migrate_under_writes_survives_kills_and_outlives_the_store() {
+    if !have_ublk("ublk_migrate_under_writes_survives_kills_and_outlives_the_store") {
+        return;
+    }
+    let _t = Timer::start("ublk_migrate_under_writes_survives_kills_and_outlives_the_store");
+    let fx = fixture();
+    let t = tmp("migrate");
+    let store = t.path().join("store");
+    copy_store(fx, &store);
+    let (ov, target) = (t.path().join("ov"), t.path().join("vm.raw"));
+    let args = [
+        os("--store"),
+        store.as_os_str(),
+        os(&fx.snap),
+        os("--overlay"),
+        ov.as_os_str(),
+        os("--cache-mem"),
+        os("16M"),
+    ];
+    let mut m = mount(&args, &t.path().join("m0.log"));
+    let (stop, progress) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let w = start_writer(&m.dev, stop.clone(), progress.clone(), ledger.clone());
+    wait_progress(&progress, &ledger, 10, "before the migration");
+    // Bad input first: the overlay itself, an existing file.
+    let e = lm(
+        &[os("migrate"), os(&m.dev), os("--to"), ov.as_os_str()],
+        Duration::from_secs(30),
+    );
+    e.one_line_error(&["overlay"]);
+    let keep = t.path().join("keep.raw");
+    fs::write(&keep, b"keep").unwrap();
+    lm(
+        &[os("migrate"), os(&m.dev), os("--to"), keep.as_os_str()],
+        Duration::from_secs(30),
+    )
+    .one_line_error(&["exists"]);
+    assert_eq!(fs::read(&keep).unwrap(), b"keep");
+    lm(
+        &[
+            os("migrate"),
+            os(&m.dev),
+            os("--to"),
+            target.as_os_str(),
+            os("--rate"),
+            os("4M"),
+        ],
+        Duration::from_secs(30),
+    )
+    .ok();
+    let migration = |m: &Mount| m.status()["migration"].clone();
+    for k in 1..=3 {
+        std::thread::sleep(Duration::from_millis(2500));
+        let before = migration(&m);
+        assert_eq!(before["state"], "copying", "kill {k}: {before}");
+        sigkill_daemon(&m);
+        let log = t.path().join(format!("m{k}.log"));
+        let rec = try_mount(&[os("--recover"), os(&m.dev)], &log);
+        assert_eq!(rec.code, Some(0), "recovery {k} failed: {}", rec.stderr);
+        let m2 = Mount::from_output(&rec.stdout, &log);
+        std::mem::forget(std::mem::replace(&mut m, m2));
+        let after = migration(&m);
+        assert!(
+            after["state"] == "copying" || after["state"] == "migrated",
+            "kill {k}: the migration did not continue: {after}"
+        );
+        wait_progress(
+            &progress,
+            &ledger,
+            progress.load(Ordering::SeqCst) + 3,
+            "after recovery",
+        );
+    }
+    let t0 = Instant::now();
+    while migration(&m)["state"] != "migrated" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "not migrated: {}",
+            migration(&m)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let l = ledger.lock().unwrap();
+    assert!(l.error.is_none(), "writer: {:?}", l.error);
+    // TARGET: the snapshot outside the slots, every flushed slot write inside.
+    let image = fs::read(&fx.image).unwrap();
+    let tgt = fs::read(&target).unwrap();
+    assert_eq!(tgt.len() as u64, image.len().next_multiple_of(512) as u64);
+    assert!(tgt[..40 * MIB as usize] == image[..40 * MIB as usize]);
+    assert!(tgt[60 * MIB as usize..image.len()] == image[60 * MIB as usize..]);
+    for (&slot, &gen) in &l.flushed {
+        let at = slot_offset(slot) as usize;
+        assert!(
+            tgt[at..at + SLOT_LEN] == slot_data(slot, gen)[..],
+            "slot {slot}: flushed generation {gen} is not in TARGET"
+        );
+    }
+    drop(l);
+    // The store goes away: reads and writes go on, from TARGET.
+    fs::rename(&store, t.path().join("store.gone")).unwrap();
+    let errors = scan(
+        &m.dev,
+        image.len().next_multiple_of(512) as u64,
+        Duration::from_secs(120),
+    );
+    assert!(
+        errors.is_empty(),
+        "reads failed without the store: {errors:?}"
+    );
+    let f = open_direct(&m.dev, true).unwrap();
+    write_direct(&f, VOLATILE_AT, &pattern(99, 65536)).unwrap();
+    f.sync_data().unwrap();
+    drop(f);
+    m.unmount();
+    let tgt = fs::read(&target).unwrap();
+    assert!(tgt[VOLATILE_AT as usize..VOLATILE_AT as usize + 65536] == pattern(99, 65536)[..]);
+    assert!(
+        !Path::new(&format!("{}.lmmig", target.display())).exists(),
+        "the progress map outlived a completed migration"
+    );
+}
