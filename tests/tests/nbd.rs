@@ -381,3 +381,165 @@ fn serve_refuses_bad_setups_with_one_line_errors() {
     .error(&["not a socket"]);
     assert_eq!(std::fs::read(&sock).unwrap(), b"keep");
 }
+
+/// The migration of `export` in the serve status file of `pid` (as root:
+/// /run/livemount/serve-PID.json, written every second), waiting until it has one.
+fn export_migration(pid: u32, export: &str) -> serde_json::Value {
+    let p = format!("/run/livemount/serve-{pid}.json");
+    let t = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if let Some(e) = v["exports"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|e| e["name"] == export))
+                    .filter(|e| !e["migration"].is_null())
+                {
+                    return e["migration"].clone();
+                }
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no migration in {p}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `livemount migrate EXPORT` against a running `serve`, natively: the copy runs
+/// while qemu-io writes, survives a SIGKILL of the server (a restart continues it),
+/// completes with TARGET = snapshot + writes, then the store is removed and the
+/// export keeps serving reads and writes from TARGET.
+#[test]
+fn migrate_an_export_across_a_crash_then_serve_without_the_store() {
+    if !is_root() {
+        println!("SKIP migrate_an_export_across_a_crash_then_serve_without_the_store: needs root (/run/livemount)");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (store, mut img) = store_with_image(d.path(), 16 << 20);
+    let sock = d.path().join("nbd.sock");
+    let ovdir = d.path().join("overlays");
+    let target = d.path().join("vm.raw");
+    let args = [
+        OsStr::new("--store"),
+        store.as_os_str(),
+        OsStr::new("--export"),
+        OsStr::new("vm"),
+        OsStr::new("--overlay-dir"),
+        ovdir.as_os_str(),
+        OsStr::new("--cache-mem"),
+        OsStr::new("1M"),
+    ];
+    let s = Server::start(&sock, &args);
+    // Bad input: an unknown export, the overlay as target.
+    let e = lm([
+        OsStr::new("migrate"),
+        OsStr::new("nosuch"),
+        OsStr::new("--to"),
+        target.as_os_str(),
+    ]);
+    e.error(&["nosuch"]);
+    let ov = ovdir.join("vm.overlay");
+    lm([
+        OsStr::new("migrate"),
+        OsStr::new("vm"),
+        OsStr::new("--to"),
+        ov.as_os_str(),
+    ])
+    .error(&["overlay"]);
+    lm([
+        OsStr::new("migrate"),
+        OsStr::new("vm"),
+        OsStr::new("--to"),
+        target.as_os_str(),
+        OsStr::new("--rate"),
+        OsStr::new("4M"),
+    ])
+    .ok();
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 12288 8192",
+            "-c",
+            "flush",
+            &s.uri("vm"),
+        ],
+    );
+    img[12288..20480].fill(0x5a);
+    let m = export_migration(s.child.id(), "vm");
+    assert_eq!(m["state"], "copying", "{m}");
+    s.kill();
+    // The restarted server continues the migration (kept beside the overlay).
+    let s = Server::start(&sock, &args);
+    let m = export_migration(s.child.id(), "vm");
+    assert!(m["state"] == "copying" || m["state"] == "migrated", "{m}");
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x6b 9437184 65536",
+            "-c",
+            "flush",
+            &s.uri("vm"),
+        ],
+    );
+    img[9437184..9437184 + 65536].fill(0x6b);
+    let t = Instant::now();
+    while export_migration(s.child.id(), "vm")["state"] != "migrated" {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{}",
+            export_migration(s.child.id(), "vm")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        std::fs::read(&target).unwrap() == img,
+        "TARGET differs from snapshot + writes"
+    );
+    // The store goes away: the export keeps working, from TARGET.
+    std::fs::rename(&store, d.path().join("store.gone")).unwrap();
+    let text = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x6b 9437184 65536",
+            "-c",
+            "write -P 0x7c 0 4096",
+            "-c",
+            "flush",
+            &s.uri("vm"),
+        ],
+    );
+    assert!(!text.contains("verification failed"), "{text}");
+    let out = d.path().join("out.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &s.uri("vm"),
+            out.to_str().unwrap(),
+        ],
+    );
+    img[..4096].fill(0x7c);
+    assert!(std::fs::read(&out).unwrap() == img);
+    s.stop();
+    assert!(
+        std::fs::read(&target).unwrap() == img,
+        "TARGET after the stop"
+    );
+    assert!(
+        !d.path().join("vm.raw.lmmig").exists(),
+        "progress map left behind"
+    );
+}

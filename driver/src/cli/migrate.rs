@@ -4,7 +4,7 @@ use super::parse::parse_size;
 use super::Outcome;
 use crate::block::migrate::MigrationReport;
 use crate::daemon::control::{self, Request};
-use crate::daemon::status::{parse_dev, read_status};
+use crate::daemon::status::{list_serve_status, parse_dev, read_status};
 use livemount_store::progress::StderrProgress;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +13,8 @@ use std::time::Duration;
 /// Arguments of `livemount migrate`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The live mount, e.g. /dev/ublkb0.
+    /// The live mount (/dev/ublkbN) or the name of an export of a running
+    /// `livemount serve`.
     device: String,
     /// Raw image file to create (sparse; it must not exist) or block device (at
     /// least as large as the device) that receives the disk.
@@ -28,23 +29,86 @@ pub struct Args {
     wait: bool,
 }
 
+/// Where a migration is asked for and followed: a ublk mount or a served export.
+enum Subject {
+    Device(String),
+    Export { name: String, pid: u32 },
+}
+
+impl Subject {
+    fn find(name: &str) -> anyhow::Result<Subject> {
+        if name.starts_with("/dev/") {
+            read_status(name)?;
+            return Ok(Subject::Device(name.to_string()));
+        }
+        let servers: Vec<u32> = list_serve_status()
+            .into_iter()
+            .filter(|s| s.exports.iter().any(|e| e.name == name))
+            .map(|s| s.pid)
+            .collect();
+        match servers[..] {
+            [pid] => Ok(Subject::Export {
+                name: name.to_string(),
+                pid,
+            }),
+            [] => anyhow::bail!(
+                "{name}: neither a device (/dev/ublkbN) nor an export of a running livemount serve"
+            ),
+            _ => anyhow::bail!(
+                "export {name} is served by several servers (pids {servers:?}); stop the extra ones"
+            ),
+        }
+    }
+
+    fn migration(&self) -> anyhow::Result<Option<MigrationReport>> {
+        match self {
+            Subject::Device(d) => Ok(read_status(d)
+                .map_err(|e| anyhow::anyhow!("{d}: the daemon went away while migrating ({e})"))?
+                .migration),
+            Subject::Export { name, pid } => {
+                let s = list_serve_status()
+                    .into_iter()
+                    .find(|s| s.pid == *pid)
+                    .ok_or_else(|| anyhow::anyhow!("export {name}: its server {pid} went away"))?;
+                Ok(s.exports
+                    .into_iter()
+                    .find(|e| &e.name == name)
+                    .and_then(|e| e.migration))
+            }
+        }
+    }
+}
+
 /// Run `livemount migrate`.
 pub fn run(a: Args) -> Outcome {
-    let id = parse_dev(&a.device)?;
-    read_status(&a.device)?;
+    let subject = Subject::find(&a.device)?;
     // The daemon resolves nothing relative to our working directory.
     let target = if a.to.is_absolute() {
         a.to.clone()
     } else {
         std::env::current_dir()?.join(&a.to)
     };
-    let r = control::request(
-        id,
-        &Request::Migrate {
-            target,
-            rate: a.rate.unwrap_or(0),
-        },
-    )?;
+    let rate = a.rate.unwrap_or(0);
+    let r = match &subject {
+        Subject::Device(d) => control::request(
+            &control::path(parse_dev(d)?),
+            d,
+            &Request::Migrate {
+                target,
+                rate,
+                export: None,
+            },
+        )?,
+        Subject::Export { name, pid } => control::request(
+            &control::serve_path(*pid),
+            &format!("export {name}"),
+            &Request::Migrate {
+                target,
+                rate,
+                export: Some(name.clone()),
+            },
+        )?,
+    };
     if !r.ok {
         anyhow::bail!("{}: {}", a.device, r.message);
     }
@@ -52,15 +116,14 @@ pub fn run(a: Args) -> Outcome {
     if !a.wait {
         return Ok(ExitCode::SUCCESS);
     }
-    wait(&a.device)
+    wait(&a.device, &subject)
 }
 
 /// Follow the migration in the status file until it is complete or failed.
-fn wait(dev: &str) -> Outcome {
+fn wait(dev: &str, subject: &Subject) -> Outcome {
     let status = || -> anyhow::Result<MigrationReport> {
-        let st = read_status(dev)
-            .map_err(|e| anyhow::anyhow!("{dev}: the daemon went away while migrating ({e})"))?;
-        st.migration
+        subject
+            .migration()?
             .ok_or_else(|| anyhow::anyhow!("{dev}: no migration in progress"))
     };
     let first = status()?;

@@ -1,6 +1,7 @@
 //! `livemount status`: the typed status files of live mounts, as text or JSON.
 
 use super::{mib, print_json, Outcome, OutputArgs};
+use crate::block::migrate::MigrationReport;
 use crate::block::prestage::PrestageReport;
 use crate::cache::CacheReport;
 use crate::daemon::status::{
@@ -92,6 +93,9 @@ impl fmt::Display for ServeText<'_> {
             }
             if let Some(m) = &e.memory {
                 memory(f, m)?;
+            }
+            if let Some(m) = &e.migration {
+                migration(f, m)?;
             }
         }
         Ok(())
@@ -241,26 +245,30 @@ impl fmt::Display for Text<'_> {
             memory(f, m)?;
         }
         if let Some(m) = &s.migration {
-            writeln!(
-                f,
-                "  migration to {}: {}, {:.1}/{:.1} MiB, {} regions left, {:.1} MiB/s{}{}",
-                m.target.display(),
-                m.state,
-                mib(m.copied_bytes),
-                mib(m.total_bytes),
-                m.regions_left,
-                m.rate_bytes_s / 1048576.0,
-                m.eta_s
-                    .map(|s| format!(", ETA {s:.0} s"))
-                    .unwrap_or_default(),
-                m.error
-                    .as_deref()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default()
-            )?;
+            migration(f, m)?;
         }
         Ok(())
     }
+}
+
+fn migration(f: &mut fmt::Formatter<'_>, m: &MigrationReport) -> fmt::Result {
+    writeln!(
+        f,
+        "  migration to {}: {}, {:.1}/{:.1} MiB, {} regions left, {:.1} MiB/s{}{}",
+        m.target.display(),
+        m.state,
+        mib(m.copied_bytes),
+        mib(m.total_bytes),
+        m.regions_left,
+        m.rate_bytes_s / 1048576.0,
+        m.eta_s
+            .map(|s| format!(", ETA {s:.0} s"))
+            .unwrap_or_default(),
+        m.error
+            .as_deref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
+    )
 }
 
 fn requests(f: &mut fmt::Formatter<'_>, r: &RequestReport) -> fmt::Result {

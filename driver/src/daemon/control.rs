@@ -21,6 +21,9 @@ pub enum Request {
         target: PathBuf,
         /// Bytes per second for the copy (0: unlimited).
         rate: u64,
+        /// The export to migrate (`livemount serve`; None for a ublk mount).
+        #[serde(default)]
+        export: Option<String>,
     },
 }
 
@@ -36,6 +39,11 @@ pub struct Reply {
 /// The control socket of device `dev_id`.
 pub fn path(dev_id: u32) -> PathBuf {
     Path::new(crate::paths::RUN_DIR).join(format!("ublkb{dev_id}.ctl"))
+}
+
+/// The control socket of the `livemount serve` with `pid`.
+pub fn serve_path(pid: u32) -> PathBuf {
+    Path::new(crate::paths::RUN_DIR).join(format!("serve-{pid}.ctl"))
 }
 
 const MAX_REQUEST: u64 = 64 << 10;
@@ -89,32 +97,29 @@ fn answer(conn: UnixStream, handler: &impl Fn(Request) -> Reply) -> std::io::Res
     (&conn).write_all(text.as_bytes())
 }
 
-/// Send `req` to the daemon of `dev_id` and return its reply.
-pub fn request(dev_id: u32, req: &Request) -> Result<Reply> {
-    let p = path(dev_id);
-    let conn = UnixStream::connect(&p).map_err(|e| {
+/// Send `req` to the daemon listening on `p` (`what` names it in errors) and
+/// return its reply.
+pub fn request(p: &Path, what: &str, req: &Request) -> Result<Reply> {
+    let conn = UnixStream::connect(p).map_err(|e| {
         Error::io(
-            &p,
+            p,
             std::io::Error::new(
                 e.kind(),
-                format!("cannot reach the daemon of /dev/ublkb{dev_id} ({e}); is it running?"),
+                format!("cannot reach the daemon of {what} ({e}); is it running?"),
             ),
         )
     })?;
-    conn.set_read_timeout(Some(TIMEOUT)).at(&p)?;
-    conn.set_write_timeout(Some(TIMEOUT)).at(&p)?;
+    conn.set_read_timeout(Some(TIMEOUT)).at(p)?;
+    conn.set_write_timeout(Some(TIMEOUT)).at(p)?;
     let mut text = serde_json::to_string(req).map_err(|e| Error::Invalid(e.to_string()))?;
     text.push('\n');
-    (&conn).write_all(text.as_bytes()).at(&p)?;
+    (&conn).write_all(text.as_bytes()).at(p)?;
     let mut line = String::new();
     BufReader::new((&conn).take(MAX_REQUEST))
         .read_line(&mut line)
-        .at(&p)?;
-    serde_json::from_str(&line).map_err(|e| {
-        Error::Invalid(format!(
-            "bad reply from the daemon of /dev/ublkb{dev_id}: {e}"
-        ))
-    })
+        .at(p)?;
+    serde_json::from_str(&line)
+        .map_err(|e| Error::Invalid(format!("bad reply from the daemon of {what}: {e}")))
 }
 
 #[cfg(test)]
@@ -126,7 +131,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("c.ctl");
         listen(&p, |r| match r {
-            Request::Migrate { target, rate } => Reply {
+            Request::Migrate { target, rate, .. } => Reply {
                 ok: true,
                 message: format!("{} {rate}", target.display()),
             },

@@ -134,20 +134,28 @@ impl Daemon {
     /// Answer a control request (`livemount migrate`).
     fn control(&self, r: control::Request) -> control::Reply {
         match r {
-            control::Request::Migrate { target, rate } => match self.stack.migrate(&target, rate) {
-                Ok(c) => control::Reply {
-                    ok: true,
-                    message: format!(
-                        "migrating to {} (progress map {})",
-                        c.target.display(),
-                        c.map.display()
-                    ),
-                },
-                Err(e) => control::Reply {
-                    ok: false,
-                    message: e.to_string(),
-                },
+            control::Request::Migrate {
+                export: Some(e), ..
+            } => control::Reply {
+                ok: false,
+                message: format!("this is a ublk mount, not a server of export {e:?}"),
             },
+            control::Request::Migrate { target, rate, .. } => {
+                match self.stack.migrate(&target, rate) {
+                    Ok(c) => control::Reply {
+                        ok: true,
+                        message: format!(
+                            "migrating to {} (progress map {})",
+                            c.target.display(),
+                            c.map.display()
+                        ),
+                    },
+                    Err(e) => control::Reply {
+                        ok: false,
+                        message: e.to_string(),
+                    },
+                }
+            }
         }
     }
 

@@ -80,6 +80,15 @@ fn open_exports(o: &ServeOptions) -> Result<(Stacks, Exports)> {
         config.cache_dir = o.cache_dir.clone();
         config.cache_size = o.cache_size;
         let stack = Stack::open(&config)?;
+        // A restarted server continues the migration its predecessor started.
+        if let Some(m) = saved_migration(&config) {
+            if let Err(e) = stack.resume_migration(&m) {
+                eprintln!(
+                    "livemount: error: export {name}: cannot continue the migration to {}: {e}",
+                    m.target.display()
+                );
+            }
+        }
         if let Some(p) = &stack.prestager {
             let window = config.prestage.parse().map_err(Error::Invalid)?;
             p.stage_before_ready(window);
@@ -185,6 +194,14 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
         .map_err(|e| Error::io("signal handler", e))?;
     let stacks = Arc::new(stacks);
+    let ctl = super::control::serve_path(std::process::id());
+    {
+        let stacks = stacks.clone();
+        // Serving does not need it: without it only `livemount migrate` is missing.
+        if let Err(e) = super::control::listen(&ctl, move |r| migrate_export(&stacks, r)) {
+            eprintln!("livemount: warning: no control socket, so no `livemount migrate` for these exports: {e}");
+        }
+    }
     let status_stop = Arc::new(std::sync::Mutex::new(false));
     status_writer(
         stacks.clone(),
@@ -201,7 +218,21 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     }
     // Stop: every completed write durable, mirrors removed, the socket gone.
     let mut result = Ok(());
+    let _ = std::fs::remove_file(&ctl);
     for s in stacks.values() {
+        s.migrating.stop();
+        if s.migrating.migrated() {
+            if let Some(m) = s.migrating.config() {
+                let _ = std::fs::remove_file(&m.map);
+                if let Some(p) = migration_file(&s.config) {
+                    let _ = std::fs::remove_file(p);
+                }
+                eprintln!(
+                    "livemount: {} holds the disk (writes since the migration completed are there, not in the overlay); start the VM on it as a raw disk",
+                    m.target.display()
+                );
+            }
+        }
         let r = s.top.flush().and_then(|()| match &s.overlay {
             Some(o) => o.close(),
             None => Ok(()),
@@ -216,6 +247,65 @@ pub fn serve(o: ServeOptions) -> Result<()> {
         let _ = std::fs::remove_file(s);
     }
     result
+}
+
+/// Where an export keeps its migration's configuration across restarts of the
+/// server: beside its overlay (`NAME.overlay.migration`).
+fn migration_file(config: &MountConfig) -> Option<PathBuf> {
+    config
+        .overlay
+        .as_ref()
+        .map(|o| o.with_extension("overlay.migration"))
+}
+
+fn saved_migration(config: &MountConfig) -> Option<crate::config::MigrationConfig> {
+    let text = std::fs::read_to_string(migration_file(config)?).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// `livemount migrate EXPORT`: start migrating one export, saving the request
+/// beside its overlay so that a restarted server continues it.
+fn migrate_export(stacks: &Stacks, r: super::control::Request) -> super::control::Reply {
+    let super::control::Request::Migrate {
+        target,
+        rate,
+        export,
+    } = r;
+    let fail = |message: String| super::control::Reply { ok: false, message };
+    let Some(name) = export else {
+        return fail("name the export to migrate".into());
+    };
+    let Some(stack) = stacks.get(&name) else {
+        return fail(format!("this server has no export {name:?}"));
+    };
+    match stack.migrate(&target, rate) {
+        Ok(m) => {
+            if let Some(p) = migration_file(&stack.config) {
+                let saved = serde_json::to_vec(&m)
+                    .map_err(|e| livemount_store::Error::Invalid(e.to_string()))
+                    .and_then(|text| {
+                        livemount_store::fsutil::write_atomic_nosync_dir(
+                            &p.with_extension("migration.tmp"),
+                            &p,
+                            &text,
+                            0o600,
+                        )
+                    });
+                if let Err(e) = saved {
+                    eprintln!("livemount: warning: cannot save the migration of {name} to {} (a restarted server will not continue it): {e}", p.display());
+                }
+            }
+            super::control::Reply {
+                ok: true,
+                message: format!(
+                    "export {name}: migrating to {} (progress map {})",
+                    m.target.display(),
+                    m.map.display()
+                ),
+            }
+        }
+        Err(e) => fail(format!("export {name}: {e}")),
+    }
 }
 
 /// Refresh `/run/livemount/serve-PID.json` every second (`livemount status`).
@@ -247,6 +337,7 @@ fn status_writer(
                     io: e.metrics.report(),
                     store_requests: s.backend.requests(),
                     memory: Some(super::status::MemoryReport::of(s)),
+                    migration: s.migrating.report(),
                 })
                 .collect(),
         };

@@ -135,6 +135,9 @@ pub struct ExportStatus {
     /// every export).
     #[serde(default)]
     pub memory: Option<MemoryReport>,
+    /// A migration to local storage (`livemount migrate EXPORT`).
+    #[serde(default)]
+    pub migration: Option<crate::block::migrate::MigrationReport>,
 }
 
 /// Where `livemount serve` with `pid` keeps its status.
