@@ -238,8 +238,38 @@ impl Stack {
             map,
             rate,
         };
+        if !target.exists() {
+            self.check_room(target)?;
+        }
         self.resume_migration(&config)?;
         Ok(config)
+    }
+
+    /// Refuse a new TARGET file on a file system without room for the disk's data:
+    /// every stored chunk and every byte the overlay holds (zero chunks stay holes).
+    fn check_room(&self, target: &Path) -> Result<()> {
+        let index = self.image.index();
+        let stored: u64 = index
+            .chunks
+            .runs()
+            .filter(|(_, _, c)| matches!(c, ChunkRef::Stored(_)))
+            .map(|(_, n, _)| n as u64 * index.chunk_size as u64)
+            .sum();
+        let needed = (stored + self.overlay_bytes()).min(self.top.size());
+        let dir = target
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let free = livemount_store::fsutil::free_bytes(dir).map_err(|e| Error::io(dir, e))?;
+        if free < needed {
+            return Err(Error::Invalid(format!(
+                "{} has {:.1} MiB free; the disk holds up to {:.1} MiB of data: make room or migrate elsewhere",
+                dir.display(),
+                free as f64 / 1048576.0,
+                needed as f64 / 1048576.0
+            )));
+        }
+        Ok(())
     }
 
     /// Start the migration `config` describes (a recovered mount continues it).

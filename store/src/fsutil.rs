@@ -78,3 +78,20 @@ pub fn flock(file: &File, exclusive: bool, wait: bool) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Bytes available to unprivileged writers on the file system holding `dir`.
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs fills the zeroed (plain C) struct we own; `c` is a valid C
+    // string that outlives the call.
+    let (rc, st) = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(c.as_ptr(), &mut st), st)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}

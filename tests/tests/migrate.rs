@@ -204,3 +204,33 @@ fn bad_targets_get_one_clear_error_and_nothing_is_touched() {
     assert!(e.contains("missing-dir"), "{e}");
     assert!(stack.migrating.report().is_none());
 }
+
+/// A TARGET on a file system without room for the disk's data is refused before
+/// anything is written (a real tmpfs of 1 MiB; root only).
+#[test]
+fn a_target_on_a_full_file_system_is_refused_up_front() {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIP a_target_on_a_full_file_system_is_refused_up_front: needs root to mount a small tmpfs");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (_, stack) = mounted(d.path(), 4 * MIB as usize);
+    let small = d.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let e = stack
+        .migrate(&small.join("vm.raw"), 0)
+        .unwrap_err()
+        .to_string();
+    let listed = std::fs::read_dir(&small).unwrap().count();
+    let _ = std::process::Command::new("umount").arg(&small).status();
+    assert!(e.contains("free") && e.contains("small"), "{e}");
+    assert_eq!(listed, 0, "files were created on the full file system");
+    assert!(stack.migrating.report().is_none());
+}
