@@ -280,8 +280,17 @@ impl Stack {
             .map(|p| p.chunk_order())
             .unwrap_or_default();
         let cache = self.cache.clone();
-        let wait_idle: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-            cache.wait_for_demand_idle(std::time::Duration::from_millis(50));
+        // Copier 0 waits for the VM's fetches in flight; the others copy only while
+        // the VM has not fetched for 200 ms (on a busy VM, one copier's CPU is all
+        // the copy takes from it).
+        let wait_idle: Arc<dyn Fn(usize) -> bool + Send + Sync> = Arc::new(move |k| {
+            use std::time::Duration;
+            if k > 0 && cache.demand_recent(Duration::from_millis(200)) {
+                std::thread::sleep(Duration::from_millis(100));
+                return false;
+            }
+            cache.wait_for_demand_idle(Duration::from_millis(50));
+            true
         });
         self.migrating.start(
             config.clone(),

@@ -230,7 +230,7 @@ impl Migrating {
         config: MigrationConfig,
         overlay: Option<&Path>,
         order: Vec<u64>,
-        wait_idle: Arc<dyn Fn() + Send + Sync>,
+        wait_idle: Arc<dyn Fn(usize) -> bool + Send + Sync>,
     ) -> Result<()> {
         if let Some(j) = self.job() {
             if j.failed.lock().map(|f| f.is_none()).unwrap_or(false) {
@@ -273,18 +273,63 @@ impl Migrating {
         self: Arc<Self>,
         job: Arc<Job>,
         order: Vec<u64>,
-        wait_idle: Arc<dyn Fn() + Send + Sync>,
+        wait_idle: Arc<dyn Fn(usize) -> bool + Send + Sync>,
+    ) {
+        let regions = job.regions;
+        let queue: Mutex<Box<dyn Iterator<Item = u64> + Send>> = Mutex::new(Box::new(
+            order
+                .into_iter()
+                .filter(move |&r| r < regions)
+                .chain(0..regions),
+        ));
+        let shared = Copiers {
+            queue,
+            budget: Mutex::new(RateBudget::new(job.config.rate)),
+            last_persist: Mutex::new(Instant::now()),
+            exhausted: AtomicBool::new(false),
+        };
+        // Two copiers: one decodes while the other waits for the store or TARGET
+        // (measured: one alone copied at 0.65x the speed of a 2-thread restore).
+        // `wait_idle(k)` lets copier k go on: the first after the VM's fetches in
+        // flight, the others only while the VM is not reading from the store.
+        std::thread::scope(|s| {
+            for k in 0..COPIERS {
+                let (me, job, shared, wait) = (&self, &job, &shared, wait_idle.as_ref());
+                s.spawn(move || me.copy_worker(job, shared, k, wait));
+            }
+        });
+        let stopped = job.stop.load(SeqCst);
+        let failed = job.failed.lock().map(|f| f.is_some()).unwrap_or(true);
+        if !stopped && !failed && job.done_count.load(SeqCst) == job.regions {
+            if let Err(e) = self.complete(&job) {
+                job.fail(&e.to_string());
+            }
+        }
+    }
+
+    fn copy_worker(
+        &self,
+        job: &Job,
+        shared: &Copiers,
+        k: usize,
+        wait_idle: &(dyn Fn(usize) -> bool + Send + Sync),
     ) {
         let region = self.key.region;
         let mut buf = vec![0u8; region as usize];
-        let mut last_persist = Instant::now();
-        let mut budget = RateBudget::new(job.config.rate);
-        let sequence = order
-            .into_iter()
-            .filter(|&r| r < job.regions)
-            .chain(0..job.regions);
-        for r in sequence {
-            if job.stop.load(SeqCst) {
+        loop {
+            // An extra copier takes no region while the VM is busy (so it never
+            // sits on one that the first copier would otherwise copy).
+            if k > 0 && !wait_idle(k) {
+                if shared.exhausted.load(SeqCst) || job.stop.load(SeqCst) {
+                    return;
+                }
+                continue;
+            }
+            let Some(r) = shared.queue.lock().ok().and_then(|mut q| q.next()) else {
+                shared.exhausted.store(true, SeqCst);
+                return;
+            };
+            if job.stop.load(SeqCst) || job.failed.lock().map(|f| f.is_some()).unwrap_or(true) {
                 return;
             }
             if job.done.lock().map(|d| d.get(r)).unwrap_or(true) {
@@ -298,12 +343,14 @@ impl Migrating {
                 if job.stop.load(SeqCst) {
                     return;
                 }
-                wait_idle();
-                budget.take(len as u64);
+                wait_idle(0);
+                if let Ok(mut b) = shared.budget.lock() {
+                    b.take(len as u64);
+                }
                 // A region the VM keeps writing would starve optimistic copies:
                 // after two lost races, copy it holding its lock (its writes wait
                 // for one region read).
-                match self.copy_region(&job, r, start, &mut buf[..len], raced >= 2) {
+                match self.copy_region(job, r, start, &mut buf[..len], raced >= 2) {
                     Ok(true) => break,
                     Ok(false) => raced += 1, // a VM write raced the copy: read again
                     Err(CopyError::Source(e)) => {
@@ -324,16 +371,19 @@ impl Migrating {
                 *p = None;
             }
             job.copied_now.fetch_add(len as u64, SeqCst);
-            if last_persist.elapsed() >= Duration::from_secs(1) {
-                last_persist = Instant::now();
+            let due = shared.last_persist.lock().is_ok_and(|mut t| {
+                let due = t.elapsed() >= Duration::from_secs(1);
+                if due {
+                    *t = Instant::now();
+                }
+                due
+            });
+            if due {
                 if let Err(e) = job.persist_map() {
                     job.fail(&e.to_string());
                     return;
                 }
             }
-        }
-        if let Err(e) = self.complete(&job) {
-            job.fail(&e.to_string());
         }
     }
 
@@ -351,11 +401,13 @@ impl Migrating {
         let lock = || stripe.lock().map_err(|_| CopyError::Target(poisoned()));
         let g = if locked {
             let g = lock()?;
-            self.lower.read_at(start, buf).map_err(CopyError::Source)?;
+            crate::cache::as_background(|| self.lower.read_at(start, buf))
+                .map_err(CopyError::Source)?;
             g
         } else {
             let gen = *lock()?;
-            self.lower.read_at(start, buf).map_err(CopyError::Source)?;
+            crate::cache::as_background(|| self.lower.read_at(start, buf))
+                .map_err(CopyError::Source)?;
             let g = lock()?;
             if *g != gen {
                 return Ok(false);
@@ -435,6 +487,18 @@ impl Migrating {
         Ok(())
     }
 }
+
+/// What the copier threads share.
+struct Copiers {
+    queue: Mutex<Box<dyn Iterator<Item = u64> + Send>>,
+    budget: Mutex<RateBudget>,
+    last_persist: Mutex<Instant>,
+    /// The queue is empty.
+    exhausted: AtomicBool,
+}
+
+/// Copier threads.
+const COPIERS: usize = 2;
 
 enum CopyError {
     Source(Error),
@@ -789,8 +853,8 @@ mod tests {
         }
     }
 
-    fn noop() -> Arc<dyn Fn() + Send + Sync> {
-        Arc::new(|| {})
+    fn noop() -> Arc<dyn Fn(usize) -> bool + Send + Sync> {
+        Arc::new(|_| true)
     }
 
     fn wait_done(m: &Migrating) {
@@ -850,20 +914,22 @@ mod tests {
         m.start(cfg.clone(), None, vec![], noop()).unwrap();
         // Write every sector once, round-robin over the regions, while the copier
         // runs: a copy landing over one of these writes is never repaired by a
-        // later one, so any lost update shows.
+        // later one, so any lost update shows. `want`: the device as written.
         let regions = size / 65536;
+        let mut want = vec![0x11u8; size as usize];
         for i in 0..size / 512 {
             if m.report().is_some_and(|r| r.state == "migrated") {
                 break;
             }
             let (r, k) = (i % regions, i / regions);
-            m.write_at(r * 65536 + k * 512, &[(i % 251) as u8 + 2; 512])
-                .unwrap();
+            let at = (r * 65536 + k * 512) as usize;
+            let v = (i % 251) as u8 + 2;
+            m.write_at(at as u64, &[v; 512]).unwrap();
+            want[at..at + 512].fill(v);
         }
         wait_done(&m);
-        // Every write before completion is below; TARGET must hold all of them.
-        let mut below = vec![0u8; size as usize];
-        lower.read_at(0, &mut below).unwrap();
+        // TARGET holds every write (one that raced the completion only there).
+        let below = want;
         let target = std::fs::read(&cfg.target).unwrap();
         let lost = (0..size as usize / 512)
             .filter(|&s| target[s * 512..(s + 1) * 512] != below[s * 512..(s + 1) * 512])

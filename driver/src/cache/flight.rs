@@ -124,6 +124,8 @@ impl<K: Hash + Eq + Copy> Drop for ReleaseOnDrop<'_, K> {
 pub struct DemandGauge {
     count: Mutex<usize>,
     idle: Condvar,
+    /// When the last demand fetch started or ended.
+    last: Mutex<Option<std::time::Instant>>,
 }
 
 /// One demand fetch; dropping it ends it.
@@ -135,7 +137,23 @@ impl DemandGauge {
         if let Ok(mut c) = self.count.lock() {
             *c += 1;
         }
+        self.touch();
         DemandGuard(self)
+    }
+
+    fn touch(&self) {
+        if let Ok(mut l) = self.last.lock() {
+            *l = Some(std::time::Instant::now());
+        }
+    }
+
+    /// True if a demand fetch is in flight or ended less than `window` ago.
+    pub fn recent(&self, window: Duration) -> bool {
+        self.current() > 0
+            || self
+                .last
+                .lock()
+                .is_ok_and(|l| l.is_some_and(|t| t.elapsed() < window))
     }
 
     /// Demand fetches in flight now.
@@ -157,6 +175,7 @@ impl DemandGauge {
 
 impl Drop for DemandGuard<'_> {
     fn drop(&mut self) {
+        self.0.touch();
         if let Ok(mut c) = self.0.count.lock() {
             *c = c.saturating_sub(1);
             if *c == 0 {

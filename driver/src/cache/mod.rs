@@ -229,6 +229,11 @@ impl ReadCache {
         self.demand.current()
     }
 
+    /// True if the VM fetched from the store (a demand miss) within `window`.
+    pub fn demand_recent(&self, window: std::time::Duration) -> bool {
+        self.demand.recent(window)
+    }
+
     /// Wait until no demand fetch is in flight, at most `limit` (pre-staging yields
     /// to the VM's own reads this way); true if idle.
     pub fn wait_for_demand_idle(&self, limit: std::time::Duration) -> bool {
@@ -590,6 +595,7 @@ impl ReadCache {
         range: Range<u32>,
         out: &mut [u8],
     ) -> Result<()> {
+        let demand = !in_background();
         // Read-ahead: a demand miss in a chunk may bring the whole compressed chunk
         // (one request; the policy decides by measured request times); frames are
         // still decoded only when read. Errors here are not final: the exact-range
@@ -600,7 +606,7 @@ impl ReadCache {
         {
             let layout_known = self.layouts.lock().is_ok_and(|m| m.contains_key(id));
             if self.readahead.choose(layout_known) == Fetch::WholeChunk {
-                let _ = self.fetch_whole_as(id, chunk_len, true);
+                let _ = self.fetch_whole_as(id, chunk_len, demand);
             }
         }
         let layout = self.layout(id, chunk_len)?;
@@ -631,8 +637,8 @@ impl ReadCache {
                 .claim(missing.iter().map(|&i| (*id, i as u32)), |_| false);
             let mine: Vec<usize> = mine.into_iter().map(|(_, i)| i as usize).collect();
             let result = {
-                let _demand = self.demand.enter();
-                self.load_claimed(&layout, &mine, false, |k, f| {
+                let _demand = demand.then(|| self.demand.enter());
+                self.load_claimed(&layout, &mine, !demand, |k, f| {
                     have.insert(k, f);
                 })
             };
@@ -683,6 +689,26 @@ fn copy_out(
         pos += n as u32;
     }
     Ok(())
+}
+
+thread_local! {
+    static BACKGROUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with every cache read it makes counted as background work, not as the
+/// VM's demand: it does not hold the demand gauge (so pre-staging and migration do
+/// not wait for each other), asks the store with background priority, and its frames
+/// enter the memory tier's probation segment (a copy of the whole disk is a scan).
+/// Used by a live migration's copier, which reads through the whole stack.
+pub fn as_background<R>(f: impl FnOnce() -> R) -> R {
+    let before = BACKGROUND.with(|b| b.replace(true));
+    let r = f();
+    BACKGROUND.with(|b| b.set(before));
+    r
+}
+
+fn in_background() -> bool {
+    BACKGROUND.with(|b| b.get())
 }
 
 /// The store's priority for a fetch: demand reads go first at back ends that queue
