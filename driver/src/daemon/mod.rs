@@ -81,6 +81,16 @@ impl Daemon {
         if opts.recover.is_some() {
             resume_learned_profile(&stack);
         }
+        // A recovered mount continues its predecessor's migration — before the
+        // device serves a single request, so that no VM write misses TARGET.
+        if let Some(m) = &stack.config.migration {
+            if let Err(e) = stack.resume_migration(m) {
+                eprintln!(
+                    "livemount: error: cannot continue the migration to {}: {e}",
+                    m.target.display()
+                );
+            }
+        }
         if let Some(p) = &stack.prestager {
             let window: crate::block::prestage::PrestageWindow =
                 stack.config.prestage.parse().map_err(Error::Invalid)?;
@@ -237,15 +247,7 @@ impl Daemon {
         if let Some(p) = self.stack.prestager.clone() {
             std::thread::spawn(move || p.continue_in_background());
         }
-        // A recovered mount continues its predecessor's migration.
-        if let Some(m) = &self.stack.config.migration {
-            if let Err(e) = self.stack.resume_migration(m) {
-                eprintln!(
-                    "livemount: error: cannot continue the migration to {}: {e}",
-                    m.target.display()
-                );
-            }
-        }
+
         let _ = write_status(&self.status(dev_id, dev, "running"));
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", attach_help(dev));
