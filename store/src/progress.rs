@@ -25,6 +25,8 @@ impl Progress for NoProgress {
 pub struct StderrProgress {
     bar: Option<indicatif::ProgressBar>,
     what: String,
+    /// What is counted (None: bytes, shown in MiB).
+    unit: Option<&'static str>,
     total: u64,
     done: AtomicU64,
     start: Instant,
@@ -52,6 +54,38 @@ impl StderrProgress {
         Box::new(StderrProgress {
             bar,
             what: what.to_string(),
+            unit: None,
+            total,
+            done: AtomicU64::new(0),
+            start: Instant::now(),
+            last_line: Mutex::new(Instant::now()),
+        })
+    }
+}
+
+impl StderrProgress {
+    /// Progress of `what` over `total` things counted in `unit` ("snapshots",
+    /// "chunks"). `quiet` disables all output.
+    pub fn counting(what: &str, total: u64, unit: &'static str, quiet: bool) -> Box<dyn Progress> {
+        if quiet {
+            return Box::new(NoProgress);
+        }
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(&format!(
+                    "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit} ETA {{eta}}"
+                ))
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(what.to_string());
+            bar
+        });
+        Box::new(StderrProgress {
+            bar,
+            what: what.to_string(),
+            unit: Some(unit),
             total,
             done: AtomicU64::new(0),
             start: Instant::now(),
@@ -79,6 +113,15 @@ impl Progress for StderrProgress {
             } else {
                 0.0
             };
+            if let Some(unit) = self.unit {
+                eprintln!(
+                    "{}: {done}/{} {unit} ({:.0}%), ETA {eta:.0} s",
+                    self.what,
+                    self.total,
+                    100.0 * done as f64 / self.total.max(1) as f64
+                );
+                return;
+            }
             eprintln!(
                 "{}: {:.1}/{:.1} MiB ({:.0}%), {:.1} MiB/s, ETA {:.0} s",
                 self.what,

@@ -13,7 +13,7 @@ mod bench;
 mod image;
 mod qemu;
 
-pub use bench::{bench, smoke, Options};
+pub use bench::{bench, smoke, smoke_migrate, Options};
 
 /// `cargo xtask boot-image`: build (or check) the image and the boot initramfs.
 pub fn image_cmd() -> anyhow::Result<()> {

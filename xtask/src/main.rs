@@ -82,6 +82,10 @@ enum Cmd {
         /// image from the live mount as a raw virtio disk.
         #[arg(long)]
         smoke: bool,
+        /// Instead, the migration smoke test: boot from the live mount while
+        /// `livemount migrate` copies it, then boot from the migrated raw file.
+        #[arg(long)]
+        smoke_migrate: bool,
     },
 }
 
@@ -138,9 +142,12 @@ fn main() -> Result<()> {
             keep,
             reuse,
             smoke,
+            smoke_migrate,
         } => {
             setup::run()?;
-            if smoke {
+            if smoke_migrate {
+                boot::smoke_migrate()
+            } else if smoke {
                 boot::smoke()
             } else {
                 boot::bench(&boot::Options {

@@ -17,7 +17,10 @@ pub struct Args {
 /// Run `livemount gc`.
 pub fn run(a: Args) -> Outcome {
     let st = a.store.open(Access::Exclusive)?;
-    let r = gc::gc(&st)?;
+    let quiet = a.out.quiet;
+    let r = gc::gc(&st, &move |what, total, unit| {
+        livemount_store::progress::StderrProgress::counting(what, total, unit, quiet)
+    })?;
     if a.out.json {
         print_json(&r)?;
     } else {

@@ -4,6 +4,7 @@
 #
 # Kernel command line:
 #   lm.init=PATH   what to run on the new root (default /sbin/init, i.e. systemd).
+#   lm.stamp=WORD  print the stamp an earlier boot wrote on the root, write WORD.
 #   lm.mode=disk   (default) root on a plain disk: lm.root=DEV (default /dev/vda).
 #                  Used for the host profiling boot and for the nested-qemu smoke test.
 #   lm.mode=vm     inside the ublk test VM: also mounts the host root over 9p (read-only,
@@ -95,6 +96,12 @@ fi
 
 mark mount-root "dev=$ROOTDEV"
 mount -t ext4 -o rw "$ROOTDEV" /newroot || die "mounting $ROOTDEV failed"
+# lm.stamp=WORD (the migration smoke test): show the stamp an earlier boot left on
+# the root, then leave this boot's (a write through the disk during the boot).
+if STAMP=$(arg lm.stamp); then
+    echo "@@LMBOOT-STAMP found=$(cat /newroot/var/lib/lm-stamp 2>/dev/null || echo none) new=$STAMP"
+    echo "$STAMP" > /newroot/var/lib/lm-stamp && sync
+fi
 INIT=$(arg lm.init) || INIT=/sbin/init
 [ -L "/newroot$INIT" ] || [ -x "/newroot$INIT" ] || die "no $INIT on $ROOTDEV"
 mount --move /proc /newroot/proc
