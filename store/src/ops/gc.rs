@@ -85,6 +85,9 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
 
+    /// What the factory was asked for, and how far the phase got.
+    type Phase = (String, u64, &'static str, Arc<AtomicU64>);
+
     struct Count(Arc<AtomicU64>);
     impl Progress for Count {
         fn inc(&self, n: u64) {
@@ -109,8 +112,7 @@ mod tests {
         }
         drop(store);
         let store = Store::open(d.path().join("s"), Access::Exclusive).unwrap();
-        let phases: Arc<Mutex<Vec<(String, u64, &'static str, Arc<AtomicU64>)>>> =
-            Default::default();
+        let phases: Arc<Mutex<Vec<Phase>>> = Default::default();
         let p = phases.clone();
         let r = gc(&store, &move |what, total, unit| {
             let n = Arc::new(AtomicU64::new(0));
