@@ -488,15 +488,15 @@ fn migrate_an_export_across_a_crash_then_serve_without_the_store() {
         ],
     );
     img[9437184..9437184 + 65536].fill(0x6b);
-    let t = Instant::now();
-    while export_migration(s.child.id(), "vm")["state"] != "migrated" {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "{}",
-            export_migration(s.child.id(), "vm")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // `migrate EXPORT --wait` follows the migration in progress until it is done.
+    let w = lm([
+        OsStr::new("migrate"),
+        OsStr::new("vm"),
+        OsStr::new("--wait"),
+    ]);
+    w.ok();
+    assert!(w.stdout.contains("migrated to"), "{}", w.stdout);
+    assert_eq!(export_migration(s.child.id(), "vm")["state"], "migrated");
     assert!(
         std::fs::read(&target).unwrap() == img,
         "TARGET differs from snapshot + writes"

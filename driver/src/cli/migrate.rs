@@ -17,9 +17,10 @@ pub struct Args {
     /// `livemount serve`.
     device: String,
     /// Raw image file to create (sparse; it must not exist) or block device (at
-    /// least as large as the device) that receives the disk.
-    #[arg(long, value_name = "TARGET")]
-    to: PathBuf,
+    /// least as large as the device) that receives the disk. Without it, `--wait`
+    /// follows the migration already running.
+    #[arg(long, value_name = "TARGET", required_unless_present = "wait")]
+    to: Option<PathBuf>,
     /// At most this many bytes per second read for the copy (K/M/G suffixes);
     /// default: as fast as the store allows, after the VM's own reads.
     #[arg(long, value_parser = parse_size)]
@@ -82,11 +83,15 @@ impl Subject {
 /// Run `livemount migrate`.
 pub fn run(a: Args) -> Outcome {
     let subject = Subject::find(&a.device)?;
+    let Some(to) = &a.to else {
+        // `--wait` alone: follow the migration in progress.
+        return wait(&a.device, &subject);
+    };
     // The daemon resolves nothing relative to our working directory.
-    let target = if a.to.is_absolute() {
-        a.to.clone()
+    let target = if to.is_absolute() {
+        to.clone()
     } else {
-        std::env::current_dir()?.join(&a.to)
+        std::env::current_dir()?.join(to)
     };
     let rate = a.rate.unwrap_or(0);
     let r = match &subject {
