@@ -1566,12 +1566,13 @@ L={lm}
 $L mount --store {store} {SERIES} --overlay /tmp/lm-overlay.img --daemon --log /tmp/lm.log > /tmp/mount.out || exit 1
 dev=$(awk '/^device/{{print $2}}' /tmp/mount.out)
 echo "SMOKE device $dev"
-$L migrate "$dev" --to /tmp/migrated.raw --rate 8M 2>&1 | sed 's/^/SMOKE /' || exit 1
+$L migrate "$dev" --to /tmp/migrated.raw --rate 2M 2>&1 | sed 's/^/SMOKE /' || exit 1
 timeout 600 qemu-system-x86_64 {first} 2>&1 | sed -u 's/^/NESTED1 /'
 $L status "$dev" | sed 's/^/SMOKE after boot 1: /'
+$L status "$dev" | grep -q "migration to .*: copying" && echo "SMOKE boot 1 ended while the copy was running"
 i=0
 until $L status "$dev" | grep -q "migration to .*: migrated"; do
-    i=$((i + 1)); [ $i -gt 600 ] && {{ echo "SMOKE migration did not complete"; exit 1; }}
+    i=$((i + 1)); [ $i -gt 900 ] && {{ echo "SMOKE migration did not complete"; exit 1; }}
     sleep 1
 done
 $L status "$dev" | sed 's/^/SMOKE migrated: /'
@@ -1584,7 +1585,7 @@ timeout 600 qemu-system-x86_64 {second} 2>&1 | sed -u 's/^/NESTED2 /'
         second = quoted(&second),
     );
     let opts = crate::vm::VmOptions {
-        timeout: Duration::from_secs(1800),
+        timeout: Duration::from_secs(2400),
         stream: verbose(),
         ..crate::vm::VmOptions::default()
     };
@@ -1624,6 +1625,14 @@ timeout 600 qemu-system-x86_64 {second} 2>&1 | sed -u 's/^/NESTED2 /'
     }
     if m2.is_none() {
         bail!("smoke-migrate: the boot from the migrated raw file printed no marker; console tail:\n{}", tail());
+    }
+    // The first boot's writes (its stamp among them) must have happened while the
+    // copy ran, or this would only test a finished migration.
+    if !r
+        .log
+        .contains("SMOKE boot 1 ended while the copy was running")
+    {
+        bail!("smoke-migrate: the migration finished before the first boot did; its writes did not race the copy (lower --rate)");
     }
     if found.as_deref() != Some("first-boot-7f3a") {
         bail!(
