@@ -113,8 +113,91 @@ impl Stack {
         }
     }
 
-    /// Build the layers of a mount (the store opened read-only).
+    /// Build the layers of a mount (the store opened read-only). A mount whose
+    /// migration is complete is rebuilt from its TARGET alone when the store cannot
+    /// be opened (it no longer needs it).
+    /// A migration in the configuration (a recovered mount's) is continued before
+    /// the stack is returned, so no request is served before it is in place.
     pub fn open(config: &MountConfig) -> Result<Stack> {
+        match Self::open_with_store(config) {
+            Ok(s) => {
+                if let Some(m) = &config.migration {
+                    if let Err(e) = s.resume_migration(m) {
+                        eprintln!(
+                            "livemount: error: cannot continue the migration to {}: {e}",
+                            m.target.display()
+                        );
+                    }
+                }
+                Ok(s)
+            }
+            Err(e) => {
+                let done = config
+                    .migration
+                    .as_ref()
+                    .and_then(|m| crate::block::migrate::completed(&m.map).map(|k| (m, k)));
+                let Some((m, key)) = done else {
+                    return Err(e);
+                };
+                eprintln!(
+                    "livemount: warning: the store is unavailable ({e}); the migration to {} is complete, so the device is served from it alone",
+                    m.target.display()
+                );
+                let s = Self::open_migrated(config, key)?;
+                // Over a stand-in image of zeros: it must serve TARGET before anything.
+                s.resume_migration(m)?;
+                if !s.migrating.migrated() {
+                    return Err(Error::Invalid(format!(
+                        "the migration map {} says complete but TARGET could not be served",
+                        m.map.display()
+                    )));
+                }
+                Ok(s)
+            }
+        }
+    }
+
+    /// The stack of a completed migration without its store: the migration layer
+    /// (serving TARGET) over an image of zero chunks that is never read.
+    fn open_migrated(config: &MountConfig, key: DeviceKey) -> Result<Stack> {
+        use livemount_store::format::index::{ChunkList, SnapshotIndex};
+        let region = u32::try_from(key.region).map_err(|_| {
+            Error::Invalid(format!("migration map: region {} out of range", key.region))
+        })?;
+        let index = SnapshotIndex {
+            image_size: key.size,
+            chunk_size: region,
+            frame_size: region.min(64 << 10),
+            created: 0,
+            source: "migrated".into(),
+            chunks: ChunkList::zeros(key.size.div_ceil(key.region) as usize),
+        };
+        let backend: Arc<dyn livemount_store::backend::Backend> =
+            Arc::new(livemount_store::backend::dir::DirBackend::new(
+                std::path::PathBuf::from("/nonexistent-store"),
+            ));
+        let origin: Arc<dyn ChunkSource> = Arc::new(livemount_store::backend::BackendChunks::new(
+            backend.clone(),
+        ));
+        let cache = Arc::new(ReadCache::new(origin, 1 << 20, None, index.frame_size));
+        let image = Arc::new(SnapshotImage::new(index, cache.clone()));
+        let migrating =
+            Arc::new(Migrating::new(image.clone(), key).with_read_only(config.read_only));
+        Ok(Stack {
+            config: config.clone(),
+            top: migrating.clone(),
+            recorder: None,
+            overlay: None,
+            migrating,
+            image,
+            cache,
+            prestager: None,
+            lease: std::sync::Mutex::new(None),
+            backend,
+        })
+    }
+
+    fn open_with_store(config: &MountConfig) -> Result<Stack> {
         let store = Store::open_at(&config.store, Access::ReadOnly)?;
         let snap = store.resolve(&config.snapshot)?;
         // The lease comes before the index is read (crate::lease). A store this host

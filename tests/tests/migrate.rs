@@ -234,3 +234,46 @@ fn a_target_on_a_full_file_system_is_refused_up_front() {
     assert_eq!(listed, 0, "files were created on the full file system");
     assert!(stack.migrating.report().is_none());
 }
+
+/// A mount whose migration is complete needs nothing but TARGET: when its daemon
+/// dies and the store is gone, `mount --recover` (Stack::open of the saved
+/// configuration) serves TARGET alone, writable; one not yet complete refuses.
+#[test]
+fn a_migrated_mount_reopens_from_target_alone_without_the_store() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 4 * MIB as usize;
+    let (mut want, stack) = mounted(d.path(), size);
+    let target = d.path().join("vm.raw");
+    stack.migrate(&target, 0).unwrap();
+    wait_state(&stack, "migrated", Duration::from_secs(60));
+    stack.top.write_at(65536, &[0x42; 4096]).unwrap();
+    stack.top.flush().unwrap();
+    want[65536..65536 + 4096].fill(0x42);
+    let mut saved = stack.config.clone();
+    saved.migration = stack.migrating.config();
+    assert!(saved.migration.is_some());
+    drop(stack); // the daemon dies
+    std::fs::rename(d.path().join("store"), d.path().join("store.gone")).unwrap();
+    let s = Stack::open(&saved).unwrap();
+    assert!(s.migrating.migrated());
+    assert!(!s.top.read_only());
+    let mut got = vec![0u8; size];
+    s.top.read_at(0, &mut got).unwrap();
+    assert!(got == want, "the reopened device differs");
+    s.top.write_at(0, &[0x43; 512]).unwrap();
+    s.top.flush().unwrap();
+    assert!(std::fs::read(&target).unwrap()[..512] == [0x43; 512]);
+    drop(s);
+    // A migration that is not complete cannot stand in for the store.
+    let map = saved.migration.as_ref().unwrap().map.clone();
+    let mut m = std::fs::read(&map).unwrap();
+    m[72] = 0;
+    let crc = crc32c::crc32c(&m[..4092]);
+    m[4092..4096].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&map, &m).unwrap();
+    let e = Stack::open(&saved)
+        .err()
+        .expect("no store, no complete migration")
+        .to_string();
+    assert!(e.contains("store"), "{e}");
+}

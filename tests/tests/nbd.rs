@@ -404,7 +404,8 @@ fn export_migration(pid: u32, export: &str) -> serde_json::Value {
     }
 }
 
-/// `livemount migrate EXPORT` against a running `serve`, natively: the copy runs
+/// `livemount migrate EXPORT` against a running `serve`, natively (an export name of
+/// its own: other tests' servers export `vm` at the same time): the copy runs
 /// while qemu-io writes, survives a SIGKILL of the server (a restart continues it),
 /// completes with TARGET = snapshot + writes, then the store is removed and the
 /// export keeps serving reads and writes from TARGET.
@@ -423,7 +424,7 @@ fn migrate_an_export_across_a_crash_then_serve_without_the_store() {
         OsStr::new("--store"),
         store.as_os_str(),
         OsStr::new("--export"),
-        OsStr::new("vm"),
+        OsStr::new("migrant=vm"),
         OsStr::new("--overlay-dir"),
         ovdir.as_os_str(),
         OsStr::new("--cache-mem"),
@@ -438,17 +439,17 @@ fn migrate_an_export_across_a_crash_then_serve_without_the_store() {
         target.as_os_str(),
     ]);
     e.error(&["nosuch"]);
-    let ov = ovdir.join("vm.overlay");
+    let ov = ovdir.join("migrant.overlay");
     lm([
         OsStr::new("migrate"),
-        OsStr::new("vm"),
+        OsStr::new("migrant"),
         OsStr::new("--to"),
         ov.as_os_str(),
     ])
     .error(&["overlay"]);
     lm([
         OsStr::new("migrate"),
-        OsStr::new("vm"),
+        OsStr::new("migrant"),
         OsStr::new("--to"),
         target.as_os_str(),
         OsStr::new("--rate"),
@@ -464,16 +465,16 @@ fn migrate_an_export_across_a_crash_then_serve_without_the_store() {
             "write -P 0x5a 12288 8192",
             "-c",
             "flush",
-            &s.uri("vm"),
+            &s.uri("migrant"),
         ],
     );
     img[12288..20480].fill(0x5a);
-    let m = export_migration(s.child.id(), "vm");
+    let m = export_migration(s.child.id(), "migrant");
     assert_eq!(m["state"], "copying", "{m}");
     s.kill();
     // The restarted server continues the migration (kept beside the overlay).
     let s = Server::start(&sock, &args);
-    let m = export_migration(s.child.id(), "vm");
+    let m = export_migration(s.child.id(), "migrant");
     assert!(m["state"] == "copying" || m["state"] == "migrated", "{m}");
     ok(
         "qemu-io",
@@ -484,19 +485,22 @@ fn migrate_an_export_across_a_crash_then_serve_without_the_store() {
             "write -P 0x6b 9437184 65536",
             "-c",
             "flush",
-            &s.uri("vm"),
+            &s.uri("migrant"),
         ],
     );
     img[9437184..9437184 + 65536].fill(0x6b);
     // `migrate EXPORT --wait` follows the migration in progress until it is done.
     let w = lm([
         OsStr::new("migrate"),
-        OsStr::new("vm"),
+        OsStr::new("migrant"),
         OsStr::new("--wait"),
     ]);
     w.ok();
     assert!(w.stdout.contains("migrated to"), "{}", w.stdout);
-    assert_eq!(export_migration(s.child.id(), "vm")["state"], "migrated");
+    assert_eq!(
+        export_migration(s.child.id(), "migrant")["state"],
+        "migrated"
+    );
     assert!(
         std::fs::read(&target).unwrap() == img,
         "TARGET differs from snapshot + writes"
@@ -514,7 +518,7 @@ fn migrate_an_export_across_a_crash_then_serve_without_the_store() {
             "write -P 0x7c 0 4096",
             "-c",
             "flush",
-            &s.uri("vm"),
+            &s.uri("migrant"),
         ],
     );
     assert!(!text.contains("verification failed"), "{text}");
@@ -527,7 +531,7 @@ fn migrate_an_export_across_a_crash_then_serve_without_the_store() {
             "raw",
             "-O",
             "raw",
-            &s.uri("vm"),
+            &s.uri("migrant"),
             out.to_str().unwrap(),
         ],
     );

@@ -95,6 +95,8 @@ pub struct Migrating {
     /// (so no write is half in the old phase).
     switch: RwLock<()>,
     job: Mutex<Option<Arc<Job>>>,
+    /// Whether the device refuses writes (None: as the layer below does).
+    read_only: Option<bool>,
 }
 
 struct Job {
@@ -160,6 +162,33 @@ fn header(key: &DeviceKey, done: bool) -> Vec<u8> {
     h
 }
 
+/// The device a *completed* migration's map at `map` belongs to (None: no map, not
+/// complete, or damaged). A mount whose migration is complete needs nothing but
+/// TARGET, so it can be rebuilt from this when its store is gone.
+pub fn completed(map: &Path) -> Option<DeviceKey> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(map)
+        .ok()?;
+    let mut h = vec![0u8; HEADER as usize];
+    f.read_exact_at(&mut h, 0).ok()?;
+    let u64_at = |a: usize| u64::from_le_bytes(h[a..a + 8].try_into().unwrap_or([0; 8]));
+    let crc = u32::from_le_bytes([h[4092], h[4093], h[4094], h[4095]]);
+    let done = u32::from_le_bytes([h[72], h[73], h[74], h[75]]) == 1;
+    if h[..8] != MAGIC || crc32c::crc32c(&h[..4092]) != crc || !done {
+        return None;
+    }
+    let mut index_sum = [0u8; 32];
+    index_sum.copy_from_slice(&h[40..72]);
+    let key = DeviceKey {
+        size: u64_at(24),
+        region: u64_at(32),
+        index_sum,
+    };
+    (key.region >= 512 && key.size > 0).then_some(key)
+}
+
 fn invalid(msg: String) -> Error {
     Error::Invalid(msg)
 }
@@ -173,7 +202,15 @@ impl Migrating {
             phase: AtomicU8::new(IDLE),
             switch: RwLock::new(()),
             job: Mutex::new(None),
+            read_only: None,
         }
+    }
+
+    /// The same, refusing writes or not whatever the layer below does (a mount
+    /// rebuilt from a completed migration's TARGET over a stand-in image).
+    pub fn with_read_only(mut self, read_only: bool) -> Migrating {
+        self.read_only = Some(read_only);
+        self
     }
 
     fn job(&self) -> Option<Arc<Job>> {
@@ -508,8 +545,8 @@ enum CopyError {
 impl Job {
     fn open(config: &MigrationConfig, key: &DeviceKey, overlay: Option<&Path>) -> Result<Job> {
         let t = &config.target;
-        if let Some(o) = overlay {
-            let (a, b) = (std::fs::metadata(o).at(o)?, std::fs::metadata(t).ok());
+        if let Some(a) = overlay.and_then(|o| std::fs::metadata(o).ok()) {
+            let b = std::fs::metadata(t).ok();
             if b.is_some_and(|b| b.dev() == a.dev() && b.ino() == a.ino()) {
                 return Err(invalid(format!(
                     "{} is the mount's overlay; migrate to another file or device",
@@ -836,7 +873,7 @@ impl BlockDevice for Migrating {
     }
 
     fn read_only(&self) -> bool {
-        self.lower.read_only()
+        self.read_only.unwrap_or_else(|| self.lower.read_only())
     }
 }
 

@@ -81,16 +81,8 @@ impl Daemon {
         if opts.recover.is_some() {
             resume_learned_profile(&stack);
         }
-        // A recovered mount continues its predecessor's migration — before the
+        // A recovered mount's migration was continued by Stack::open — before the
         // device serves a single request, so that no VM write misses TARGET.
-        if let Some(m) = &stack.config.migration {
-            if let Err(e) = stack.resume_migration(m) {
-                eprintln!(
-                    "livemount: error: cannot continue the migration to {}: {e}",
-                    m.target.display()
-                );
-            }
-        }
         if let Some(p) = &stack.prestager {
             let window: crate::block::prestage::PrestageWindow =
                 stack.config.prestage.parse().map_err(Error::Invalid)?;

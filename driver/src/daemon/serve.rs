@@ -79,16 +79,10 @@ fn open_exports(o: &ServeOptions) -> Result<(Stacks, Exports)> {
         config.cache_mem = o.cache_mem;
         config.cache_dir = o.cache_dir.clone();
         config.cache_size = o.cache_size;
+        // A restarted server continues the migration its predecessor started
+        // (Stack::open resumes it before anything is served).
+        config.migration = saved_migration(&config);
         let stack = Stack::open(&config)?;
-        // A restarted server continues the migration its predecessor started.
-        if let Some(m) = saved_migration(&config) {
-            if let Err(e) = stack.resume_migration(&m) {
-                eprintln!(
-                    "livemount: error: export {name}: cannot continue the migration to {}: {e}",
-                    m.target.display()
-                );
-            }
-        }
         if let Some(p) = &stack.prestager {
             let window = config.prestage.parse().map_err(Error::Invalid)?;
             p.stage_before_ready(window);
