@@ -206,7 +206,8 @@ fn bad_targets_get_one_clear_error_and_nothing_is_touched() {
 }
 
 /// A TARGET on a file system without room for the disk's data is refused before
-/// anything is written (a real tmpfs of 1 MiB; root only).
+/// anything is written (a real tmpfs of 1 MiB; root only), and one on a read-only
+/// file system with the system's reason.
 #[test]
 fn a_target_on_a_full_file_system_is_refused_up_front() {
     // SAFETY: geteuid has no arguments and cannot fail.
@@ -229,7 +230,22 @@ fn a_target_on_a_full_file_system_is_refused_up_front() {
         .unwrap_err()
         .to_string();
     let listed = std::fs::read_dir(&small).unwrap().count();
+    // The same file system, roomy but read-only: not writable.
+    let ro = std::process::Command::new("mount")
+        .args(["-o", "remount,ro,size=64m"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    let e_ro = stack
+        .migrate(&small.join("vm.raw"), 0)
+        .unwrap_err()
+        .to_string();
     let _ = std::process::Command::new("umount").arg(&small).status();
+    assert!(ro.success(), "remount read-only");
+    assert!(
+        e_ro.contains("vm.raw") && e_ro.contains("Read-only"),
+        "{e_ro}"
+    );
     assert!(e.contains("free") && e.contains("small"), "{e}");
     assert_eq!(listed, 0, "files were created on the full file system");
     assert!(stack.migrating.report().is_none());

@@ -1957,3 +1957,84 @@ fn ublk_migrate_a_busy_ext4_with_fio_verify() {
     );
     fx.assert_store_untouched();
 }
+
+/// 19. Migrate to a block device (a loop device over a file): one too small is
+///     refused with a clear error; one large enough receives the disk (its progress
+///     map beside the overlay), and `migrate --wait` returns when it is complete.
+#[test]
+fn ublk_migrate_to_a_block_device() {
+    if !have_ublk("ublk_migrate_to_a_block_device") {
+        return;
+    }
+    let _t = Timer::start("ublk_migrate_to_a_block_device");
+    let fx = fixture();
+    let t = tmp("migrate-blk");
+    let ov = t.path().join("ov");
+    tool("modprobe", &[os("loop")], Duration::from_secs(30));
+    let dev_size = fx.image_size.next_multiple_of(512);
+    let losetup = |file: &Path, size: u64| {
+        let f = fs::File::create(file).unwrap();
+        f.set_len(size).unwrap();
+        drop(f);
+        tool(
+            "losetup",
+            &[os("--find"), os("--show"), file.as_os_str()],
+            Duration::from_secs(30),
+        )
+        .trim()
+        .to_string()
+    };
+    let small = losetup(&t.path().join("small.img"), dev_size - 1024 * 1024);
+    let big = losetup(&t.path().join("big.img"), dev_size + 1024 * 1024);
+    let detach = |d: &str| {
+        let _ = try_run_bounded(
+            Path::new("losetup"),
+            &[os("-d"), os(d)],
+            Duration::from_secs(30),
+        );
+    };
+    let m = mount(
+        &[
+            os("--store"),
+            fx.store.as_os_str(),
+            os(&fx.snap),
+            os("--overlay"),
+            ov.as_os_str(),
+        ],
+        &t.path().join("m.log"),
+    );
+    lm(
+        &[os("migrate"), os(&m.dev), os("--to"), os(&small)],
+        Duration::from_secs(30),
+    )
+    .one_line_error(&["too small"]);
+    let w = lm(
+        &[
+            os("migrate"),
+            os(&m.dev),
+            os("--to"),
+            os(&big),
+            os("--wait"),
+        ],
+        Duration::from_secs(300),
+    );
+    w.ok();
+    assert!(w.stdout.contains("migrated to"), "{}", w.stdout);
+    assert!(
+        ov.with_extension("lmmig").exists(),
+        "a block device's progress map lives beside the overlay"
+    );
+    let image = fs::read(&fx.image).unwrap();
+    let f = fs::File::open(&big).unwrap();
+    let mut got = vec![0u8; image.len()];
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == image, "the block device differs from the snapshot");
+    m.unmount();
+    assert!(
+        !ov.with_extension("lmmig").exists(),
+        "progress map left behind"
+    );
+    detach(&small);
+    detach(&big);
+    fx.assert_store_untouched();
+}
