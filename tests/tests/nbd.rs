@@ -447,15 +447,37 @@ fn migrate_an_export_across_a_crash_then_serve_without_the_store() {
         ov.as_os_str(),
     ])
     .error(&["overlay"]);
+    // A second server exporting the same name: the name alone is ambiguous.
+    let other = Server::start(
+        &d.path().join("other.sock"),
+        &[
+            OsStr::new("--store"),
+            store.as_os_str(),
+            OsStr::new("--export"),
+            OsStr::new("migrant=vm"),
+            OsStr::new("--read-only"),
+        ],
+    );
     lm([
         OsStr::new("migrate"),
         OsStr::new("migrant"),
+        OsStr::new("--to"),
+        target.as_os_str(),
+    ])
+    .error(&["several servers", "--server"]);
+    let pid = s.child.id().to_string();
+    lm([
+        OsStr::new("migrate"),
+        OsStr::new("migrant"),
+        OsStr::new("--server"),
+        OsStr::new(&pid),
         OsStr::new("--to"),
         target.as_os_str(),
         OsStr::new("--rate"),
         OsStr::new("4M"),
     ])
     .ok();
+    other.stop();
     ok(
         "qemu-io",
         &[

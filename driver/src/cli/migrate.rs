@@ -28,6 +28,10 @@ pub struct Args {
     /// Show progress and return when the migration is complete.
     #[arg(long)]
     wait: bool,
+    /// The pid of the `livemount serve` whose export to migrate, when several
+    /// servers export the same name.
+    #[arg(long, value_name = "PID")]
+    server: Option<u32>,
 }
 
 /// Where a migration is asked for and followed: a ublk mount or a served export.
@@ -37,7 +41,7 @@ enum Subject {
 }
 
 impl Subject {
-    fn find(name: &str) -> anyhow::Result<Subject> {
+    fn find(name: &str, server: Option<u32>) -> anyhow::Result<Subject> {
         if name.starts_with("/dev/") {
             read_status(name)?;
             return Ok(Subject::Device(name.to_string()));
@@ -45,6 +49,7 @@ impl Subject {
         let servers: Vec<u32> = list_serve_status()
             .into_iter()
             .filter(|s| s.exports.iter().any(|e| e.name == name))
+            .filter(|s| server.is_none_or(|p| s.pid == p))
             .map(|s| s.pid)
             .collect();
         match servers[..] {
@@ -56,7 +61,7 @@ impl Subject {
                 "{name}: neither a device (/dev/ublkbN) nor an export of a running livemount serve"
             ),
             _ => anyhow::bail!(
-                "export {name} is served by several servers (pids {servers:?}); stop the extra ones"
+                "export {name} is served by several servers (pids {servers:?}); name one with --server PID"
             ),
         }
     }
@@ -82,7 +87,7 @@ impl Subject {
 
 /// Run `livemount migrate`.
 pub fn run(a: Args) -> Outcome {
-    let subject = Subject::find(&a.device)?;
+    let subject = Subject::find(&a.device, a.server)?;
     let Some(to) = &a.to else {
         // `--wait` alone: follow the migration in progress.
         return wait(&a.device, &subject);

@@ -159,6 +159,27 @@ pub fn serve(o: ServeOptions) -> Result<()> {
             )
         });
     }
+    // Status file and control socket exist before anyone is told the server is
+    // ready (`livemount migrate EXPORT` finds the server by its status file).
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+        .map_err(|e| Error::io("signal handler", e))?;
+    let stacks = Arc::new(stacks);
+    let ctl = super::control::serve_path(std::process::id());
+    {
+        let stacks = stacks.clone();
+        // Serving does not need it: without it only `livemount migrate` is missing.
+        if let Err(e) = super::control::listen(&ctl, move |r| migrate_export(&stacks, r)) {
+            eprintln!("livemount: warning: no control socket, so no `livemount migrate` for these exports: {e}");
+        }
+    }
+    let status_stop = Arc::new(std::sync::Mutex::new(false));
+    status_writer(
+        stacks.clone(),
+        exports.clone(),
+        socket.clone(),
+        o.tcp.clone(),
+        status_stop.clone(),
+    );
     for (name, e) in exports.iter() {
         let mut uris = Vec::new();
         if let Some(s) = &socket {
@@ -185,25 +206,6 @@ pub fn serve(o: ServeOptions) -> Result<()> {
             .unwrap_or_else(|| o.tcp.first().map(|a| a.to_string()).unwrap_or_default()),
         pid: std::process::id(),
     });
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
-        .map_err(|e| Error::io("signal handler", e))?;
-    let stacks = Arc::new(stacks);
-    let ctl = super::control::serve_path(std::process::id());
-    {
-        let stacks = stacks.clone();
-        // Serving does not need it: without it only `livemount migrate` is missing.
-        if let Err(e) = super::control::listen(&ctl, move |r| migrate_export(&stacks, r)) {
-            eprintln!("livemount: warning: no control socket, so no `livemount migrate` for these exports: {e}");
-        }
-    }
-    let status_stop = Arc::new(std::sync::Mutex::new(false));
-    status_writer(
-        stacks.clone(),
-        exports.clone(),
-        socket.clone(),
-        o.tcp.clone(),
-        status_stop.clone(),
-    );
     signals.forever().next();
     // The status file goes first, and is never written again.
     if let Ok(mut stopped) = status_stop.lock() {
@@ -311,37 +313,40 @@ fn status_writer(
     stop: Arc<std::sync::Mutex<bool>>,
 ) {
     let started = std::time::Instant::now();
+    let snapshot = move || super::status::ServeStatus {
+        pid: std::process::id(),
+        socket: socket.clone(),
+        tcp: tcp.iter().map(|a| a.to_string()).collect(),
+        uptime_s: started.elapsed().as_secs_f64(),
+        exports: exports
+            .iter()
+            .zip(stacks.values())
+            .map(|((name, e), s)| super::status::ExportStatus {
+                name: name.clone(),
+                snapshot: e.description.clone(),
+                size: e.device.size(),
+                read_only: e.device.read_only(),
+                overlay: s.overlay.as_ref().map(|o| o.path().to_path_buf()),
+                overlay_bytes: s.overlay_bytes(),
+                cache: s.cache.report(),
+                io: e.metrics.report(),
+                store_requests: s.backend.requests(),
+                memory: Some(super::status::MemoryReport::of(s)),
+                migration: s.migrating.report(),
+            })
+            .collect(),
+    };
+    // The first one before returning: the server is listed as soon as it is ready.
+    let _ = super::status::write_serve_status(&snapshot());
     std::thread::spawn(move || loop {
-        let st = super::status::ServeStatus {
-            pid: std::process::id(),
-            socket: socket.clone(),
-            tcp: tcp.iter().map(|a| a.to_string()).collect(),
-            uptime_s: started.elapsed().as_secs_f64(),
-            exports: exports
-                .iter()
-                .zip(stacks.values())
-                .map(|((name, e), s)| super::status::ExportStatus {
-                    name: name.clone(),
-                    snapshot: e.description.clone(),
-                    size: e.device.size(),
-                    read_only: e.device.read_only(),
-                    overlay: s.overlay.as_ref().map(|o| o.path().to_path_buf()),
-                    overlay_bytes: s.overlay_bytes(),
-                    cache: s.cache.report(),
-                    io: e.metrics.report(),
-                    store_requests: s.backend.requests(),
-                    memory: Some(super::status::MemoryReport::of(s)),
-                    migration: s.migrating.report(),
-                })
-                .collect(),
-        };
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let st = snapshot();
         match stop.lock() {
             Ok(stopped) if !*stopped => {
                 let _ = super::status::write_serve_status(&st);
             }
             _ => return,
         }
-        std::thread::sleep(std::time::Duration::from_secs(1));
     });
 }
 
