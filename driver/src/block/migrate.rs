@@ -934,6 +934,31 @@ mod tests {
     }
 
     #[test]
+    fn the_profile_regions_are_copied_first() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 16 * 65536u64;
+        // Every region read takes 500 ms: at 750 ms the two copiers have copied
+        // exactly the first two regions they were given.
+        let lower = Arc::new(
+            MemDisk::new(vec![0x33; size as usize], false)
+                .writable()
+                .slow(Duration::from_millis(500)),
+        );
+        let m = Arc::new(Migrating::new(lower, key(size)));
+        let cfg = MigrationConfig {
+            target: d.path().join("t.raw"),
+            map: d.path().join("t.raw.lmmig"),
+            rate: 0,
+        };
+        m.start(cfg.clone(), None, vec![11, 6], noop()).unwrap();
+        std::thread::sleep(Duration::from_millis(750));
+        let t = std::fs::read(&cfg.target).unwrap();
+        let copied: Vec<usize> = (0..16).filter(|r| t[r * 65536] == 0x33).collect();
+        assert_eq!(copied, vec![6, 11], "{:?}", m.report());
+        m.stop();
+    }
+
+    #[test]
     fn writes_racing_the_copy_are_never_lost() {
         let d = tempfile::tempdir().unwrap();
         let size = 4u64 << 20;
