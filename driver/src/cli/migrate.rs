@@ -131,10 +131,19 @@ pub fn run(a: Args) -> Outcome {
 
 /// Follow the migration in the status file until it is complete or failed.
 fn wait(dev: &str, subject: &Subject) -> Outcome {
+    // The status file is rewritten every second: a migration just started may not
+    // be in it yet.
     let status = || -> anyhow::Result<MigrationReport> {
-        subject
-            .migration()?
-            .ok_or_else(|| anyhow::anyhow!("{dev}: no migration in progress"))
+        let t = std::time::Instant::now();
+        loop {
+            if let Some(m) = subject.migration()? {
+                return Ok(m);
+            }
+            if t.elapsed() > Duration::from_secs(5) {
+                anyhow::bail!("{dev}: no migration in progress");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     };
     let first = status()?;
     let progress = StderrProgress::boxed("migrating", first.total_bytes, false);
