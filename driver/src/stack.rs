@@ -123,6 +123,11 @@ impl Stack {
             Ok(s) => {
                 if let Some(m) = &config.migration {
                     if let Err(e) = s.resume_migration(m) {
+                        // A completed migration's TARGET is the disk: serving the
+                        // overlay instead would show stale data.
+                        if crate::block::migrate::completed(&m.map).is_some() {
+                            return Err(e);
+                        }
                         eprintln!(
                             "livemount: error: cannot continue the migration to {}: {e}",
                             m.target.display()
@@ -131,6 +136,8 @@ impl Stack {
                 }
                 Ok(s)
             }
+            // Another process holds the overlay: not a store problem.
+            Err(e @ Error::Busy(_)) => Err(e),
             Err(e) => {
                 let done = config
                     .migration
@@ -144,8 +151,9 @@ impl Stack {
                     m.target.display()
                 );
                 let s = Self::open_migrated(config, key)?;
-                // Over a stand-in image of zeros: it must serve TARGET before anything.
-                s.resume_migration(m)?;
+                // Over a stand-in image of zeros: it must serve TARGET before
+                // anything, and never copy (it would copy zeros).
+                s.start_migration(m, true, true)?;
                 if !s.migrating.migrated() {
                     return Err(Error::Invalid(format!(
                         "the migration map {} says complete but TARGET could not be served",
@@ -324,7 +332,7 @@ impl Stack {
         if !target.exists() {
             self.check_room(target)?;
         }
-        self.resume_migration(&config)?;
+        self.start_migration(&config, false, false)?;
         Ok(config)
     }
 
@@ -355,8 +363,18 @@ impl Stack {
         Ok(())
     }
 
-    /// Start the migration `config` describes (a recovered mount continues it).
+    /// Continue the migration `config` describes from its durable map (a recovered
+    /// mount, a restarted server).
     pub fn resume_migration(&self, config: &MigrationConfig) -> Result<()> {
+        self.start_migration(config, true, false)
+    }
+
+    fn start_migration(
+        &self,
+        config: &MigrationConfig,
+        resume: bool,
+        only_if_complete: bool,
+    ) -> Result<()> {
         let order = self
             .prestager
             .as_ref()
@@ -380,6 +398,8 @@ impl Stack {
             self.config.overlay.as_deref(),
             order,
             wait_idle,
+            resume,
+            only_if_complete,
         )
     }
 

@@ -116,6 +116,12 @@ struct Job {
     failed: Mutex<Option<String>>,
     stop: AtomicBool,
     wake: (Mutex<()>, Condvar),
+    /// The copiers' thread (joined before a new job replaces a failed one).
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// A sync of TARGET failed after the migration completed: TARGET is the only
+    /// copy and the kernel may have dropped what it could not write, so every later
+    /// request fails (as the overlay does, see its module docs).
+    target_failed: AtomicBool,
 }
 
 struct DoneMap {
@@ -262,12 +268,20 @@ impl Migrating {
     /// Start (or, with an existing map of this device, resume) migrating to
     /// `config.target`; `order` lists regions to copy first (the profile's). The
     /// copier runs on its own thread; `wait_idle` lets it yield to demand reads.
+    ///
+    /// `resume`: continue from the map's durable bits (a recovered mount, a
+    /// restarted server); a new `livemount migrate` starts over even if a map of an
+    /// earlier attempt is there, since the VM may have written while no migration
+    /// mirrored its writes. `only_if_complete`: refuse to copy at all (a mount
+    /// rebuilt without its store has nothing correct to copy from).
     pub fn start(
         self: &Arc<Self>,
         config: MigrationConfig,
         overlay: Option<&Path>,
         order: Vec<u64>,
         wait_idle: Arc<dyn Fn(usize) -> bool + Send + Sync>,
+        resume: bool,
+        only_if_complete: bool,
     ) -> Result<()> {
         if let Some(j) = self.job() {
             if j.failed.lock().map(|f| f.is_none()).unwrap_or(false) {
@@ -276,24 +290,44 @@ impl Migrating {
                     j.config.target.display()
                 )));
             }
+            // A failed job's copiers must be gone before a new job writes TARGET:
+            // their stale reads would pass the old job's generation checks.
+            j.stop.store(true, SeqCst);
+            j.wake.1.notify_all();
+            let handle = j.thread.lock().ok().and_then(|mut h| h.take());
+            if let Some(h) = handle {
+                let _ = h.join();
+            }
         }
-        let job = Arc::new(Job::open(&config, &self.key, overlay)?);
+        let job = Arc::new(Job::open(&config, &self.key, overlay, resume)?);
         let complete = job.done_count.load(SeqCst) == job.regions;
+        if only_if_complete && !complete {
+            return Err(invalid(format!(
+                "the migration to {} is not complete and there is nothing to copy from",
+                config.target.display()
+            )));
+        }
         if let Ok(mut j) = self.job.lock() {
             *j = Some(job.clone());
         }
         let _w = self.switch.write().map_err(|_| poisoned())?;
         if complete {
+            // Also on disk: a later open (after a reboot too) knows TARGET is whole.
+            job.mark_done(&self.key)?;
             self.phase.store(DONE, SeqCst);
             return Ok(());
         }
         self.phase.store(COPYING, SeqCst);
         drop(_w);
         let me = self.clone();
-        std::thread::Builder::new()
+        let j = job.clone();
+        let handle = std::thread::Builder::new()
             .name("migrate".into())
-            .spawn(move || me.copy_all(job, order, wait_idle))
+            .spawn(move || me.copy_all(j, order, wait_idle))
             .map_err(|e| Error::io("migration thread", e))?;
+        if let Ok(mut h) = job.thread.lock() {
+            *h = Some(handle);
+        }
         Ok(())
     }
 
@@ -377,7 +411,7 @@ impl Migrating {
             let mut backoff = Duration::from_secs(1);
             let mut raced = 0;
             loop {
-                if job.stop.load(SeqCst) {
+                if job.stop.load(SeqCst) || job.failed.lock().map(|f| f.is_some()).unwrap_or(true) {
                     return;
                 }
                 wait_idle(0);
@@ -451,6 +485,9 @@ impl Migrating {
             }
             g
         };
+        if job.stop.load(SeqCst) || job.failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+            return Ok(false);
+        }
         job.write_target(start, buf).map_err(CopyError::Target)?;
         if let Ok(mut d) = job.done.lock() {
             if d.set(r) {
@@ -464,11 +501,12 @@ impl Migrating {
     /// Every region is in TARGET: make that durable, then serve from TARGET alone.
     fn complete(&self, job: &Job) -> Result<()> {
         let _w = self.switch.write().map_err(|_| poisoned())?;
+        // A VM write that failed to reach TARGET since the copiers checked.
+        if let Some(why) = job.failed.lock().map_err(|_| poisoned())?.clone() {
+            return Err(invalid(why));
+        }
         job.persist_map()?;
-        job.map_file
-            .write_all_at(&header(&self.key, true), 0)
-            .and_then(|()| job.map_file.sync_data())
-            .at(&job.config.map)?;
+        job.mark_done(&self.key)?;
         self.phase.store(DONE, SeqCst);
         eprintln!(
             "livemount: migration to {} complete: the device is served from it alone",
@@ -491,6 +529,7 @@ impl Migrating {
             COPYING => {}
             DONE => {
                 let job = self.job().ok_or_else(poisoned)?;
+                job.check_target()?;
                 return into_target(&job).at(&job.config.target);
             }
             _ => return below(),
@@ -512,8 +551,10 @@ impl Migrating {
         for i in idx {
             guards.push(job.stripes[i].lock().map_err(|_| poisoned())?);
         }
-        below()?;
-        if let Err(e) = into_target(&job) {
+        // A failed write below may still have changed some sectors: the
+        // generations move in every case, so no copy read before it is trusted.
+        let result = below();
+        if let Err(e) = result.as_ref().map_or(Ok(()), |()| into_target(&job)) {
             // The VM's write is safe below; TARGET lacks it, so this migration can
             // no longer finish: it fails (the map's bits for this region would lie).
             job.fail(&format!("writing {}: {e}", job.config.target.display()));
@@ -521,7 +562,7 @@ impl Migrating {
         for g in guards.iter_mut() {
             **g += 1;
         }
-        Ok(())
+        result
     }
 }
 
@@ -543,7 +584,12 @@ enum CopyError {
 }
 
 impl Job {
-    fn open(config: &MigrationConfig, key: &DeviceKey, overlay: Option<&Path>) -> Result<Job> {
+    fn open(
+        config: &MigrationConfig,
+        key: &DeviceKey,
+        overlay: Option<&Path>,
+        resume: bool,
+    ) -> Result<Job> {
         let t = &config.target;
         if let Some(a) = overlay.and_then(|o| std::fs::metadata(o).ok()) {
             let b = std::fs::metadata(t).ok();
@@ -616,6 +662,7 @@ impl Job {
             .open(&config.map)
             .at(&config.map)?;
         let mut bits = vec![0u64; (ml / 8) as usize];
+        let mut done_state = false;
         let mut h = vec![0u8; HEADER as usize];
         let fresh = map_file.read_exact_at(&mut h, 0).is_err();
         if !fresh {
@@ -630,7 +677,25 @@ impl Job {
                 )));
             }
             let same_boot = h[8..24] == header(key, false)[8..24];
-            if same_boot {
+            let was_done = u32::from_le_bytes([h[72], h[73], h[74], h[75]]) == 1;
+            let created = existing.is_none();
+            if !resume || created {
+                // A new `migrate` (the VM may have written while nothing mirrored
+                // its writes), or a TARGET that was just created: start over.
+                if resume {
+                    eprintln!(
+                        "livemount: warning: migration target {} was missing: copying everything again",
+                        t.display()
+                    );
+                }
+            } else if was_done {
+                // Complete: TARGET was synced whole and every later write went to
+                // it alone, so it is the disk, in any boot.
+                for r in 0..regions {
+                    bits[(r / 64) as usize] |= 1 << (r % 64);
+                }
+                done_state = true;
+            } else if same_boot {
                 let mut raw = vec![0u8; ml as usize];
                 map_file
                     .read_exact_at(&mut raw, HEADER)
@@ -652,7 +717,7 @@ impl Job {
             .sum::<u64>()
             .min(regions);
         map_file
-            .write_all_at(&header(key, false), 0)
+            .write_all_at(&header(key, done_state), 0)
             .and_then(|()| map_file.set_len(HEADER + ml))
             .and_then(|()| {
                 let raw: Vec<u8> = bits.iter().flat_map(|w| w.to_le_bytes()).collect();
@@ -684,12 +749,49 @@ impl Job {
             failed: Mutex::new(None),
             stop: AtomicBool::new(false),
             wake: (Mutex::new(()), Condvar::new()),
+            thread: Mutex::new(None),
+            target_failed: AtomicBool::new(false),
         })
     }
 
+    /// EIO once a sync of TARGET failed in the migrated phase.
+    fn check_target(&self) -> Result<()> {
+        if self.target_failed.load(SeqCst) {
+            return Err(Error::io(
+                &self.config.target,
+                std::io::Error::other(
+                    "an earlier flush of the migrated disk failed (the disk may have lost data it had accepted); refusing I/O",
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// fdatasync TARGET in the migrated phase; a failure is final.
+    fn sync_migrated(&self) -> Result<()> {
+        self.check_target()?;
+        self.target.sync_data().map_err(|e| {
+            self.target_failed.store(true, SeqCst);
+            Error::io(&self.config.target, e)
+        })
+    }
+
+    /// Record in the map's header, durably, that TARGET holds the whole device.
+    fn mark_done(&self, key: &DeviceKey) -> Result<()> {
+        let _p = self.persist.lock().map_err(|_| poisoned())?;
+        self.map_file
+            .write_all_at(&header(key, true), 0)
+            .and_then(|()| self.map_file.sync_data())
+            .at(&self.config.map)
+    }
+
     fn write_target(&self, at: u64, data: &[u8]) -> Result<()> {
-        if !self.is_block && data.iter().all(|&b| b == 0) {
-            return punch(&self.target, at, data.len() as u64).at(&self.config.target);
+        // Zeros as a hole where the file system can punch one, else written.
+        if !self.is_block
+            && data.iter().all(|&b| b == 0)
+            && punch(&self.target, at, data.len() as u64).is_ok()
+        {
+            return Ok(());
         }
         self.target.write_all_at(data, at).at(&self.config.target)
     }
@@ -711,6 +813,9 @@ impl Job {
     /// Make TARGET's data, then the map bits that stand for it, durable.
     fn persist_map(&self) -> Result<()> {
         let _p = self.persist.lock().map_err(|_| poisoned())?;
+        if self.failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+            return Ok(()); // the map was invalidated; nothing may be written to it
+        }
         let pages: Vec<(u64, Vec<u8>)> = {
             let mut d = self.done.lock().map_err(|_| poisoned())?;
             let dirty = std::mem::take(&mut d.dirty);
@@ -733,6 +838,8 @@ impl Job {
             "livemount: error: migration to {} failed: {why}",
             self.config.target.display()
         );
+        // Under the persist lock: no map write can land after the truncation.
+        let _p = self.persist.lock();
         if let Ok(mut f) = self.failed.lock() {
             f.get_or_insert_with(|| why.to_string());
         }
@@ -822,6 +929,7 @@ impl BlockDevice for Migrating {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         if self.phase.load(SeqCst) == DONE {
             if let Some(job) = self.job() {
+                job.check_target()?;
                 return job.target.read_exact_at(buf, offset).at(&job.config.target);
             }
         }
@@ -853,7 +961,7 @@ impl BlockDevice for Migrating {
     fn flush(&self) -> Result<()> {
         match self.phase.load(SeqCst) {
             DONE => match self.job() {
-                Some(job) => job.target.sync_data().at(&job.config.target),
+                Some(job) => job.sync_migrated(),
                 None => Ok(()),
             },
             COPYING => {
@@ -914,7 +1022,8 @@ mod tests {
             map: d.path().join("t.raw.lmmig"),
             rate: 0,
         };
-        m.start(cfg.clone(), None, vec![7, 3], noop()).unwrap();
+        m.start(cfg.clone(), None, vec![7, 3], noop(), false, false)
+            .unwrap();
         wait_done(&m);
         assert_eq!(std::fs::read(&cfg.target).unwrap(), data);
         // Served from TARGET alone: a write lands there, not below.
@@ -929,8 +1038,84 @@ mod tests {
             8 | 1,
             "the layer below was written after completion"
         );
-        let e = m.start(cfg, None, vec![], noop());
+        let e = m.start(cfg, None, vec![], noop(), false, false);
         assert!(e.is_err(), "a second migration of the same device");
+    }
+
+    /// Found in review: a completed map from another boot was reset and the copy
+    /// started again over TARGET (which, by then, alone held the VM's writes).
+    #[test]
+    fn a_completed_migration_stays_complete_after_a_reboot() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 1u64 << 20;
+        let lower = Arc::new(MemDisk::new(vec![0x21; size as usize], false).writable());
+        let cfg = MigrationConfig {
+            target: d.path().join("t.raw"),
+            map: d.path().join("t.raw.lmmig"),
+            rate: 0,
+        };
+        let m = Arc::new(Migrating::new(lower.clone(), key(size)));
+        m.start(cfg.clone(), None, vec![], noop(), false, false)
+            .unwrap();
+        wait_done(&m);
+        m.write_at(0, &[0x99; 512]).unwrap(); // TARGET only, from now on
+        m.flush().unwrap();
+        drop(m);
+        // Another boot: its boot id differs.
+        let mut h = std::fs::read(&cfg.map).unwrap();
+        h[8] ^= 0xff;
+        let crc = crc32c::crc32c(&h[..4092]);
+        h[4092..4096].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&cfg.map, &h).unwrap();
+        let m = Arc::new(Migrating::new(lower, key(size)));
+        m.start(cfg.clone(), None, vec![], noop(), true, false)
+            .unwrap();
+        assert!(m.migrated(), "{:?}", m.report());
+        assert!(
+            completed(&cfg.map).is_some(),
+            "the map no longer says complete"
+        );
+        let mut buf = [0u8; 512];
+        m.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [0x99; 512], "TARGET was copied over");
+    }
+
+    /// Found in review: a new `migrate` resumed an earlier attempt's map, so regions
+    /// the VM wrote while nothing mirrored its writes were never copied again.
+    #[test]
+    fn a_new_migration_starts_over_and_a_recovery_resumes() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 2u64 << 20;
+        let lower = Arc::new(MemDisk::new(vec![0x44; size as usize], false).writable());
+        let cfg = MigrationConfig {
+            target: d.path().join("t.raw"),
+            map: d.path().join("t.raw.lmmig"),
+            rate: 0,
+        };
+        let m = Arc::new(Migrating::new(lower.clone(), key(size)));
+        m.start(cfg.clone(), None, vec![], noop(), false, false)
+            .unwrap();
+        wait_done(&m);
+        m.stop();
+        drop(m);
+        // The map is complete, but the mount went on without the migration layer
+        // (say, a clean stop and a plain mount): the VM wrote below alone.
+        let mut h = std::fs::read(&cfg.map).unwrap();
+        h[72] = 0;
+        let crc = crc32c::crc32c(&h[..4092]);
+        h[4092..4096].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&cfg.map, &h).unwrap();
+        lower.write_at(65536, &[0x55; 4096]).unwrap();
+        let m = Arc::new(Migrating::new(lower.clone(), key(size)));
+        m.start(cfg.clone(), None, vec![], noop(), false, false)
+            .unwrap();
+        assert!(!m.migrated(), "a new migration took the old map's bits");
+        wait_done(&m);
+        let t = std::fs::read(&cfg.target).unwrap();
+        assert!(
+            t[65536..65536 + 4096].iter().all(|&b| b == 0x55),
+            "the write is not in TARGET"
+        );
     }
 
     #[test]
@@ -950,7 +1135,8 @@ mod tests {
             map: d.path().join("t.raw.lmmig"),
             rate: 0,
         };
-        m.start(cfg.clone(), None, vec![11, 6], noop()).unwrap();
+        m.start(cfg.clone(), None, vec![11, 6], noop(), false, false)
+            .unwrap();
         std::thread::sleep(Duration::from_millis(750));
         let t = std::fs::read(&cfg.target).unwrap();
         let copied: Vec<usize> = (0..16).filter(|r| t[r * 65536] == 0x33).collect();
@@ -973,7 +1159,8 @@ mod tests {
             map: d.path().join("t.raw.lmmig"),
             rate: 0,
         };
-        m.start(cfg.clone(), None, vec![], noop()).unwrap();
+        m.start(cfg.clone(), None, vec![], noop(), false, false)
+            .unwrap();
         // Write every sector once, round-robin over the regions, while the copier
         // runs: a copy landing over one of these writes is never repaired by a
         // later one, so any lost update shows. `want`: the device as written.
@@ -1015,14 +1202,14 @@ mod tests {
             rate: 0,
         };
         let e = m
-            .start(cfg(&ov), Some(&ov), vec![], noop())
+            .start(cfg(&ov), Some(&ov), vec![], noop(), false, false)
             .unwrap_err()
             .to_string();
         assert!(e.contains("overlay"), "{e}");
         let other = d.path().join("existing.raw");
         std::fs::write(&other, b"precious").unwrap();
         let e = m
-            .start(cfg(&other), None, vec![], noop())
+            .start(cfg(&other), None, vec![], noop(), false, false)
             .unwrap_err()
             .to_string();
         assert!(e.contains("exists"), "{e}");
@@ -1033,6 +1220,8 @@ mod tests {
                 None,
                 vec![],
                 noop(),
+                false,
+                false,
             )
             .unwrap_err()
             .to_string();
@@ -1051,7 +1240,8 @@ mod tests {
             rate: 4 << 20,
         };
         let m = Arc::new(Migrating::new(lower.clone(), key(size)));
-        m.start(cfg.clone(), None, vec![], noop()).unwrap();
+        m.start(cfg.clone(), None, vec![], noop(), false, false)
+            .unwrap();
         std::thread::sleep(Duration::from_millis(150));
         m.write_at(size - 512, &[0x99; 512]).unwrap();
         m.flush().unwrap();
@@ -1063,7 +1253,7 @@ mod tests {
             rate: 0,
             ..cfg.clone()
         };
-        m2.start(cfg2, None, vec![], noop()).unwrap();
+        m2.start(cfg2, None, vec![], noop(), true, false).unwrap();
         assert!(m2.report().unwrap().copied_bytes >= copied.saturating_sub(256 << 10));
         wait_done(&m2);
         let mut want = data;

@@ -217,7 +217,13 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     let _ = std::fs::remove_file(&ctl);
     for s in stacks.values() {
         s.migrating.stop();
-        if s.migrating.migrated() {
+        let r = s.top.flush().and_then(|()| match &s.overlay {
+            Some(o) => o.close(),
+            None => Ok(()),
+        });
+        // Only after a successful final flush: until then the map is what says
+        // that TARGET, not the overlay, holds the disk.
+        if r.is_ok() && s.migrating.migrated() {
             if let Some(m) = s.migrating.config() {
                 let _ = std::fs::remove_file(&m.map);
                 if let Some(p) = migration_file(&s.config) {
@@ -229,10 +235,6 @@ pub fn serve(o: ServeOptions) -> Result<()> {
                 );
             }
         }
-        let r = s.top.flush().and_then(|()| match &s.overlay {
-            Some(o) => o.close(),
-            None => Ok(()),
-        });
         if let Err(e) = r {
             eprintln!("livemount: error: {e}");
             result = Err(e);

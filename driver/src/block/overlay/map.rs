@@ -173,8 +173,9 @@ fn data_extents(file: &File, start: u64, end: u64) -> Vec<(u64, u64)> {
             if e.raw_os_error() == Some(libc::ENXIO) {
                 break; // no data after pos
             }
-            // No SEEK_DATA here: every byte may be data.
-            return vec![(pos, end)];
+            // No SEEK_DATA here: every byte from here on may be data.
+            out.push((pos, end));
+            return out;
         }
         let data = data as u64;
         if data >= end {
