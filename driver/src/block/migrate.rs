@@ -1042,13 +1042,18 @@ mod tests {
         assert!(e.is_err(), "a second migration of the same device");
     }
 
-    /// Found in review: a completed map from another boot was reset and the copy
-    /// started again over TARGET (which, by then, alone held the VM's writes).
-    #[test]
-    fn a_completed_migration_stays_complete_after_a_reboot() {
+    /// A completed migration of a `size`-byte device filled with `fill`.
+    fn migrated(
+        size: u64,
+        fill: u8,
+    ) -> (
+        tempfile::TempDir,
+        Arc<MemDisk>,
+        MigrationConfig,
+        Arc<Migrating>,
+    ) {
         let d = tempfile::tempdir().unwrap();
-        let size = 1u64 << 20;
-        let lower = Arc::new(MemDisk::new(vec![0x21; size as usize], false).writable());
+        let lower = Arc::new(MemDisk::new(vec![fill; size as usize], false).writable());
         let cfg = MigrationConfig {
             target: d.path().join("t.raw"),
             map: d.path().join("t.raw.lmmig"),
@@ -1058,15 +1063,29 @@ mod tests {
         m.start(cfg.clone(), None, vec![], noop(), false, false)
             .unwrap();
         wait_done(&m);
+        (d, lower, cfg, m)
+    }
+
+    /// Change a map's header with `f` and seal it again (its crc is no secret).
+    fn edit_map_header(map: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+        let mut h = std::fs::read(map).unwrap();
+        f(&mut h);
+        let crc = crc32c::crc32c(&h[..4092]);
+        h[4092..4096].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(map, &h).unwrap();
+    }
+
+    /// Found in review: a completed map from another boot was reset and the copy
+    /// started again over TARGET (which, by then, alone held the VM's writes).
+    #[test]
+    fn a_completed_migration_stays_complete_after_a_reboot() {
+        let size = 1u64 << 20;
+        let (_d, lower, cfg, m) = migrated(size, 0x21);
         m.write_at(0, &[0x99; 512]).unwrap(); // TARGET only, from now on
         m.flush().unwrap();
         drop(m);
         // Another boot: its boot id differs.
-        let mut h = std::fs::read(&cfg.map).unwrap();
-        h[8] ^= 0xff;
-        let crc = crc32c::crc32c(&h[..4092]);
-        h[4092..4096].copy_from_slice(&crc.to_le_bytes());
-        std::fs::write(&cfg.map, &h).unwrap();
+        edit_map_header(&cfg.map, |h| h[8] ^= 0xff);
         let m = Arc::new(Migrating::new(lower, key(size)));
         m.start(cfg.clone(), None, vec![], noop(), true, false)
             .unwrap();
@@ -1084,27 +1103,13 @@ mod tests {
     /// the VM wrote while nothing mirrored its writes were never copied again.
     #[test]
     fn a_new_migration_starts_over_and_a_recovery_resumes() {
-        let d = tempfile::tempdir().unwrap();
         let size = 2u64 << 20;
-        let lower = Arc::new(MemDisk::new(vec![0x44; size as usize], false).writable());
-        let cfg = MigrationConfig {
-            target: d.path().join("t.raw"),
-            map: d.path().join("t.raw.lmmig"),
-            rate: 0,
-        };
-        let m = Arc::new(Migrating::new(lower.clone(), key(size)));
-        m.start(cfg.clone(), None, vec![], noop(), false, false)
-            .unwrap();
-        wait_done(&m);
+        let (_d, lower, cfg, m) = migrated(size, 0x44);
         m.stop();
         drop(m);
         // The map is complete, but the mount went on without the migration layer
         // (say, a clean stop and a plain mount): the VM wrote below alone.
-        let mut h = std::fs::read(&cfg.map).unwrap();
-        h[72] = 0;
-        let crc = crc32c::crc32c(&h[..4092]);
-        h[4092..4096].copy_from_slice(&crc.to_le_bytes());
-        std::fs::write(&cfg.map, &h).unwrap();
+        edit_map_header(&cfg.map, |h| h[72] = 0);
         lower.write_at(65536, &[0x55; 4096]).unwrap();
         let m = Arc::new(Migrating::new(lower.clone(), key(size)));
         m.start(cfg.clone(), None, vec![], noop(), false, false)
