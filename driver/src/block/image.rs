@@ -137,6 +137,13 @@ impl BlockDevice for SnapshotImage {
         Ok(())
     }
 
+    fn known_zero(&self, offset: u64, len: u64) -> bool {
+        let size = self.index.image_size;
+        let valid = size.saturating_sub(offset).min(len) as usize;
+        self.pieces(offset, valid)
+            .all(|(i, ..)| matches!(self.index.chunks.get(i), Some(ChunkRef::Zero)))
+    }
+
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
         // The frontend tries every read here first, on its queue thread, in the order
         // requests arrive: the place to find sequential streams (read_at runs later,
@@ -193,6 +200,16 @@ mod tests {
         want.extend_from_slice(&chunks[1].1);
         want.extend_from_slice(&chunks[0].1[..1000]);
         (SnapshotImage::new(index, cache.clone()), cache, want)
+    }
+
+    #[test]
+    fn only_zero_chunks_are_known_zero() {
+        let (img, _, _) = image();
+        let cs = 1u64 << 20;
+        assert!(img.known_zero(cs, cs), "the zero chunk");
+        assert!(img.known_zero(cs + 4096, 8192));
+        assert!(!img.known_zero(cs - 512, 1024), "spans stored chunk 0");
+        assert!(!img.known_zero(2 * cs, 512), "a stored chunk");
     }
 
     #[test]

@@ -55,6 +55,12 @@ pub trait BlockDevice: Send + Sync {
         Ok(())
     }
 
+    /// True if `offset..offset+len` is known to read as zeros without reading it
+    /// (a snapshot's zero chunks); false when not known.
+    fn known_zero(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+
     /// True if the layer refuses writes.
     fn read_only(&self) -> bool {
         true

@@ -61,6 +61,8 @@ pub const SECTOR: u64 = 512;
 const HEADER_LEN: u64 = 4096;
 const PAGE: u64 = map::PAGE;
 const MAX_NAME: usize = 256;
+/// Discards are looked at in pieces of this size (see `discard`).
+const DISCARD_PIECE: u64 = 1 << 20;
 
 /// Which snapshot an overlay belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -487,6 +489,32 @@ impl Overlay {
     pub fn device_size(&self) -> u64 {
         self.device_size
     }
+
+    /// Punch `offset..offset+len` out of the data area and map it (reads zeros).
+    fn discard_piece(&self, offset: u64, len: u64) -> Result<()> {
+        // SAFETY: fallocate on our own open descriptor; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (self.data_offset + offset) as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            // No hole punching on this file system: write zeros instead.
+            let zeros = vec![0u8; len.min(1 << 20) as usize];
+            let mut pos = offset;
+            while pos < offset + len {
+                let n = (offset + len - pos).min(zeros.len() as u64) as usize;
+                self.file
+                    .write_all_at(&zeros[..n], self.data_offset + pos)
+                    .at(&self.path)?;
+                pos += n as u64;
+            }
+        }
+        self.set_bits(offset, len)
+    }
 }
 
 impl Drop for Overlay {
@@ -619,32 +647,26 @@ impl BlockDevice for Overlay {
         self.check(offset, len)?;
         let _open = self.open_for_write()?;
         self.check_failed()?;
-        // SAFETY: fallocate on our own open descriptor; no memory is passed.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                (self.data_offset + offset) as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc != 0 {
-            // No hole punching on this file system: write zeros instead.
-            let zeros = vec![0u8; len.min(1 << 20) as usize];
-            let mut pos = offset;
-            while pos < offset + len {
-                let n = (offset + len - pos).min(zeros.len() as u64) as usize;
-                self.file
-                    .write_all_at(&zeros[..n], self.data_offset + pos)
-                    .at(&self.path)?;
-                pos += n as u64;
+        // A guest's fstrim discards its free space, most of a thin disk: where the
+        // overlay holds nothing and the snapshot is known to be zeros, the range
+        // already reads as zeros, so it takes no map bits (memory follows data).
+        let (mut at, end) = (offset, offset + len);
+        while at < end {
+            let n = (DISCARD_PIECE - at % DISCARD_PIECE).min(end - at);
+            if !(self.untouched(at, n) && self.base.known_zero(at, n)) {
+                self.discard_piece(at, n)?;
             }
+            at += n;
         }
-        self.set_bits(offset, len)?;
         if self.sync_writes.load(Relaxed) {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Whether `offset..offset+len` is known to read as zeros.
+    fn known_zero(&self, offset: u64, len: u64) -> bool {
+        self.untouched(offset, len) && self.base.known_zero(offset, len)
     }
 
     /// Make every completed write durable, data and map (see the module docs). A
@@ -1032,6 +1054,51 @@ mod tests {
         ov.read_at(size / 4, &mut buf[..512]).unwrap();
         assert_eq!(buf[..512], [0x77; 512]);
         assert_eq!(ov.mapped_sectors.load(Relaxed), 3 * 16 + 1);
+    }
+
+    /// A base of zeros that says so (a thin snapshot's zero chunks).
+    struct Zeros(u64);
+    impl BlockDevice for Zeros {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        fn read_at(&self, _offset: u64, buf: &mut [u8]) -> Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn known_zero(&self, _offset: u64, _len: u64) -> bool {
+            true
+        }
+    }
+
+    /// A guest's fstrim of a thin 4 TiB disk: ranges that already read as zeros take
+    /// no map bits (they mapped the whole device: 1 GiB of map for one fstrim).
+    #[test]
+    fn discarding_what_already_reads_as_zeros_maps_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let mirrors = tempfile::tempdir().unwrap();
+        let size = 4u64 << 40;
+        let base: Arc<dyn BlockDevice> = Arc::new(Zeros(size));
+        let ov = open(&d.path().join("ov"), base, &ident(size, 1), &mirrors);
+        ov.write_at((1 << 30) + 4096, &[7; 4096]).unwrap();
+        ov.discard(0, size).unwrap();
+        // Only the 1 MiB piece holding the write is mapped (and punched).
+        assert_eq!(ov.mapped_sectors.load(Relaxed), (1 << 20) / 512);
+        assert!(ov.map_bytes() <= (2 << 20) + 2 * PAGE, "{}", ov.map_bytes());
+        let mut buf = vec![1u8; 8192];
+        ov.read_at(1 << 30, &mut buf).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "the discarded write still reads"
+        );
+        ov.read_at(size - 8192, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        // Over a base that is not known to be zero, a discard still maps its range.
+        let d2 = tempfile::tempdir().unwrap();
+        let p: Arc<dyn BlockDevice> = Arc::new(Pattern(1 << 20));
+        let ov = open(&d2.path().join("ov"), p, &ident(1 << 20, 1), &mirrors);
+        ov.discard(65536, 65536).unwrap();
+        assert_eq!(ov.mapped_sectors.load(Relaxed), 128);
     }
 
     #[test]
