@@ -95,3 +95,39 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     }
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
+
+/// Deallocate `len` bytes at `at` of `f` (they read as zeros after).
+pub fn punch_hole(f: &File, at: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a descriptor `f` owns; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            at as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Make `len` bytes at `at` of `f` read as zeros: a hole where `punch` and the file
+/// system allow it, else written zeros (1 MiB at a time).
+pub fn zero_range(f: &File, at: u64, len: u64, punch: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if punch && punch_hole(f, at, len).is_ok() {
+        return Ok(());
+    }
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut pos = at;
+    while pos < at + len {
+        let n = (at + len - pos).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}

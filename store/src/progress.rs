@@ -36,48 +36,31 @@ pub struct StderrProgress {
 impl StderrProgress {
     /// Progress of `what` over `total` bytes. `quiet` disables all output.
     pub fn boxed(what: &str, total: u64, quiet: bool) -> Box<dyn Progress> {
-        if quiet {
-            return Box::new(NoProgress);
-        }
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_message(what.to_string());
-            bar
-        });
-        Box::new(StderrProgress {
-            bar,
-            what: what.to_string(),
-            unit: None,
-            total,
-            done: AtomicU64::new(0),
-            start: Instant::now(),
-            last_line: Mutex::new(Instant::now()),
-        })
+        Self::make(what, total, None, quiet)
     }
-}
 
-impl StderrProgress {
     /// Progress of `what` over `total` things counted in `unit` ("snapshots",
     /// "chunks"). `quiet` disables all output.
     pub fn counting(what: &str, total: u64, unit: &'static str, quiet: bool) -> Box<dyn Progress> {
+        Self::make(what, total, Some(unit), quiet)
+    }
+
+    fn make(what: &str, total: u64, unit: Option<&'static str>, quiet: bool) -> Box<dyn Progress> {
         if quiet {
             return Box::new(NoProgress);
         }
+        let template = match unit {
+            None => {
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}".into()
+            }
+            Some(u) => format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {u} ETA {{eta}}"),
+        };
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
-                indicatif::ProgressStyle::with_template(&format!(
-                    "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit} ETA {{eta}}"
-                ))
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(&template)
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
             );
             bar.set_message(what.to_string());
             bar
@@ -85,7 +68,7 @@ impl StderrProgress {
         Box::new(StderrProgress {
             bar,
             what: what.to_string(),
-            unit: Some(unit),
+            unit,
             total,
             done: AtomicU64::new(0),
             start: Instant::now(),

@@ -36,7 +36,6 @@ pub use crate::config::MigrationConfig;
 use crate::error::{Error, IoContext, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
@@ -636,7 +635,8 @@ impl Job {
                 .at(t)?
         };
         let size = if is_block {
-            block_size(&target).at(t)?
+            use std::io::Seek;
+            (&target).seek(std::io::SeekFrom::End(0)).at(t)?
         } else {
             target.metadata().at(t)?.len()
         };
@@ -786,28 +786,18 @@ impl Job {
     }
 
     fn write_target(&self, at: u64, data: &[u8]) -> Result<()> {
-        // Zeros as a hole where the file system can punch one, else written.
-        if !self.is_block
-            && data.iter().all(|&b| b == 0)
-            && punch(&self.target, at, data.len() as u64).is_ok()
-        {
-            return Ok(());
+        if data.iter().all(|&b| b == 0) {
+            return self
+                .discard_target(at, data.len() as u64)
+                .at(&self.config.target);
         }
         self.target.write_all_at(data, at).at(&self.config.target)
     }
 
+    /// Zeros as a hole in a file TARGET (where the file system can punch one),
+    /// written zeros otherwise.
     fn discard_target(&self, at: u64, len: u64) -> std::io::Result<()> {
-        if !self.is_block && punch(&self.target, at, len).is_ok() {
-            return Ok(());
-        }
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut pos = at;
-        while pos < at + len {
-            let n = (at + len - pos).min(zeros.len() as u64) as usize;
-            self.target.write_all_at(&zeros[..n], pos)?;
-            pos += n as u64;
-        }
-        Ok(())
+        livemount_store::fsutil::zero_range(&self.target, at, len, !self.is_block)
     }
 
     /// Make TARGET's data, then the map bits that stand for it, durable.
@@ -883,34 +873,6 @@ impl RateBudget {
             std::thread::sleep(wait);
         }
         self.taken += n;
-    }
-}
-
-fn punch(f: &File, at: u64, len: u64) -> std::io::Result<()> {
-    // SAFETY: fallocate on our own descriptor; no memory is passed.
-    let rc = unsafe {
-        libc::fallocate(
-            f.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            at as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn block_size(f: &File) -> std::io::Result<u64> {
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 into `size`, which we own.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), 0x8008_1272, &mut size) };
-    if rc == 0 {
-        Ok(size)
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -1056,6 +1018,36 @@ mod tests {
         assert!(e.is_err(), "a second migration of the same device");
     }
 
+    /// A migration started (copying) of a `size`-byte device filled with `fill`
+    /// whose reads take `delay`, profile regions `order` first.
+    fn copying(
+        size: u64,
+        fill: u8,
+        delay: Duration,
+        order: Vec<u64>,
+    ) -> (
+        tempfile::TempDir,
+        Arc<MemDisk>,
+        MigrationConfig,
+        Arc<Migrating>,
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let lower = Arc::new(
+            MemDisk::new(vec![fill; size as usize], false)
+                .writable()
+                .slow(delay),
+        );
+        let cfg = MigrationConfig {
+            target: d.path().join("t.raw"),
+            map: d.path().join("t.raw.lmmig"),
+            rate: 0,
+        };
+        let m = Arc::new(Migrating::new(lower.clone(), key(size)));
+        m.start(cfg.clone(), None, order, noop(), false, false)
+            .unwrap();
+        (d, lower, cfg, m)
+    }
+
     /// A completed migration of a `size`-byte device filled with `fill`.
     fn migrated(
         size: u64,
@@ -1066,18 +1058,9 @@ mod tests {
         MigrationConfig,
         Arc<Migrating>,
     ) {
-        let d = tempfile::tempdir().unwrap();
-        let lower = Arc::new(MemDisk::new(vec![fill; size as usize], false).writable());
-        let cfg = MigrationConfig {
-            target: d.path().join("t.raw"),
-            map: d.path().join("t.raw.lmmig"),
-            rate: 0,
-        };
-        let m = Arc::new(Migrating::new(lower.clone(), key(size)));
-        m.start(cfg.clone(), None, vec![], noop(), false, false)
-            .unwrap();
-        wait_done(&m);
-        (d, lower, cfg, m)
+        let r = copying(size, fill, Duration::ZERO, vec![]);
+        wait_done(&r.3);
+        r
     }
 
     /// Change a map's header with `f` and seal it again (its crc is no secret).
@@ -1139,21 +1122,8 @@ mod tests {
 
     #[test]
     fn a_large_discard_during_the_copy_lands_everywhere() {
-        let d = tempfile::tempdir().unwrap();
         let size = 4u64 << 20;
-        let lower = Arc::new(
-            MemDisk::new(vec![0x66; size as usize], false)
-                .writable()
-                .slow(Duration::from_millis(20)),
-        );
-        let m = Arc::new(Migrating::new(lower.clone(), key(size)));
-        let cfg = MigrationConfig {
-            target: d.path().join("t.raw"),
-            map: d.path().join("t.raw.lmmig"),
-            rate: 0,
-        };
-        m.start(cfg.clone(), None, vec![], noop(), false, false)
-            .unwrap();
+        let (_d, lower, cfg, m) = copying(size, 0x66, Duration::from_millis(20), vec![]);
         // Not region aligned at either end: pieces of every shape.
         m.discard(65536 + 4096, size - 3 * 65536).unwrap();
         wait_done(&m);
@@ -1168,23 +1138,10 @@ mod tests {
 
     #[test]
     fn the_profile_regions_are_copied_first() {
-        let d = tempfile::tempdir().unwrap();
         let size = 16 * 65536u64;
         // Every region read takes 500 ms: at 750 ms the two copiers have copied
         // exactly the first two regions they were given.
-        let lower = Arc::new(
-            MemDisk::new(vec![0x33; size as usize], false)
-                .writable()
-                .slow(Duration::from_millis(500)),
-        );
-        let m = Arc::new(Migrating::new(lower, key(size)));
-        let cfg = MigrationConfig {
-            target: d.path().join("t.raw"),
-            map: d.path().join("t.raw.lmmig"),
-            rate: 0,
-        };
-        m.start(cfg.clone(), None, vec![11, 6], noop(), false, false)
-            .unwrap();
+        let (_d, _lower, cfg, m) = copying(size, 0x33, Duration::from_millis(500), vec![11, 6]);
         std::thread::sleep(Duration::from_millis(750));
         let t = std::fs::read(&cfg.target).unwrap();
         let copied: Vec<usize> = (0..16).filter(|r| t[r * 65536] == 0x33).collect();
@@ -1194,21 +1151,8 @@ mod tests {
 
     #[test]
     fn writes_racing_the_copy_are_never_lost() {
-        let d = tempfile::tempdir().unwrap();
         let size = 4u64 << 20;
-        let lower = Arc::new(
-            MemDisk::new(vec![0x11; size as usize], false)
-                .writable()
-                .slow(Duration::from_micros(300)),
-        );
-        let m = Arc::new(Migrating::new(lower.clone(), key(size)));
-        let cfg = MigrationConfig {
-            target: d.path().join("t.raw"),
-            map: d.path().join("t.raw.lmmig"),
-            rate: 0,
-        };
-        m.start(cfg.clone(), None, vec![], noop(), false, false)
-            .unwrap();
+        let (_d, _lower, cfg, m) = copying(size, 0x11, Duration::from_micros(300), vec![]);
         // Write every sector once, round-robin over the regions, while the copier
         // runs: a copy landing over one of these writes is never repaired by a
         // later one, so any lost update shows. `want`: the device as written.

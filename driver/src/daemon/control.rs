@@ -55,6 +55,22 @@ pub fn listen(
     path: &Path,
     handler: impl Fn(Request) -> Reply + Send + Sync + 'static,
 ) -> Result<()> {
+    let l = bind_private(path)?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in l.incoming().flatten() {
+                let _ = answer(conn, &handler);
+            }
+        })
+        .map_err(|e| Error::io("control thread", e))?;
+    Ok(())
+}
+
+/// Bind a Unix socket at `path`, 0600 (its directory created 0700): a stale socket
+/// file is replaced, anything else there is refused. Used for the control sockets
+/// and `livemount serve`'s NBD socket.
+pub fn bind_private(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         crate::paths::ensure_dir(dir)?;
     }
@@ -69,15 +85,7 @@ pub fn listen(
     }
     let l = UnixListener::bind(path).at(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).at(path)?;
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            for conn in l.incoming().flatten() {
-                let _ = answer(conn, &handler);
-            }
-        })
-        .map_err(|e| Error::io("control thread", e))?;
-    Ok(())
+    Ok(l)
 }
 
 fn answer(conn: UnixStream, handler: &impl Fn(Request) -> Reply) -> std::io::Result<()> {

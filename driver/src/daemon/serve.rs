@@ -8,15 +8,13 @@
 //! it never sent FLUSH.
 
 use crate::config::MountConfig;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::frontend::nbd::{self, Export, Exports};
 use crate::frontend::pool::Pool;
 use crate::metrics::IoMetrics;
 use crate::stack::Stack;
 use livemount_store::StoreLocation;
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -102,25 +100,6 @@ fn open_exports(o: &ServeOptions) -> Result<(Stacks, Exports)> {
     Ok((stacks, exports))
 }
 
-/// Bind the Unix socket: a stale socket file is replaced, anything else is refused.
-fn bind_unix(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        crate::paths::ensure_dir(dir)?;
-    }
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if !m.file_type().is_socket() {
-            return Err(Error::Invalid(format!(
-                "{} exists and is not a socket; remove it",
-                path.display()
-            )));
-        }
-        std::fs::remove_file(path).at(path)?;
-    }
-    let l = UnixListener::bind(path).at(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).at(path)?;
-    Ok(l)
-}
-
 /// Serve until SIGTERM/SIGINT; print one line per export with its URIs.
 pub fn serve(o: ServeOptions) -> Result<()> {
     let (stacks, exports) = open_exports(&o)?;
@@ -138,7 +117,7 @@ pub fn serve(o: ServeOptions) -> Result<()> {
         connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     };
     if let Some(path) = &socket {
-        let l = bind_unix(path)?;
+        let l = super::control::bind_private(path)?;
         let sh = shared.clone();
         std::thread::spawn(move || accept_loop(|| l.accept().map(|(c, _)| c), sh));
     }

@@ -1379,6 +1379,22 @@ fn report(
     s
 }
 
+/// `q`'s qemu command line for a guest shell script: quoted, except that `$dev`
+/// (the live mount's device, known only in the guest) is expanded there.
+fn shell_args(q: &Qemu) -> String {
+    q.command_args()
+        .iter()
+        .map(|a| {
+            if a.contains("$dev") {
+                format!("\"{a}\"")
+            } else {
+                sh_quote(a)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `cargo xtask bench-boot --smoke`: inside the test VM, qemu attaches the live
 /// mount as a raw virtio disk and boots the Debian from it.
 ///
@@ -1411,17 +1427,7 @@ pub fn smoke() -> Result<()> {
         timeout: Duration::from_secs(if full { 2400 } else { 600 }),
         stream: false,
     };
-    let qargs: Vec<String> = inner
-        .command_args()
-        .iter()
-        .map(|a| {
-            if a.contains("$dev") {
-                format!("\"{a}\"")
-            } else {
-                sh_quote(a)
-            }
-        })
-        .collect();
+    let qargs = shell_args(&inner);
     let script = format!(
         r#"set -u
 L={lm}
@@ -1441,7 +1447,7 @@ $L unmount "$dev" > /dev/null
         lm = sh_quote(&p.livemount.display().to_string()),
         store = sh_quote(&store.display().to_string()),
         secs = inner.timeout.as_secs(),
-        qargs = qargs.join(" "),
+        qargs = qargs,
     );
     let opts = crate::vm::VmOptions {
         timeout: inner.timeout + Duration::from_secs(300),
@@ -1545,19 +1551,6 @@ pub fn smoke_migrate() -> Result<()> {
         timeout: Duration::from_secs(600),
         stream: false,
     };
-    let quoted = |q: &Qemu| -> String {
-        q.command_args()
-            .iter()
-            .map(|a| {
-                if a.contains("$dev") {
-                    format!("\"{a}\"")
-                } else {
-                    sh_quote(a)
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
     let first = boot("live", "$dev", "first-boot-7f3a");
     let second = boot("migrated", "/tmp/migrated.raw", "second-boot-91c2");
     let script = format!(
@@ -1581,8 +1574,8 @@ timeout 600 qemu-system-x86_64 {second} 2>&1 | sed -u 's/^/NESTED2 /'
 "#,
         lm = sh_quote(&p.livemount.display().to_string()),
         store = sh_quote(&store.display().to_string()),
-        first = quoted(&first),
-        second = quoted(&second),
+        first = shell_args(&first),
+        second = shell_args(&second),
     );
     let opts = crate::vm::VmOptions {
         timeout: Duration::from_secs(2400),

@@ -46,7 +46,6 @@ use crate::error::{Error, IoContext, Result};
 use map::SparseMap;
 use mirror::{Mirror, MirrorKey};
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -492,27 +491,8 @@ impl Overlay {
 
     /// Punch `offset..offset+len` out of the data area and map it (reads zeros).
     fn discard_piece(&self, offset: u64, len: u64) -> Result<()> {
-        // SAFETY: fallocate on our own open descriptor; no memory is passed.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                (self.data_offset + offset) as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc != 0 {
-            // No hole punching on this file system: write zeros instead.
-            let zeros = vec![0u8; len.min(1 << 20) as usize];
-            let mut pos = offset;
-            while pos < offset + len {
-                let n = (offset + len - pos).min(zeros.len() as u64) as usize;
-                self.file
-                    .write_all_at(&zeros[..n], self.data_offset + pos)
-                    .at(&self.path)?;
-                pos += n as u64;
-            }
-        }
+        livemount_store::fsutil::zero_range(&self.file, self.data_offset + offset, len, true)
+            .at(&self.path)?;
         self.set_bits(offset, len)
     }
 }
