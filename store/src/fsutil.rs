@@ -131,3 +131,39 @@ pub fn zero_range(f: &File, at: u64, len: u64, punch: bool) -> std::io::Result<(
     }
     Ok(())
 }
+
+/// The data extents of `file` within `start..end`, as (start, end) pairs (SEEK_DATA /
+/// SEEK_HOLE); where the file system cannot say, everything from there is data.
+pub fn data_extents(file: &File, start: u64, end: u64) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        // SAFETY: lseek on our own open descriptor; no memory is passed.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after pos
+            }
+            // No SEEK_DATA here: every byte from here on may be data.
+            out.push((pos, end));
+            return out;
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        out.push((data, hole));
+        pos = hole;
+    }
+    out
+}

@@ -6,7 +6,7 @@
 //! size is the image's rounded up to whole sectors, and the tail reads as zeros.
 
 use super::sequential::SequentialReadAhead;
-use super::BlockDevice;
+use super::{BlockDevice, Extents};
 use crate::cache::ReadCache;
 use crate::error::{Error, Result};
 use livemount_store::format::index::{ChunkRef, SnapshotIndex};
@@ -144,6 +144,22 @@ impl BlockDevice for SnapshotImage {
             .all(|(i, ..)| matches!(self.index.chunks.get(i), Some(ChunkRef::Zero)))
     }
 
+    /// Zero chunks (and the padding past the image's end) are zeros; stored chunks
+    /// may be data. Nothing is read.
+    fn extents(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        let size = self.index.image_size;
+        let valid = size.saturating_sub(offset).min(len);
+        for (i, a, b, ..) in self.pieces(offset, valid as usize) {
+            let zero = matches!(self.index.chunks.get(i), Some(ChunkRef::Zero));
+            out.push((b - a) as u64, zero);
+            if out.stopped() {
+                return Ok(());
+            }
+        }
+        out.push(len - valid, true);
+        Ok(())
+    }
+
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
         // The frontend tries every read here first, on its queue thread, in the order
         // requests arrive: the place to find sequential streams (read_at runs later,
@@ -210,6 +226,36 @@ mod tests {
         assert!(img.known_zero(cs + 4096, 8192));
         assert!(!img.known_zero(cs - 512, 1024), "spans stored chunk 0");
         assert!(!img.known_zero(2 * cs, 512), "a stored chunk");
+    }
+
+    #[test]
+    fn extents_follow_the_chunks_and_stop_when_full() {
+        use crate::block::Extent;
+        let (img, cache, _) = image();
+        let cs = 1u64 << 20;
+        let ext = |offset, len, max| {
+            let mut e = Extents::new(max);
+            img.extents(offset, len, &mut e).unwrap();
+            e.into_vec()
+        };
+        let (d, z) = (
+            |len| Extent { len, zero: false },
+            |len| Extent { len, zero: true },
+        );
+        // Data, the zero chunk, data (chunks 2 and 3 merged), the padding past the end.
+        let size = img.size();
+        let tail = size - (3 * cs + 1000);
+        assert_eq!(ext(0, size, 16), vec![d(cs), z(cs), d(cs + 1000), z(tail)]);
+        // A range inside one chunk; one straddling data and zeros.
+        assert_eq!(ext(cs + 4096, 8192, 16), vec![z(8192)]);
+        assert_eq!(ext(cs - 512, 1024, 16), vec![d(512), z(512)]);
+        // Full after two extents: a prefix, consecutive from the offset.
+        let mut e = Extents::new(2);
+        img.extents(0, size, &mut e).unwrap();
+        assert!(e.stopped());
+        assert_eq!(e.into_vec(), vec![d(cs), z(cs)]);
+        // Nothing was read to answer.
+        assert_eq!(cache.report().mem_misses, 0);
     }
 
     #[test]

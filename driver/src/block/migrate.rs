@@ -31,7 +31,7 @@
 //! not flushed may have reached TARGET and not the overlay, or the other way round),
 //! so a map from another boot is reset: the copy starts over, never wrong.
 
-use super::BlockDevice;
+use super::{BlockDevice, Extents};
 pub use crate::config::MigrationConfig;
 use crate::error::{Error, IoContext, Result};
 use serde::{Deserialize, Serialize};
@@ -900,6 +900,31 @@ impl BlockDevice for Migrating {
 
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
         self.phase.load(SeqCst) != DONE && self.lower.read_cached(offset, buf)
+    }
+
+    fn known_zero(&self, offset: u64, len: u64) -> bool {
+        self.phase.load(SeqCst) != DONE && self.lower.known_zero(offset, len)
+    }
+
+    /// Below until done (TARGET gets every write meanwhile, so both agree); then
+    /// TARGET's holes, which read as zeros.
+    fn extents(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        if self.phase.load(SeqCst) == DONE {
+            if let Some(job) = self.job() {
+                job.check_target()?;
+                let mut at = offset;
+                for (a, b) in
+                    livemount_store::fsutil::data_extents(&job.target, offset, offset + len)
+                {
+                    out.push(a - at, true);
+                    out.push(b - a, false);
+                    at = b;
+                }
+                out.push(offset + len - at, true);
+                return Ok(());
+            }
+        }
+        self.lower.extents(offset, len, out)
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {

@@ -61,9 +61,79 @@ pub trait BlockDevice: Send + Sync {
         false
     }
 
+    /// Append the allocation of `offset..offset+len` (whole sectors within the
+    /// device) to `out`, in order from `offset`: runs known to read as zeros and
+    /// runs that may hold data. They cover the range, or a prefix of it once `out`
+    /// is full ([`Extents::stopped`]). The default is one run, zero if
+    /// [`known_zero`](Self::known_zero) says so; layers that know better (the
+    /// snapshot's zero chunks, the overlay's holes) answer run by run. Used for
+    /// NBD's BLOCK_STATUS, so that `qemu-img convert` and `nbdcopy` skip zeros.
+    fn extents(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        out.push(len, self.known_zero(offset, len));
+        Ok(())
+    }
+
     /// True if the layer refuses writes.
     fn read_only(&self) -> bool {
         true
+    }
+}
+
+/// A run of a device's bytes: `len` bytes known to read as zeros, or maybe data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes in the run.
+    pub len: u64,
+    /// The run reads as zeros (a zero chunk, a hole); false: not known.
+    pub zero: bool,
+}
+
+/// Consecutive [`Extent`]s, at most `max` of them (a reply's size is bounded
+/// whatever the device looks like); adjacent runs of one kind are merged.
+#[derive(Debug)]
+pub struct Extents {
+    list: Vec<Extent>,
+    max: usize,
+    stopped: bool,
+}
+
+impl Extents {
+    /// An empty list that holds at most `max` (≥ 1) extents.
+    pub fn new(max: usize) -> Extents {
+        Extents {
+            list: Vec::new(),
+            max: max.max(1),
+            stopped: false,
+        }
+    }
+
+    /// Add the next `len` bytes. Refused (and [`stopped`](Self::stopped) from then
+    /// on) when it would take an extent beyond `max`: the list then ends here.
+    pub fn push(&mut self, len: u64, zero: bool) {
+        if len == 0 || self.stopped {
+            return;
+        }
+        let n = self.list.len();
+        match self.list.last_mut() {
+            Some(last) if last.zero == zero => last.len += len,
+            _ if n >= self.max => self.stopped = true,
+            _ => self.list.push(Extent { len, zero }),
+        }
+    }
+
+    /// True once a run was refused: what follows is not covered (callers stop).
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Bytes covered so far.
+    pub fn covered(&self) -> u64 {
+        self.list.iter().map(|e| e.len).sum()
+    }
+
+    /// The extents.
+    pub fn into_vec(self) -> Vec<Extent> {
+        self.list
     }
 }
 

@@ -4,7 +4,7 @@
 //! It sits at the top of the stack, so it sees reads as the guest issued them (fast
 //! hits and slow reads alike); everything else passes straight through.
 
-use super::BlockDevice;
+use super::{BlockDevice, Extents};
 use crate::error::{Error, Result};
 use livemount_store::format::profile::{
     ExtentBuilder, Profile, Source, DEFAULT_BLOCK_SIZE, DEFAULT_COALESCE_NS,
@@ -159,6 +159,12 @@ impl BlockDevice for Recorder {
     }
     fn flush(&self) -> Result<()> {
         self.below.flush()
+    }
+    fn known_zero(&self, offset: u64, len: u64) -> bool {
+        self.below.known_zero(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        self.below.extents(offset, len, out)
     }
     fn read_only(&self) -> bool {
         self.below.read_only()

@@ -4,6 +4,7 @@ use super::parse::parse_size;
 use super::{Outcome, StoreArgs};
 use crate::config::{DEFAULT_CACHE_MEM, DEFAULT_CACHE_SIZE, DEFAULT_WORKERS};
 use crate::daemon::serve::{serve, ServeOptions};
+use crate::frontend::nbd::tls::TlsOptions;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,10 +27,25 @@ pub struct Args {
     /// Unix socket to listen on (default /run/livemount/nbd.sock unless --tcp is given).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// TCP address to listen on, e.g. 127.0.0.1:10809 (no TLS yet: loopback or a
-    /// trusted network only). Repeatable.
+    /// TCP address to listen on, e.g. 127.0.0.1:10809. Repeatable. Requires TLS when
+    /// --tls-cert is given; without it, for loopback or a trusted network only.
     #[arg(long, value_name = "ADDR:PORT")]
     tcp: Vec<SocketAddr>,
+    /// The server's TLS certificate chain (PEM): TCP clients must then use TLS
+    /// (qemu `tls-creds`, `nbds://` URIs); the Unix socket offers it.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM, mode 0600).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Clients must present a certificate issued by this CA (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Only clients whose certificate is valid for one of NAMEs (its DNS names) may
+    /// list or open EXPORT. Repeatable; exports without one are open to every
+    /// client the CA vouches for.
+    #[arg(long, value_name = "EXPORT=NAME[,NAME...]", requires = "tls_client_ca")]
+    tls_allow: Vec<String>,
     /// Memory tier of each export's read cache, bytes or with K/M/G.
     #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CACHE_MEM)]
     cache_mem: u64,
@@ -55,6 +71,26 @@ pub fn run(a: Args) -> Outcome {
             None => (e.clone(), e.clone()),
         })
         .collect();
+    let tls = match (a.tls_cert, a.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsOptions {
+            cert,
+            key,
+            client_ca: a.tls_client_ca,
+            allow: a
+                .tls_allow
+                .iter()
+                .map(|s| match s.split_once('=') {
+                    Some((e, names)) if !e.is_empty() && !names.is_empty() => Ok((
+                        e.to_string(),
+                        names.split(',').map(str::to_string).collect(),
+                    )),
+                    _ => Err(format!("--tls-allow {s:?}: expected EXPORT=NAME[,NAME...]")),
+                })
+                .collect::<Result<_, String>>()
+                .map_err(anyhow::Error::msg)?,
+        }),
+        _ => None,
+    };
     serve(ServeOptions {
         store: a.store.location()?,
         exports,
@@ -62,6 +98,7 @@ pub fn run(a: Args) -> Outcome {
         read_only: a.read_only,
         socket: a.socket,
         tcp: a.tcp,
+        tls,
         cache_mem: a.cache_mem,
         cache_dir: a.cache_dir,
         cache_size: a.cache_size,

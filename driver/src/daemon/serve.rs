@@ -1,9 +1,10 @@
 //! `livemount serve`: snapshots as NBD exports, each with its own block stack
 //! (overlay or read-only), on a Unix socket and/or TCP, until SIGTERM/SIGINT.
 //!
-//! The Unix socket is created 0600 in a private directory (only root connects);
-//! TCP has no TLS yet, so it is meant for loopback or a trusted storage network, and
-//! the server says so when it binds anything else. A stop flushes every export's
+//! The Unix socket is created 0600 in a private directory (only root connects).
+//! With a certificate (`--tls-cert`) TCP listeners require TLS and the Unix socket
+//! offers it (see [`nbd::tls`]); without one, TCP is for loopback or a trusted
+//! storage network, and the server says so when it binds anything else. A stop flushes every export's
 //! overlay before the process exits: writes a client completed are durable even if
 //! it never sent FLUSH.
 
@@ -33,6 +34,8 @@ pub struct ServeOptions {
     pub socket: Option<PathBuf>,
     /// TCP addresses.
     pub tcp: Vec<SocketAddr>,
+    /// TLS (required on TCP, offered on the Unix socket).
+    pub tls: Option<nbd::tls::TlsOptions>,
     /// Memory tier of each export's read cache.
     pub cache_mem: u64,
     /// The host's disk cache directory, shared by every export (and every other
@@ -102,6 +105,10 @@ fn open_exports(o: &ServeOptions) -> Result<(Stacks, Exports)> {
 
 /// Serve until SIGTERM/SIGINT; print one line per export with its URIs.
 pub fn serve(o: ServeOptions) -> Result<()> {
+    let tls = match &o.tls {
+        Some(t) => Some(Arc::new(nbd::tls::TlsServer::load(t)?)),
+        None => None,
+    };
     let (stacks, exports) = open_exports(&o)?;
     let exports = Arc::new(exports);
     let pool = Pool::new(o.workers);
@@ -119,14 +126,22 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     if let Some(path) = &socket {
         let l = super::control::bind_private(path)?;
         let sh = shared.clone();
-        std::thread::spawn(move || accept_loop(|| l.accept().map(|(c, _)| c), sh));
+        let lt = nbd::ListenerTls {
+            server: tls.clone(),
+            required: false,
+        };
+        std::thread::spawn(move || accept_loop(|| l.accept().map(|(c, _)| c), lt, sh));
     }
     for addr in &o.tcp {
         let l = TcpListener::bind(addr).map_err(|e| Error::io(addr.to_string(), e))?;
-        if !addr.ip().is_loopback() {
+        if !addr.ip().is_loopback() && tls.is_none() {
             eprintln!("livemount: warning: serving {addr} without TLS: anyone who can reach it reads and writes these disks; use a trusted network");
         }
         let sh = shared.clone();
+        let lt = nbd::ListenerTls {
+            server: tls.clone(),
+            required: tls.is_some(),
+        };
         std::thread::spawn(move || {
             accept_loop(
                 || {
@@ -134,6 +149,7 @@ pub fn serve(o: ServeOptions) -> Result<()> {
                     let _ = c.set_nodelay(true);
                     Ok(c)
                 },
+                lt,
                 sh,
             )
         });
@@ -164,7 +180,8 @@ pub fn serve(o: ServeOptions) -> Result<()> {
         if let Some(s) = &socket {
             uris.push(format!("nbd+unix:///{name}?socket={}", s.display()));
         }
-        uris.extend(o.tcp.iter().map(|a| format!("nbd://{a}/{name}")));
+        let scheme = if tls.is_some() { "nbds" } else { "nbd" };
+        uris.extend(o.tcp.iter().map(|a| format!("{scheme}://{a}/{name}")));
         println!(
             "export {name}: {} ({} bytes{}) at {}",
             e.description,
@@ -347,7 +364,11 @@ struct Shared {
 
 /// Accept connections until the process ends: each on its own thread, at most
 /// [`MAX_CONNECTIONS`]; an accept error (EMFILE, …) pauses instead of spinning.
-fn accept_loop<C: nbd::Conn>(mut accept: impl FnMut() -> std::io::Result<C>, sh: Shared) {
+fn accept_loop<C: nbd::Conn>(
+    mut accept: impl FnMut() -> std::io::Result<C>,
+    tls: nbd::ListenerTls,
+    sh: Shared,
+) {
     use std::sync::atomic::Ordering::SeqCst;
     loop {
         let c = match accept() {
@@ -363,11 +384,12 @@ fn accept_loop<C: nbd::Conn>(mut accept: impl FnMut() -> std::io::Result<C>, sh:
             eprintln!("livemount: nbd: {MAX_CONNECTIONS} connections already; refusing one");
             continue;
         }
-        let sh = sh.clone();
+        let (sh, tls) = (sh.clone(), tls.clone());
         std::thread::spawn(move || {
             log_end(nbd::serve_connection(
                 Box::new(c),
                 &sh.exports,
+                &tls,
                 &sh.pool,
                 &sh.budget,
             ));

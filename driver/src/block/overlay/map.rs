@@ -10,7 +10,6 @@
 //! SEEK_DATA so that opening a large, mostly empty overlay reads only what exists.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 /// Bytes of one map page.
@@ -143,7 +142,7 @@ impl SparseMap {
         let mut map = SparseMap::new(map_len);
         let end = offset + map_len;
         let mut buf = vec![0u8; 1 << 20];
-        for (start, stop) in data_extents(file, offset, end) {
+        for (start, stop) in livemount_store::fsutil::data_extents(file, offset, end) {
             // Whole pages: extents are block aligned, pages are 4 KiB.
             let mut pos = offset + (start - offset) / PAGE * PAGE;
             while pos < stop {
@@ -158,40 +157,6 @@ impl SparseMap {
         }
         Ok(map)
     }
-}
-
-/// The data extents of `file` within `start..end`, as (start, end) pairs.
-fn data_extents(file: &File, start: u64, end: u64) -> Vec<(u64, u64)> {
-    let fd = file.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = start;
-    while pos < end {
-        // SAFETY: lseek on our own open descriptor; no memory is passed.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data after pos
-            }
-            // No SEEK_DATA here: every byte from here on may be data.
-            out.push((pos, end));
-            return out;
-        }
-        let data = data as u64;
-        if data >= end {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 {
-            end
-        } else {
-            (hole as u64).min(end)
-        };
-        out.push((data, hole));
-        pos = hole;
-    }
-    out
 }
 
 #[cfg(test)]
@@ -254,7 +219,7 @@ mod tests {
         assert!(m.get(len * 8 - 1));
         assert_eq!(m.count_ones(), 3);
         // Only the written pages are visited, not the 1 GiB region.
-        let ext = data_extents(&f, offset, offset + len);
+        let ext = livemount_store::fsutil::data_extents(&f, offset, offset + len);
         let visited: u64 = ext.iter().map(|(a, b)| b - a).sum();
         assert!(visited < 1 << 20, "{ext:?}");
     }

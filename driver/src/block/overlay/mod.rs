@@ -41,7 +41,7 @@
 pub mod map;
 pub mod mirror;
 
-use super::BlockDevice;
+use super::{BlockDevice, Extents};
 use crate::error::{Error, IoContext, Result};
 use map::SparseMap;
 use mirror::{Mirror, MirrorKey};
@@ -649,6 +649,34 @@ impl BlockDevice for Overlay {
         self.untouched(offset, len) && self.base.known_zero(offset, len)
     }
 
+    /// The base's extents where the overlay holds nothing; where it does, the
+    /// overlay file's holes (discarded and zeroed ranges) are zeros, the rest data.
+    fn extents(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        self.check(offset, len)?;
+        if self.mapped_sectors.load(Relaxed) == 0 {
+            return self.base.extents(offset, len, out);
+        }
+        self.check_failed()?;
+        for (start, n, mapped) in self.runs(offset, len)? {
+            if mapped {
+                let (from, to) = (self.data_offset + start, self.data_offset + start + n);
+                let mut at = from;
+                for (a, b) in livemount_store::fsutil::data_extents(&self.file, from, to) {
+                    out.push(a - at, true);
+                    out.push(b - a, false);
+                    at = b;
+                }
+                out.push(to - at, true);
+            } else {
+                self.base.extents(start, n, out)?;
+            }
+            if out.stopped() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Make every completed write durable, data and map (see the module docs). A
     /// failed sync is final (see Failures in the module docs).
     fn flush(&self) -> Result<()> {
@@ -1049,6 +1077,50 @@ mod tests {
         fn known_zero(&self, _offset: u64, _len: u64) -> bool {
             true
         }
+    }
+
+    /// BLOCK_STATUS over an overlay: written sectors are data, a discarded (punched)
+    /// piece is zeros although mapped, untouched ranges are what the base says.
+    #[test]
+    fn extents_show_writes_as_data_and_discarded_pieces_as_zeros() {
+        use crate::block::Extent;
+        let d = tempfile::tempdir().unwrap();
+        let mirrors = tempfile::tempdir().unwrap();
+        let size = 8u64 << 20;
+        let base: Arc<dyn BlockDevice> = Arc::new(Zeros(size));
+        let ov = open(&d.path().join("ov"), base, &ident(size, 1), &mirrors);
+        let all = |ov: &Overlay| {
+            let mut e = Extents::new(64);
+            ov.extents(0, size, &mut e).unwrap();
+            e.into_vec()
+        };
+        assert_eq!(
+            all(&ov),
+            vec![Extent {
+                len: size,
+                zero: true
+            }]
+        );
+        ov.write_at(64 << 10, &[7; 4096]).unwrap();
+        ov.write_at(2 << 20, &[8; 8192]).unwrap();
+        ov.discard(2 << 20, 8192).unwrap();
+        assert!(
+            !ov.untouched(2 << 20, 8192),
+            "the discarded piece is mapped"
+        );
+        let z = |len| Extent { len, zero: true };
+        let d4k = Extent {
+            len: 4096,
+            zero: false,
+        };
+        assert_eq!(
+            all(&ov),
+            vec![z(64 << 10), d4k, z(size - (64 << 10) - 4096)]
+        );
+        // Unaligned or beyond the device: refused.
+        let mut e = Extents::new(4);
+        assert!(ov.extents(100, 512, &mut e).is_err());
+        assert!(ov.extents(size - 512, 1024, &mut e).is_err());
     }
 
     /// A guest's fstrim of a thin 4 TiB disk: ranges that already read as zeros take

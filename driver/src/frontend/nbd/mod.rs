@@ -13,6 +13,7 @@
 //! advertise multi-conn too.
 
 pub mod proto;
+pub mod tls;
 
 use crate::block::BlockDevice;
 use crate::frontend::pool::Pool;
@@ -23,6 +24,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+use tls::TlsServer;
 
 /// Requests of one connection in flight at once (each holds its buffer).
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -95,6 +97,8 @@ pub trait Conn: Read + Write + Send + 'static {
     fn set_read_deadline(&self, d: Option<Duration>) -> io::Result<()>;
     /// Bound writes (a client that stops reading its replies).
     fn set_write_deadline(&self, d: Option<Duration>) -> io::Result<()>;
+    /// A new descriptor of the socket (for TLS, which takes it over).
+    fn socket_fd(&self) -> io::Result<std::os::fd::OwnedFd>;
 }
 
 /// `Conn` for the std socket types, which have the same methods.
@@ -109,6 +113,9 @@ macro_rules! impl_conn {
             }
             fn set_write_deadline(&self, d: Option<Duration>) -> io::Result<()> {
                 self.set_write_timeout(d)
+            }
+            fn socket_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+                std::os::fd::AsFd::as_fd(self).try_clone_to_owned()
             }
         }
     )*};
@@ -130,9 +137,33 @@ fn protocol_error(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
+/// The TLS policy of one listener.
+#[derive(Clone, Default)]
+pub struct ListenerTls {
+    /// The server's TLS, if it has a certificate.
+    pub server: Option<Arc<TlsServer>>,
+    /// Every option but STARTTLS/ABORT needs TLS first (TCP listeners).
+    pub required: bool,
+}
+
+/// What a connection agreed on in its handshake.
+struct Session<'e> {
+    export: &'e Export,
+    /// Structured replies (reads answer with OFFSET_DATA chunks, errors with error
+    /// chunks).
+    structured: bool,
+    /// `base:allocation` selected for this export: BLOCK_STATUS is served.
+    base_allocation: bool,
+}
+
 /// The handshake: options until the client picks an export (GO / EXPORT_NAME) or
-/// leaves. `Ok(None)`: the client aborted or disconnected.
-fn handshake<'e>(c: &mut dyn Conn, exports: &'e Exports) -> io::Result<Option<&'e Export>> {
+/// leaves. `Ok(None)`: the client aborted or disconnected. After STARTTLS `c` is
+/// the TLS session's plaintext side.
+fn handshake<'e>(
+    c: &mut Box<dyn Conn>,
+    exports: &'e Exports,
+    tls: &ListenerTls,
+) -> io::Result<Option<Session<'e>>> {
     c.write_all(&greeting())?;
     let mut cf = [0u8; 4];
     c.read_exact(&mut cf)?;
@@ -142,6 +173,11 @@ fn handshake<'e>(c: &mut dyn Conn, exports: &'e Exports) -> io::Result<Option<&'
     }
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
     let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut structured = false;
+    // The export whose base:allocation the last SET_META_CONTEXT selected.
+    let mut meta: Option<String> = None;
+    let mut in_tls = false;
+    let mut peer = None;
     loop {
         // The bound is on the whole handshake: a client trickling options cannot
         // hold its thread forever.
@@ -159,11 +195,51 @@ fn handshake<'e>(c: &mut dyn Conn, exports: &'e Exports) -> io::Result<Option<&'
         let (opt, len) = parse_option_header(&h).map_err(protocol_error)?;
         let mut payload = vec![0u8; len as usize];
         c.read_exact(&mut payload)?;
+        let allowed = |name: &str, peer: &Option<_>| {
+            tls.server
+                .as_ref()
+                .is_none_or(|t| t.allows(peer.as_ref(), name))
+        };
+        let tls_first = tls.required && !in_tls;
+        let mut answer = |kind: u32, data: &[u8]| c.write_all(&option_reply(opt, kind, data));
         match opt {
+            OPT_ABORT => {
+                answer(REP_ACK, &[])?;
+                return Ok(None);
+            }
+            OPT_STARTTLS => match &tls.server {
+                None => answer(
+                    REP_ERR_POLICY,
+                    b"TLS is not configured on this server (serve --tls-cert)",
+                )?,
+                Some(_) if in_tls => answer(REP_ERR_INVALID, b"TLS is already on")?,
+                Some(_) if !payload.is_empty() => {
+                    answer(REP_ERR_INVALID, b"STARTTLS takes no data")?
+                }
+                Some(t) => {
+                    answer(REP_ACK, &[])?;
+                    let (plain, cert) = tls::accept(c.as_ref(), t)?;
+                    *c = plain;
+                    c.set_write_deadline(Some(REPLY_TIMEOUT))?;
+                    (in_tls, peer) = (true, cert);
+                    // Everything negotiated before TLS is forgotten (the protocol's rule).
+                    (structured, meta) = (false, None);
+                }
+            },
+            // EXPORT_NAME has no error reply: in clear on a TLS-only listener it closes.
+            OPT_EXPORT_NAME if tls_first => {
+                return Err(protocol_error(
+                    "EXPORT_NAME before STARTTLS on a TLS-only listener",
+                ))
+            }
+            _ if tls_first => answer(
+                REP_ERR_TLS_REQD,
+                b"TLS is required on this listener: STARTTLS first",
+            )?,
             OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&payload);
+                let name = String::from_utf8_lossy(&payload).into_owned();
                 // No error reply exists for EXPORT_NAME: an unknown name closes.
-                let Some(e) = exports.get(name.as_ref()) else {
+                let Some(e) = exports.get(&name).filter(|_| allowed(&name, &peer)) else {
                     return Err(protocol_error(format!("unknown export {name:?}")));
                 };
                 let mut r = Vec::with_capacity(134);
@@ -173,53 +249,91 @@ fn handshake<'e>(c: &mut dyn Conn, exports: &'e Exports) -> io::Result<Option<&'
                     r.extend_from_slice(&[0u8; 124]);
                 }
                 c.write_all(&r)?;
-                return Ok(Some(e));
-            }
-            OPT_ABORT => {
-                c.write_all(&option_reply(opt, REP_ACK, &[]))?;
-                return Ok(None);
+                return Ok(Some(Session {
+                    export: e,
+                    structured,
+                    base_allocation: structured && meta.as_deref() == Some(name.as_str()),
+                }));
             }
             OPT_LIST => {
                 if !payload.is_empty() {
-                    c.write_all(&option_reply(opt, REP_ERR_INVALID, b"LIST takes no data"))?;
+                    answer(REP_ERR_INVALID, b"LIST takes no data")?;
                     continue;
                 }
-                for name in exports.keys() {
+                for name in exports.keys().filter(|n| allowed(n, &peer)) {
                     let mut d = (name.len() as u32).to_be_bytes().to_vec();
                     d.extend_from_slice(name.as_bytes());
-                    c.write_all(&option_reply(opt, REP_SERVER, &d))?;
+                    answer(REP_SERVER, &d)?;
                 }
-                c.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                answer(REP_ACK, &[])?;
             }
             OPT_INFO | OPT_GO => match parse_info_request(&payload) {
-                Err(why) => c.write_all(&option_reply(opt, REP_ERR_INVALID, why.as_bytes()))?,
+                Err(why) => answer(REP_ERR_INVALID, why.as_bytes())?,
                 Ok((name, _)) => match exports.get(&name) {
-                    None => c.write_all(&option_reply(
-                        opt,
-                        REP_ERR_UNKNOWN,
-                        format!("no export {name:?}").as_bytes(),
-                    ))?,
+                    None => answer(REP_ERR_UNKNOWN, format!("no export {name:?}").as_bytes())?,
+                    Some(_) if !allowed(&name, &peer) => answer(
+                        REP_ERR_POLICY,
+                        format!("export {name:?} is not allowed for this client certificate")
+                            .as_bytes(),
+                    )?,
                     Some(e) => {
                         let flags = transmission_flags(e.device.as_ref());
-                        c.write_all(&option_reply(
-                            opt,
-                            REP_INFO,
-                            &info_export(e.device.size(), flags),
-                        ))?;
-                        c.write_all(&option_reply(opt, REP_INFO, &info_block_size()))?;
-                        c.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                        answer(REP_INFO, &info_export(e.device.size(), flags))?;
+                        answer(REP_INFO, &info_block_size())?;
+                        answer(REP_ACK, &[])?;
                         if opt == OPT_GO {
-                            return Ok(Some(e));
+                            return Ok(Some(Session {
+                                export: e,
+                                structured,
+                                base_allocation: structured
+                                    && meta.as_deref() == Some(name.as_str()),
+                            }));
                         }
                     }
                 },
             },
-            OPT_STARTTLS => c.write_all(&option_reply(
-                opt,
-                REP_ERR_POLICY,
-                b"TLS is not available on this server; use a Unix socket or a trusted network",
-            ))?,
-            _ => c.write_all(&option_reply(opt, REP_ERR_UNSUP, &[]))?,
+            OPT_STRUCTURED_REPLY if !payload.is_empty() => {
+                answer(REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data")?
+            }
+            OPT_STRUCTURED_REPLY => {
+                structured = true;
+                answer(REP_ACK, &[])?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = opt == OPT_SET_META_CONTEXT;
+                if set {
+                    // A SET replaces the selection, even when it fails.
+                    meta = None;
+                }
+                if !structured {
+                    answer(REP_ERR_INVALID, b"negotiate structured replies first")?;
+                    continue;
+                }
+                let (name, queries) = match parse_meta_request(&payload) {
+                    Ok(q) => q,
+                    Err(why) => {
+                        answer(REP_ERR_INVALID, why.as_bytes())?;
+                        continue;
+                    }
+                };
+                if !exports.contains_key(&name) || !allowed(&name, &peer) {
+                    answer(REP_ERR_UNKNOWN, format!("no export {name:?}").as_bytes())?;
+                    continue;
+                }
+                // Queries of other namespaces are ignored (the protocol's rule); a
+                // LIST with none, or with the `base:` wildcard, lists ours.
+                let hit = queries.iter().any(|q| q == BASE_ALLOCATION)
+                    || (!set && (queries.is_empty() || queries.iter().any(|q| q == "base:")));
+                if hit {
+                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                    answer(REP_META_CONTEXT, &meta_context(id, BASE_ALLOCATION))?;
+                    if set {
+                        meta = Some(name);
+                    }
+                }
+                answer(REP_ACK, &[])?;
+            }
+            _ => answer(REP_ERR_UNSUP, &[])?,
         }
     }
 }
@@ -261,22 +375,56 @@ impl InFlight {
     }
 }
 
-/// One reply for the connection's writer: handle, result, read data, and the bytes
-/// of budget the request held.
+/// What a reply carries besides its result.
+enum Body {
+    /// Nothing (writes, flushes, errors).
+    Empty,
+    /// The data of a read at this offset.
+    Read(u64, Vec<u8>),
+    /// A whole BLOCK_STATUS chunk (structured replies only).
+    Status(Vec<u8>),
+}
+
+/// One reply for the connection's writer: handle, result, what it carries, and the
+/// bytes of budget the request held.
 struct Reply {
     handle: u64,
     res: i32,
-    data: Option<Vec<u8>>,
+    body: Body,
     held: u64,
 }
 
 type Replies = std::sync::mpsc::Sender<Reply>;
+
+/// Write one reply: simple, or structured where the connection negotiated it (a
+/// read's data as one OFFSET_DATA chunk, every error as an error chunk).
+fn write_reply(w: &mut dyn Write, structured: bool, r: &Reply) -> io::Result<()> {
+    let err = nbd_error(r.res);
+    match (&r.body, err, structured) {
+        (_, 0, false) | (Body::Empty, 0, true) => {
+            w.write_all(&simple_reply(r.handle, 0))?;
+            if let Body::Read(_, d) = &r.body {
+                w.write_all(d)?;
+            }
+            Ok(())
+        }
+        (_, e, false) => w.write_all(&simple_reply(r.handle, e)),
+        (_, e, true) if e != 0 => w.write_all(&structured_error(r.handle, e)),
+        (Body::Read(offset, d), _, true) => {
+            w.write_all(&read_chunk_header(r.handle, *offset, d.len() as u32))?;
+            w.write_all(d)
+        }
+        (Body::Status(chunk), _, true) => w.write_all(chunk),
+        (Body::Empty, _, true) => unreachable!("matched above"),
+    }
+}
 
 /// The connection's writer: the only thread that writes replies to the socket, so a
 /// client that stops reading stalls its own writer, never a worker. After a failed
 /// write it drops the rest (releasing what they hold) until every sender is gone.
 fn writer(
     mut w: Box<dyn Write + Send>,
+    structured: bool,
     rx: std::sync::mpsc::Receiver<Reply>,
     inflight: Arc<InFlight>,
     budget: Arc<Budget>,
@@ -284,28 +432,59 @@ fn writer(
     let mut broken = false;
     for r in rx {
         if !broken {
-            let err = nbd_error(r.res);
-            let sent =
-                w.write_all(&simple_reply(r.handle, err))
-                    .and_then(|()| match (&r.data, err) {
-                        (Some(d), 0) => w.write_all(d),
-                        _ => Ok(()),
-                    });
-            broken = sent.and_then(|()| w.flush()).is_err();
+            broken = write_reply(w.as_mut(), structured, &r)
+                .and_then(|()| w.flush())
+                .is_err();
         }
         budget.release(r.held);
         inflight.release();
     }
 }
 
-fn reply(out: &Replies, handle: u64, res: i32, data: Option<Vec<u8>>, held: u64) {
+fn reply(out: &Replies, handle: u64, res: i32, body: Body, held: u64) {
     // A send fails only once the writer is gone, i.e. the connection is over.
     let _ = out.send(Reply {
         handle,
         res,
-        data,
+        body,
         held,
     });
+}
+
+/// Extents in one BLOCK_STATUS reply (the protocol allows 2^20; 64 Ki descriptors
+/// are 512 KiB, and a client asks again from where a reply ends).
+const MAX_EXTENTS: usize = 1 << 16;
+
+/// The BLOCK_STATUS chunk for `r`, or the negative errno to answer with.
+fn block_status(dev: &dyn BlockDevice, r: &proto::Request) -> std::result::Result<Vec<u8>, i32> {
+    let (offset, len) = (r.offset, r.len as u64);
+    if len == 0
+        || !offset.is_multiple_of(512)
+        || !len.is_multiple_of(512)
+        || offset.checked_add(len).is_none_or(|e| e > dev.size())
+    {
+        return Err(-libc::EINVAL);
+    }
+    let max = if r.flags & CMD_FLAG_REQ_ONE != 0 {
+        1
+    } else {
+        MAX_EXTENTS
+    };
+    let mut ext = crate::block::Extents::new(max);
+    if let Err(e) = dev.extents(offset, len, &mut ext) {
+        eprintln!("livemount: nbd: block status of {len} bytes at {offset}: {e}");
+        return Err(-libc::EIO);
+    }
+    // Each extent lies within the request, whose length is a u32.
+    let list: Vec<(u32, bool)> = ext
+        .into_vec()
+        .into_iter()
+        .map(|e| (e.len.min(len) as u32, e.zero))
+        .collect();
+    if list.is_empty() {
+        return Err(-libc::EIO);
+    }
+    Ok(block_status_chunk(r.handle, &list))
 }
 
 /// The block request of an NBD command, or the NBD error to answer with.
@@ -333,12 +512,13 @@ fn to_request(r: &proto::Request) -> Result<Request, u32> {
 pub fn serve_connection(
     mut c: Box<dyn Conn>,
     exports: &Exports,
+    tls: &ListenerTls,
     pool: &Arc<Pool>,
     budget: &Arc<Budget>,
 ) -> io::Result<()> {
     c.set_read_deadline(Some(HANDSHAKE_TIMEOUT))?;
     c.set_write_deadline(Some(REPLY_TIMEOUT))?;
-    let Some(export) = handshake(c.as_mut(), exports)? else {
+    let Some(session) = handshake(&mut c, exports, tls)? else {
         return Ok(());
     };
     c.set_read_deadline(None)?;
@@ -346,8 +526,9 @@ pub fn serve_connection(
     let (tx, rx) = std::sync::mpsc::channel();
     let w = c.try_clone_conn()?;
     let (i2, b2) = (inflight.clone(), budget.clone());
-    let writer = std::thread::spawn(move || writer(w, rx, i2, b2));
-    let result = transmission(c.as_mut(), export, pool, &tx, &inflight, budget);
+    let structured = session.structured;
+    let writer = std::thread::spawn(move || writer(w, structured, rx, i2, b2));
+    let result = transmission(c.as_mut(), &session, pool, &tx, &inflight, budget);
     // Every reply of an accepted request is written (or given up) before the
     // connection closes.
     drop(tx);
@@ -358,7 +539,7 @@ pub fn serve_connection(
 
 fn transmission(
     c: &mut dyn Conn,
-    export: &Export,
+    session: &Session,
     pool: &Arc<Pool>,
     out: &Replies,
     inflight: &Arc<InFlight>,
@@ -381,10 +562,23 @@ fn transmission(
         }
         // Every request holds an in-flight slot until the writer has sent its reply.
         inflight.acquire();
+        let export = session.export;
+        if r.kind == CMD_BLOCK_STATUS && session.base_allocation {
+            // Off the reader: an overlay answers with lseek calls.
+            let (out2, dev) = (out.clone(), export.device.clone());
+            let queued = pool.spawn(move || match block_status(dev.as_ref(), &r) {
+                Ok(chunk) => reply(&out2, r.handle, 0, Body::Status(chunk), 0),
+                Err(e) => reply(&out2, r.handle, e, Body::Empty, 0),
+            });
+            if !queued {
+                reply(out, r.handle, -libc::EIO, Body::Empty, 0);
+            }
+            continue;
+        }
         let req = match to_request(&r) {
             Ok(q) => q,
             Err(e) => {
-                reply(out, r.handle, -(e as i32), None, 0);
+                reply(out, r.handle, -(e as i32), Body::Empty, 0);
                 continue;
             }
         };
@@ -403,11 +597,15 @@ fn transmission(
             }
         }
         let is_read = req.op == Op::Read;
+        let body = move |buf: Vec<u8>| match is_read {
+            true => Body::Read(req.offset, buf),
+            false => Body::Empty,
+        };
         let started = std::time::Instant::now();
         match frontend::start(&export.device, &export.metrics, req, &mut buf) {
             Step::Done(res) => {
                 frontend::record_done(&export.metrics, req.op, res, started);
-                reply(out, r.handle, res, is_read.then_some(buf), held);
+                reply(out, r.handle, res, body(buf), held);
             }
             Step::Offload(job) => {
                 let out2 = out.clone();
@@ -415,10 +613,10 @@ fn transmission(
                 let queued = pool.spawn(move || {
                     let res = job(&mut buf);
                     frontend::record_done(&metrics, req.op, res, started);
-                    reply(&out2, r.handle, res, is_read.then_some(buf), held);
+                    reply(&out2, r.handle, res, body(buf), held);
                 });
                 if !queued {
-                    reply(out, r.handle, -libc::EIO, None, held);
+                    reply(out, r.handle, -libc::EIO, Body::Empty, held);
                 }
             }
         }
@@ -426,7 +624,7 @@ fn transmission(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::block::mem::MemDisk;
     use std::os::unix::net::UnixStream;
@@ -451,11 +649,13 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let pool = Pool::new(2);
         let budget = Budget::new(64 << 20);
-        let t = std::thread::spawn(move || serve_connection(Box::new(b), &e, &pool, &budget));
+        let t = std::thread::spawn(move || {
+            serve_connection(Box::new(b), &e, &ListenerTls::default(), &pool, &budget)
+        });
         (a, t)
     }
 
-    fn option(c: &mut UnixStream, opt: u32, data: &[u8]) {
+    pub(crate) fn option(c: &mut (impl Read + Write), opt: u32, data: &[u8]) {
         let mut m = IHAVEOPT.to_be_bytes().to_vec();
         m.extend_from_slice(&opt.to_be_bytes());
         m.extend_from_slice(&(data.len() as u32).to_be_bytes());
@@ -464,7 +664,7 @@ mod tests {
     }
 
     /// (option, reply type, data) of the next option reply.
-    fn read_reply(c: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+    pub(crate) fn read_reply(c: &mut (impl Read + Write)) -> (u32, u32, Vec<u8>) {
         let mut h = [0u8; 20];
         c.read_exact(&mut h).unwrap();
         assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), REPLY_MAGIC);
@@ -478,12 +678,20 @@ mod tests {
         )
     }
 
-    fn go(c: &mut UnixStream, name: &str) -> u32 {
+    pub(crate) fn hello(c: &mut (impl Read + Write)) {
         let mut g = [0u8; 18];
         c.read_exact(&mut g).unwrap();
         assert_eq!(g, greeting());
         c.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
             .unwrap();
+    }
+
+    pub(crate) fn go(c: &mut (impl Read + Write), name: &str) -> u32 {
+        hello(c);
+        go_only(c, name)
+    }
+
+    pub(crate) fn go_only(c: &mut (impl Read + Write), name: &str) -> u32 {
         let mut p = (name.len() as u32).to_be_bytes().to_vec();
         p.extend_from_slice(name.as_bytes());
         p.extend_from_slice(&0u16.to_be_bytes());
@@ -496,7 +704,14 @@ mod tests {
         }
     }
 
-    fn request(c: &mut UnixStream, kind: u16, handle: u64, offset: u64, len: u32, data: &[u8]) {
+    pub(crate) fn request(
+        c: &mut (impl Read + Write),
+        kind: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) {
         let mut h = REQUEST_MAGIC.to_be_bytes().to_vec();
         h.extend_from_slice(&0u16.to_be_bytes());
         h.extend_from_slice(&kind.to_be_bytes());
@@ -508,7 +723,7 @@ mod tests {
     }
 
     /// (handle, error) of the next simple reply, and `len` bytes of data if no error.
-    fn simple(c: &mut UnixStream, len: usize) -> (u64, u32, Vec<u8>) {
+    pub(crate) fn simple(c: &mut (impl Read + Write), len: usize) -> (u64, u32, Vec<u8>) {
         let mut h = [0u8; 16];
         c.read_exact(&mut h).unwrap();
         assert_eq!(
@@ -546,6 +761,245 @@ mod tests {
         assert_eq!(simple(&mut c, 0).1, 0);
         request(&mut c, CMD_DISC, 9, 0, 0, &[]);
         t.join().unwrap().unwrap();
+    }
+
+    /// 64 KiB of data, 64 KiB of zeros, and so on.
+    struct Striped(MemDisk);
+    impl BlockDevice for Striped {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> crate::error::Result<()> {
+            self.0.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> crate::error::Result<()> {
+            self.0.write_at(offset, buf)
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn extents(
+            &self,
+            offset: u64,
+            len: u64,
+            out: &mut crate::block::Extents,
+        ) -> crate::error::Result<()> {
+            let mut at = offset;
+            while at < offset + len && !out.stopped() {
+                let n = (65536 - at % 65536).min(offset + len - at);
+                out.push(n, (at / 65536) % 2 == 1);
+                at += n;
+            }
+            Ok(())
+        }
+    }
+
+    fn meta_payload(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut p = (name.len() as u32).to_be_bytes().to_vec();
+        p.extend_from_slice(name.as_bytes());
+        p.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            p.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            p.extend_from_slice(q.as_bytes());
+        }
+        p
+    }
+
+    /// (flags, type, handle, payload) of the next structured reply chunk.
+    pub(crate) fn chunk(c: &mut (impl Read + Write)) -> (u16, u16, u64, Vec<u8>) {
+        let mut h = [0u8; 20];
+        c.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(h[..4].try_into().unwrap()),
+            STRUCTURED_REPLY_MAGIC
+        );
+        let len = u32::from_be_bytes(h[16..].try_into().unwrap()) as usize;
+        let mut d = vec![0u8; len];
+        c.read_exact(&mut d).unwrap();
+        (
+            u16::from_be_bytes([h[4], h[5]]),
+            u16::from_be_bytes([h[6], h[7]]),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            d,
+        )
+    }
+
+    pub(crate) fn striped() -> Exports {
+        let d = MemDisk::new((0..1u32 << 20).map(|i| (i % 251) as u8).collect(), false);
+        let mut e = Exports::new();
+        e.insert(
+            "vm".into(),
+            Export {
+                device: Arc::new(Striped(d.writable())),
+                metrics: Arc::new(IoMetrics::default()),
+                description: "test".into(),
+            },
+        );
+        e
+    }
+
+    #[test]
+    fn structured_replies_and_block_status_by_the_protocol() {
+        let (mut c, t) = connect(striped());
+        hello(&mut c);
+        // Meta contexts need structured replies first.
+        option(
+            &mut c,
+            OPT_SET_META_CONTEXT,
+            &meta_payload("vm", &[BASE_ALLOCATION]),
+        );
+        assert_eq!(read_reply(&mut c).1, REP_ERR_INVALID);
+        option(&mut c, OPT_STRUCTURED_REPLY, &[1]);
+        assert_eq!(read_reply(&mut c).1, REP_ERR_INVALID, "takes no data");
+        option(&mut c, OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(read_reply(&mut c).1, REP_ACK);
+        // LIST with no query lists ours; unknown namespaces are ignored.
+        option(&mut c, OPT_LIST_META_CONTEXT, &meta_payload("vm", &[]));
+        let (_, kind, d) = read_reply(&mut c);
+        assert_eq!(
+            (kind, &d[4..]),
+            (REP_META_CONTEXT, BASE_ALLOCATION.as_bytes())
+        );
+        assert_eq!(read_reply(&mut c).1, REP_ACK);
+        option(
+            &mut c,
+            OPT_LIST_META_CONTEXT,
+            &meta_payload("vm", &["qemu:x"]),
+        );
+        assert_eq!(read_reply(&mut c).1, REP_ACK);
+        option(
+            &mut c,
+            OPT_SET_META_CONTEXT,
+            &meta_payload("nope", &[BASE_ALLOCATION]),
+        );
+        assert_eq!(read_reply(&mut c).1, REP_ERR_UNKNOWN);
+        let mut bad = meta_payload("vm", &[BASE_ALLOCATION]);
+        bad.truncate(bad.len() - 3);
+        option(&mut c, OPT_SET_META_CONTEXT, &bad);
+        assert_eq!(read_reply(&mut c).1, REP_ERR_INVALID);
+        option(
+            &mut c,
+            OPT_SET_META_CONTEXT,
+            &meta_payload("vm", &["qemu:dirty-bitmap:b", BASE_ALLOCATION]),
+        );
+        let (_, kind, d) = read_reply(&mut c);
+        assert_eq!(kind, REP_META_CONTEXT);
+        assert_eq!(
+            u32::from_be_bytes(d[..4].try_into().unwrap()),
+            BASE_ALLOCATION_ID
+        );
+        assert_eq!(read_reply(&mut c).1, REP_ACK);
+        assert_eq!(go_only(&mut c, "vm"), REP_ACK);
+        // A read: one OFFSET_DATA chunk, flagged done, with its offset.
+        request(&mut c, CMD_READ, 1, 4096, 512, &[]);
+        let (flags, kind, h, d) = chunk(&mut c);
+        assert_eq!(
+            (flags, kind, h),
+            (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 1)
+        );
+        assert_eq!(u64::from_be_bytes(d[..8].try_into().unwrap()), 4096);
+        assert_eq!(d[8], (4096 % 251) as u8);
+        assert_eq!(d.len(), 8 + 512);
+        // A failed read: an error chunk, never a simple reply.
+        request(&mut c, CMD_READ, 2, 1 << 20, 512, &[]);
+        let (flags, kind, h, d) = chunk(&mut c);
+        assert_eq!((flags, kind, h), (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 2));
+        assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), err::EINVAL);
+        // Block status: the stripes, in order, covering the request.
+        request(&mut c, CMD_BLOCK_STATUS, 3, 32768, 4 * 65536, &[]);
+        let (flags, kind, h, d) = chunk(&mut c);
+        assert_eq!(
+            (flags, kind, h),
+            (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 3)
+        );
+        assert_eq!(
+            u32::from_be_bytes(d[..4].try_into().unwrap()),
+            BASE_ALLOCATION_ID
+        );
+        let desc: Vec<(u32, u32)> = d[4..]
+            .chunks_exact(8)
+            .map(|x| {
+                (
+                    u32::from_be_bytes(x[..4].try_into().unwrap()),
+                    u32::from_be_bytes(x[4..].try_into().unwrap()),
+                )
+            })
+            .collect();
+        let hz = STATE_HOLE | STATE_ZERO;
+        assert_eq!(
+            desc,
+            vec![(32768, 0), (65536, hz), (65536, 0), (65536, hz), (32768, 0)]
+        );
+        // REQ_ONE: exactly one descriptor.
+        let mut h = REQUEST_MAGIC.to_be_bytes().to_vec();
+        h.extend_from_slice(&CMD_FLAG_REQ_ONE.to_be_bytes());
+        h.extend_from_slice(&CMD_BLOCK_STATUS.to_be_bytes());
+        h.extend_from_slice(&4u64.to_be_bytes());
+        h.extend_from_slice(&65536u64.to_be_bytes());
+        h.extend_from_slice(&(8 * 65536u32).to_be_bytes());
+        c.write_all(&h).unwrap();
+        let (_, kind, _, d) = chunk(&mut c);
+        assert_eq!(kind, REPLY_TYPE_BLOCK_STATUS);
+        assert_eq!(d.len(), 4 + 8, "one descriptor");
+        assert_eq!(u32::from_be_bytes(d[4..8].try_into().unwrap()), 65536);
+        // Unaligned, empty or beyond the export: EINVAL error chunks.
+        for (handle, off, len) in [(5, 100, 512), (6, 0, 0), (7, (1 << 20) - 512, 1024)] {
+            request(&mut c, CMD_BLOCK_STATUS, handle, off, len, &[]);
+            let (_, kind, h, d) = chunk(&mut c);
+            assert_eq!((kind, h), (REPLY_TYPE_ERROR, handle));
+            assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), err::EINVAL);
+        }
+        // Writes may still get simple replies.
+        request(&mut c, CMD_WRITE, 8, 0, 512, &[9; 512]);
+        assert_eq!(simple(&mut c, 0), (8, 0, vec![]));
+        request(&mut c, CMD_DISC, 9, 0, 0, &[]);
+        t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn block_status_needs_its_context_and_tls_is_refused_when_not_configured() {
+        // Structured replies on, but no context selected: BLOCK_STATUS is EINVAL.
+        let (mut c, t) = connect(striped());
+        hello(&mut c);
+        option(&mut c, OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(read_reply(&mut c).1, REP_ACK);
+        option(&mut c, OPT_STARTTLS, &[]);
+        assert_eq!(read_reply(&mut c).1, REP_ERR_POLICY);
+        // A context set for another export name does not carry over.
+        option(&mut c, OPT_SET_META_CONTEXT, &meta_payload("vm", &[]));
+        assert_eq!(read_reply(&mut c).1, REP_ACK, "no query selects nothing");
+        assert_eq!(go_only(&mut c, "vm"), REP_ACK);
+        request(&mut c, CMD_BLOCK_STATUS, 1, 0, 4096, &[]);
+        let (_, kind, _, d) = chunk(&mut c);
+        assert_eq!(kind, REPLY_TYPE_ERROR);
+        assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), err::EINVAL);
+        drop(c);
+        t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_tls_only_listener_answers_nothing_in_clear() {
+        let tls = ListenerTls {
+            server: Some(Arc::new(tls::tests::server())),
+            required: true,
+        };
+        let (mut c, b) = UnixStream::pair().unwrap();
+        let e = striped();
+        let t = std::thread::spawn(move || {
+            serve_connection(Box::new(b), &e, &tls, &Pool::new(1), &Budget::new(1 << 20))
+        });
+        hello(&mut c);
+        for opt in [OPT_LIST, OPT_STRUCTURED_REPLY, 99] {
+            option(&mut c, opt, &[]);
+            assert_eq!(read_reply(&mut c).1, REP_ERR_TLS_REQD, "option {opt}");
+        }
+        let mut p = 2u32.to_be_bytes().to_vec();
+        p.extend_from_slice(b"vm");
+        p.extend_from_slice(&0u16.to_be_bytes());
+        option(&mut c, OPT_GO, &p);
+        assert_eq!(read_reply(&mut c).1, REP_ERR_TLS_REQD);
+        option(&mut c, OPT_EXPORT_NAME, b"vm");
+        assert!(t.join().unwrap().is_err(), "EXPORT_NAME in clear closes");
     }
 
     #[test]
@@ -610,7 +1064,9 @@ mod tests {
         let budget = Budget::new(64 << 20);
         let spawn = |b: UnixStream| {
             let (e, pool, budget) = (e.clone(), pool.clone(), budget.clone());
-            std::thread::spawn(move || serve_connection(Box::new(b), &e, &pool, &budget))
+            std::thread::spawn(move || {
+                serve_connection(Box::new(b), &e, &ListenerTls::default(), &pool, &budget)
+            })
         };
         // A: 64 KiB reads (slow path: the disk has no fast path) whose replies it
         // never reads — far more than a socket buffer holds.
