@@ -569,3 +569,353 @@ fn migrate_an_export_across_a_crash_then_serve_without_the_store() {
         "progress map left behind"
     );
 }
+
+/// The `serve` status of `export` (as root: /run/livemount/serve-PID.json, written
+/// every second) once `pred` holds for it.
+fn export_status(
+    pid: u32,
+    export: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let p = format!("/run/livemount/serve-{pid}.json");
+    let t = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if let Some(e) = v["exports"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|e| e["name"] == export))
+                    .filter(|e| pred(e))
+                {
+                    return e.clone();
+                }
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no such status of {export} in {p}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `nbdinfo --map` lines as (offset, length, description).
+fn map(uri: &str) -> Vec<(u64, u64, String)> {
+    ok("nbdinfo", &["--map", uri])
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                f.first()?.parse().ok()?,
+                f.get(1)?.parse().ok()?,
+                f.get(3..)?.join(" "),
+            ))
+        })
+        .collect()
+}
+
+/// BLOCK_STATUS through real clients: `nbdinfo --map` shows the snapshot's zero
+/// chunks and the guest's discards as holes and its writes as data; `nbdcopy`
+/// skips the holes (the export reads only the data part) and still copies the
+/// exact image; `qemu-img map` agrees.
+#[test]
+fn zero_chunks_and_discards_are_holes_that_real_clients_skip() {
+    let d = tempfile::tempdir().unwrap();
+    let mib = 1u64 << 20;
+    let size = 8 * mib as usize;
+    let (store, mut img) = store_with_image(d.path(), size);
+    let sock = d.path().join("run/nbd.sock");
+    let ovl = d.path().join("ovl");
+    let s = Server::start(
+        &sock,
+        &[
+            OsStr::new("--store"),
+            store.as_os_str(),
+            OsStr::new("--export"),
+            OsStr::new("holes2=vm"),
+            OsStr::new("--overlay-dir"),
+            ovl.as_os_str(),
+        ],
+    );
+    // Not "vm": export names are unique per test (the status is read by name).
+    let uri = s.uri("holes2");
+    // Data for the first half (four 1 MiB chunks), zero chunks after it.
+    assert_eq!(
+        map(&uri),
+        vec![
+            (0, 4 * mib, "data".into()),
+            (4 * mib, 4 * mib, "hole,zero".into())
+        ]
+    );
+    // The guest discards 1 MiB of data and writes 4 KiB into the zeros.
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "discard 1M 1M",
+            "-c",
+            "write -P 0x5a 6M 4k",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    );
+    img[mib as usize..2 * mib as usize].fill(0);
+    img[6 * mib as usize..6 * mib as usize + 4096].fill(0x5a);
+    assert_eq!(
+        map(&uri),
+        vec![
+            (0, mib, "data".into()),
+            (mib, mib, "hole,zero".into()),
+            (2 * mib, 2 * mib, "data".into()),
+            (4 * mib, 2 * mib, "hole,zero".into()),
+            (6 * mib, 4096, "data".into()),
+            (6 * mib + 4096, 2 * mib - 4096, "hole,zero".into()),
+        ]
+    );
+    let qmap = ok("qemu-img", &["map", "--output=json", "-f", "raw", &uri]);
+    let v: serde_json::Value = serde_json::from_str(&qmap).unwrap();
+    let zero_at = |off: u64| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| {
+                e["start"].as_u64() <= Some(off)
+                    && e["start"].as_u64().unwrap() + e["length"].as_u64().unwrap() > off
+            })
+            .map(|e| e["zero"] == true)
+    };
+    assert_eq!(zero_at(mib + 4096), Some(true), "{qmap}");
+    assert_eq!(zero_at(7 * mib), Some(true), "{qmap}");
+    assert_eq!(zero_at(4096), Some(false), "{qmap}");
+    // nbdcopy reads only what is not a hole, and the copy is exact.
+    let pid = s.child.id();
+    let before = export_status(pid, "holes2", |_| true)["io"]["read_bytes"]
+        .as_u64()
+        .unwrap();
+    let out = d.path().join("out.raw");
+    ok("nbdcopy", &[&uri, out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == img, "nbdcopy differs");
+    let copied = export_status(pid, "holes2", |e| {
+        e["io"]["read_bytes"].as_u64() > Some(before)
+    })["io"]["read_bytes"]
+        .as_u64()
+        .unwrap()
+        - before;
+    // 3 MiB + 4 KiB of data; nbdcopy reads in 256 KiB requests, so the 4 KiB costs
+    // one such request; the 4.75 MiB of holes cost nothing.
+    assert!(
+        copied <= 3 * mib + (256 << 10),
+        "nbdcopy read {copied} bytes: the holes were not skipped"
+    );
+    s.stop();
+}
+
+/// A self-signed CA and certificates it issues (openssl), laid out as qemu's and
+/// libnbd's GnuTLS clients want them: DIR/ca-cert.pem, client-cert.pem,
+/// client-key.pem.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Pki {
+        std::fs::create_dir_all(dir).unwrap();
+        let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+        ok(
+            "openssl",
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=livemount test CA",
+                "-keyout",
+                &p("ca-key.pem"),
+                "-out",
+                &p("ca-cert.pem"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        Pki {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// `prefix`-cert.pem / `prefix`-key.pem for `san` (e.g. "DNS:hv1.test"),
+    /// issued by this CA (or self-signed: a rogue client).
+    fn issue(&self, prefix: &str, san: &str, usage: &str, rogue: bool) -> (String, String) {
+        let p = |f: &str| self.dir.join(f).to_str().unwrap().to_string();
+        let (cert, key, csr, ext) = (
+            p(&format!("{prefix}-cert.pem")),
+            p(&format!("{prefix}-key.pem")),
+            p(&format!("{prefix}.csr")),
+            p(&format!("{prefix}.ext")),
+        );
+        std::fs::write(
+            &ext,
+            format!("subjectAltName={san}\nextendedKeyUsage={usage}\n"),
+        )
+        .unwrap();
+        ok(
+            "openssl",
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-subj",
+                &format!("/CN={prefix}"),
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+            ],
+        );
+        let mut args = vec![
+            "x509", "-req", "-in", &csr, "-days", "2", "-out", &cert, "-extfile", &ext,
+        ];
+        let (ca, cakey) = (p("ca-cert.pem"), p("ca-key.pem"));
+        if rogue {
+            args.extend(["-signkey", &key]);
+        } else {
+            args.extend(["-CA", &ca, "-CAkey", &cakey, "-CAcreateserial"]);
+        }
+        ok("openssl", &args);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (cert, key)
+    }
+
+    /// A client directory for qemu/libnbd: the CA and one client's certificate.
+    fn client_dir(&self, name: &str, san: &str, rogue: bool) -> PathBuf {
+        let (cert, key) = self.issue(name, san, "clientAuth", rogue);
+        let dir = self.dir.join(format!("client-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(self.dir.join("ca-cert.pem"), dir.join("ca-cert.pem")).unwrap();
+        std::fs::copy(cert, dir.join("client-cert.pem")).unwrap();
+        std::fs::copy(key, dir.join("client-key.pem")).unwrap();
+        dir
+    }
+}
+
+/// TLS with real GnuTLS clients: TCP requires it (a client in clear is refused),
+/// a client certificate of the CA reads the exact image with nbdcopy and
+/// `qemu-img compare`, the allow-list hides and refuses an export, a certificate
+/// from another issuer is refused; the Unix socket still serves in clear.
+#[test]
+fn tls_on_tcp_with_client_certificates_and_allow_lists() {
+    let d = tempfile::tempdir().unwrap();
+    let (store, img) = store_with_image(d.path(), (4 << 20) + 4096);
+    let src = d.path().join("disk.img");
+    let pki = Pki::new(&d.path().join("pki"));
+    let (cert, key) = pki.issue("server", "DNS:localhost,IP:127.0.0.1", "serverAuth", false);
+    let hv1 = pki.client_dir("hv1", "DNS:hv1.test", false);
+    let rogue = pki.client_dir("rogue", "DNS:hv1.test", true);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let sock = d.path().join("run/nbd.sock");
+    let ca = pki.dir.join("ca-cert.pem");
+    let s = Server::start(
+        &sock,
+        &[
+            OsStr::new("--store"),
+            store.as_os_str(),
+            OsStr::new("--export"),
+            OsStr::new("tlsvm=vm"),
+            OsStr::new("--export"),
+            OsStr::new("secret=vm"),
+            OsStr::new("--read-only"),
+            OsStr::new("--tcp"),
+            OsStr::new(&addr),
+            OsStr::new("--tls-cert"),
+            OsStr::new(&cert),
+            OsStr::new("--tls-key"),
+            OsStr::new(&key),
+            OsStr::new("--tls-client-ca"),
+            ca.as_os_str(),
+            OsStr::new("--tls-allow"),
+            OsStr::new("secret=db.test"),
+        ],
+    );
+    assert!(
+        s.banner.contains(&format!("nbds://{addr}/secret")),
+        "{}",
+        s.banner
+    );
+    let tls_uri = |export: &str, dir: &Path| {
+        format!("nbds://{addr}/{export}?tls-certificates={}", dir.display())
+    };
+    // In clear over TCP: refused, nothing listed.
+    let (success, text) = tool("nbdinfo", &[&format!("nbd://{addr}/tlsvm")]);
+    assert!(!success, "served in clear over TCP: {text}");
+    // With hv1's certificate: the exact image, by libnbd and by qemu.
+    let out = d.path().join("out.raw");
+    ok(
+        "nbdcopy",
+        &[
+            "--connections=2",
+            &tls_uri("tlsvm", &hv1),
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == img,
+        "nbdcopy over TLS differs"
+    );
+    let creds = format!(
+        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+        hv1.display()
+    );
+    ok(
+        "qemu-img",
+        &[
+            "compare",
+            "--object",
+            &creds,
+            "--image-opts",
+            &format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=tlsvm,tls-creds=tls0"),
+            &format!("driver=file,filename={}", src.display()),
+        ],
+    );
+    // The allow-list: hv1 neither sees nor opens "secret".
+    let list = ok("nbdinfo", &["--list", &tls_uri("", &hv1)]);
+    assert!(list.contains("tlsvm") && !list.contains("secret"), "{list}");
+    let (success, text) = tool("nbdinfo", &[&tls_uri("secret", &hv1)]);
+    assert!(!success, "secret opened by hv1: {text}");
+    // A certificate the CA did not issue: refused.
+    let (success, text) = tool("nbdinfo", &[&tls_uri("tlsvm", &rogue)]);
+    assert!(!success, "served a rogue certificate: {text}");
+    // The local socket serves in clear (TLS offered, not required).
+    ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &s.uri("secret"),
+            src.to_str().unwrap(),
+        ],
+    );
+    s.stop();
+}

@@ -16,6 +16,8 @@ const HOST_PACKAGES: &[(&str, &str)] = &[
     ("nbdinfo", "libnbd-bin"),
     ("nbdcopy", "libnbd-bin"),
     ("qemu-io", "qemu-utils"),
+    // Certificates for the NBD frontend's TLS tests (and the operator docs' recipe).
+    ("openssl", "openssl"),
 ];
 
 /// Install every Debian package in `pkgs` whose probe binary is missing.
