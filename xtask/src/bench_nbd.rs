@@ -1,13 +1,16 @@
 //! `cargo xtask bench-nbd`: the NBD frontend natively on the host, with fio's nbd
-//! engine, against `qemu-nbd` serving the same raw image in the same run.
+//! engine, against the NBD servers a user would pick instead, in the same run.
 //!
-//! Targets, on the 512 MiB image of `bench-vm` (and its store): `qemu-nbd
-//! --read-only` over the raw file (the reference; page-cache warm after its first
-//! round), `livemount serve --read-only` cold (a fresh server per job: empty read
-//! cache, store files in the host page cache, i.e. a local store) and warm (after one
-//! full read). Jobs: 4 KiB random read at QD1 and QD32, 1 MiB sequential read.
+//! Targets, on the 512 MiB image of `bench-vm` (and its store): `qemu-nbd` over the
+//! raw file (page-cache warm after its first job), `qemu-nbd` over a zstd-compressed
+//! qcow2 of it (what a user would store instead of raw), `nbdkit file` over the raw
+//! file, and `livemount serve` with an overlay, cold (a fresh server per job: empty
+//! read cache, store files in the host page cache, i.e. a local store) and warm
+//! (after one full read). Jobs: 4 KiB random read at QD1 and QD32, 1 MiB sequential
+//! read, 4 KiB random write at QD32 (every writer on a scratch copy or its overlay).
+//! The server's CPU time per job is read from /proc (CPU seconds per GiB moved).
 //! [`ROUNDS`] interleaved rounds; each fio run's JSON goes to `results/bench-nbd/`,
-//! and the table (medians, ratios to the reference) to `results/bench-nbd.md`.
+//! and the tables (medians, ratios) to `results/bench-nbd.md`.
 
 use crate::bench_vm::{image, median, parse};
 use crate::util::root;
@@ -26,9 +29,14 @@ const JOBS: &[(&str, &str)] = &[
         "--rw=randread --bs=4k --iodepth=32 --runtime=8 --time_based",
     ),
     ("seq1m", "--rw=read --bs=1M --iodepth=4 --io_size=512M"),
+    (
+        "rw4k_qd32",
+        "--rw=randwrite --bs=4k --iodepth=32 --runtime=8 --time_based",
+    ),
 ];
 const ROUNDS: usize = 3;
-const TARGETS: [&str; 3] = ["qemu-nbd", "cold", "warm"];
+/// Columns of the tables, in order.
+const TARGETS: [&str; 5] = ["qemu-nbd", "qcow2", "nbdkit", "cold", "warm"];
 
 /// A server child, killed when dropped.
 struct Server(Child);
@@ -51,10 +59,13 @@ fn wait_for(sock: &Path) -> Result<()> {
     Ok(())
 }
 
-fn qemu_nbd(img: &Path, sock: &Path) -> Result<Server> {
+/// `qemu-nbd` over `img` (raw or qcow2), writable, cache=none avoided: the page
+/// cache serves it as it serves livemount's store files.
+fn qemu_nbd(img: &Path, format: &str, sock: &Path) -> Result<Server> {
     let _ = std::fs::remove_file(sock);
     let c = Command::new("qemu-nbd")
-        .args(["--read-only", "--format=raw", "--persistent", "--shared=8"])
+        .args(["--persistent", "--shared=8", "--cache=writeback"])
+        .arg(format!("--format={format}"))
         .arg(format!("--socket={}", sock.display()))
         .arg(img)
         .stdout(Stdio::null())
@@ -64,25 +75,50 @@ fn qemu_nbd(img: &Path, sock: &Path) -> Result<Server> {
     Ok(Server(c))
 }
 
-fn livemount(store: &Path, sock: &Path) -> Result<Server> {
+/// `nbdkit file` over `img`, writable, on a Unix socket.
+fn nbdkit(img: &Path, sock: &Path) -> Result<Server> {
     let _ = std::fs::remove_file(sock);
+    let c = Command::new("nbdkit")
+        .args(["--foreground", "--exit-with-parent", "--unix"])
+        .arg(sock)
+        .arg("file")
+        .arg(img)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting nbdkit (installed by `cargo xtask setup`)")?;
+    wait_for(sock)?;
+    Ok(Server(c))
+}
+
+/// `livemount serve` of the bench snapshot with a fresh overlay in `ovl`.
+fn livemount(store: &Path, ovl: &Path, sock: &Path) -> Result<Server> {
+    let _ = std::fs::remove_file(sock);
+    let _ = std::fs::remove_dir_all(ovl);
     let c = Command::new(root().join("target/release/livemount"))
         .args(["serve", "--store"])
         .arg(store)
-        .args([
-            "--export",
-            "bench",
-            "--read-only",
-            "--cache-mem",
-            "1G",
-            "--socket",
-        ])
+        .args(["--export", "bench", "--cache-mem", "1G", "--overlay-dir"])
+        .arg(ovl)
+        .arg("--socket")
         .arg(sock)
         .stdout(Stdio::null())
         .spawn()
         .context("starting livemount serve")?;
     wait_for(sock)?;
     Ok(Server(c))
+}
+
+/// CPU seconds (user + system) `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 12th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // In clock ticks of USER_HZ, which Linux fixes at 100 for /proc on x86.
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
 }
 
 fn uri(sock: &Path, export: &str) -> String {
@@ -105,6 +141,15 @@ fn fio(uri: &str, job: &str, args: &str, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Run one fio job against `server`, saving its JSON and the server's CPU time.
+fn job(server: &Server, uri: &str, name: &str, args: &str, out: &Path) -> Result<()> {
+    let before = cpu_seconds(server.0.id());
+    fio(uri, name, args, out)?;
+    let cpu = cpu_seconds(server.0.id()) - before;
+    std::fs::write(out.with_extension("cpu"), format!("{cpu}"))?;
+    Ok(())
+}
+
 /// Run the benchmark.
 pub fn run() -> Result<()> {
     crate::util::build_release_tools()?;
@@ -112,96 +157,158 @@ pub fn run() -> Result<()> {
     let results = root().join("results/bench-nbd");
     let _ = std::fs::remove_dir_all(&results);
     std::fs::create_dir_all(&results)?;
-    let sockets = tempfile::tempdir()?;
-    let (ref_sock, lm_sock) = (
-        sockets.path().join("ref.sock"),
-        sockets.path().join("lm.sock"),
+    let scratch = tempfile::tempdir_in(root().join(".cache"))?;
+    let (sock, ovl) = (scratch.path().join("nbd.sock"), scratch.path().join("ovl"));
+    let (raw, qcow2) = (
+        scratch.path().join("copy.raw"),
+        scratch.path().join("copy.qcow2"),
     );
+    let zstd_qcow2 = scratch.path().join("zstd.qcow2");
+    eprintln!("bench-nbd: a zstd-compressed qcow2 of the image (qemu-img convert -c)");
+    let st = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            "-f",
+            "raw",
+        ])
+        .arg(&img)
+        .arg(&zstd_qcow2)
+        .status()?;
+    if !st.success() {
+        bail!("qemu-img convert to a zstd qcow2 failed: {st}");
+    }
     let out =
         |t: &str, j: &str, r: usize| -> PathBuf { results.join(format!("{t}-{j}-r{r}.json")) };
+    let (plain, lm) = (uri(&sock, ""), uri(&sock, "bench"));
     for r in 1..=ROUNDS {
         eprintln!("bench-nbd: round {r} of {ROUNDS}");
-        {
-            let _q = qemu_nbd(&img, &ref_sock)?;
-            for (job, args) in JOBS {
-                fio(&uri(&ref_sock, ""), job, args, &out("qemu-nbd", job, r))?;
+        // Writers get fresh copies each round (a write job changes the image).
+        std::fs::copy(&img, &raw)?;
+        std::fs::copy(&zstd_qcow2, &qcow2)?;
+        for (t, server) in [
+            ("qemu-nbd", qemu_nbd(&raw, "raw", &sock)?),
+            ("qcow2", qemu_nbd(&qcow2, "qcow2", &sock)?),
+            ("nbdkit", nbdkit(&raw, &sock)?),
+        ] {
+            for (j, args) in JOBS {
+                job(&server, &plain, j, args, &out(t, j, r))?;
             }
+            drop(server);
         }
-        for (job, args) in JOBS {
-            let _s = livemount(&store, &lm_sock)?;
-            fio(&uri(&lm_sock, "bench"), job, args, &out("cold", job, r))?;
+        for (j, args) in JOBS {
+            let s = livemount(&store, &ovl, &sock)?;
+            job(&s, &lm, j, args, &out("cold", j, r))?;
         }
-        let _s = livemount(&store, &lm_sock)?;
+        let s = livemount(&store, &ovl, &sock)?;
         fio(
-            &uri(&lm_sock, "bench"),
+            &lm,
             "fill",
             "--rw=read --bs=1M --iodepth=4",
             &results.join(format!("fill-r{r}.json")),
         )?;
-        for (job, args) in JOBS {
-            fio(&uri(&lm_sock, "bench"), job, args, &out("warm", job, r))?;
+        for (j, args) in JOBS {
+            job(&s, &lm, j, args, &out("warm", j, r))?;
         }
     }
     let table = report(&results)?;
     println!("\n{table}");
     std::fs::write(root().join("results/bench-nbd.md"), &table)?;
     eprintln!(
-        "bench-nbd: table written to results/bench-nbd.md; fio JSON in {}",
+        "bench-nbd: tables written to results/bench-nbd.md; fio JSON in {}",
         results.display()
     );
     Ok(())
 }
 
-/// The table from the fio JSON files in `results`.
+/// The tables from the fio JSON files in `results`: figures with ratios, then the
+/// servers' CPU seconds per GiB moved.
 fn report(results: &Path) -> Result<String> {
+    let file = |t: &str, j: &str, r: usize| results.join(format!("{t}-{j}-r{r}.json"));
     let series = |t: &str, j: &str, f: fn(&crate::bench_vm::Figures) -> f64| -> Vec<f64> {
         (1..=ROUNDS)
-            .filter_map(|r| parse(&results.join(format!("{t}-{j}-r{r}.json"))))
+            .filter_map(|r| parse(&file(t, j, r)))
             .map(|x| f(&x))
             .collect()
     };
+    let cell = |v: Vec<f64>| (!v.is_empty()).then(|| median(v));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "n/a".into(),
+    };
     let mut out = format!(
         "Medians of {ROUNDS} interleaved rounds, fio --ioengine=nbd over a Unix socket (JSON in results/bench-nbd/).\n\n\
-         | job | qemu-nbd (raw file) | livemount cold | livemount warm | warm / qemu-nbd |\n|---|---:|---:|---:|---:|\n"
+         | job | qemu-nbd raw | qemu-nbd zstd qcow2 | nbdkit file | livemount cold | livemount warm | warm / qemu-nbd raw | warm / nbdkit | cold / zstd qcow2 |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for (job, _) in JOBS {
-        let metric: fn(&crate::bench_vm::Figures) -> f64 = if *job == "seq1m" {
-            |f| f.mib_s
-        } else {
-            |f| f.iops
-        };
-        let unit = if *job == "seq1m" { "MiB/s" } else { "IOPS" };
-        let cells: Vec<Option<f64>> = TARGETS
+        let seq = *job == "seq1m";
+        let metric: fn(&crate::bench_vm::Figures) -> f64 =
+            if seq { |f| f.mib_s } else { |f| f.iops };
+        let unit = if seq { "MiB/s" } else { "IOPS" };
+        let c: Vec<Option<f64>> = TARGETS
             .iter()
-            .map(|t| {
-                let v = series(t, job, metric);
-                (!v.is_empty()).then(|| median(v))
-            })
+            .map(|t| cell(series(t, job, metric)))
             .collect();
         let fmt = |c: Option<f64>| {
             c.map(|v| format!("{v:.0} {unit}"))
                 .unwrap_or_else(|| "n/a".into())
         };
-        let ratio = match (cells[2], cells[0]) {
-            (Some(w), Some(q)) if q > 0.0 => format!("{:.2}", w / q),
-            _ => "n/a".into(),
-        };
         let p50 = if *job == "rr4k_qd1" {
             let p = |t: &str| median(series(t, job, |f| f.p50_us));
             format!(
-                " (p50 {:.0} / {:.0} / {:.0} µs)",
-                p("qemu-nbd"),
-                p("cold"),
-                p("warm")
+                " (p50 µs: {})",
+                TARGETS.map(|t| format!("{:.0}", p(t))).join(" / ")
             )
         } else {
             String::new()
         };
         out.push_str(&format!(
-            "| {job}{p50} | {} | {} | {} | {ratio} |\n",
-            fmt(cells[0]),
-            fmt(cells[1]),
-            fmt(cells[2])
+            "| {job}{p50} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            fmt(c[0]),
+            fmt(c[1]),
+            fmt(c[2]),
+            fmt(c[3]),
+            fmt(c[4]),
+            ratio(c[4], c[0]),
+            ratio(c[4], c[2]),
+            ratio(c[3], c[1]),
+        ));
+    }
+    out.push_str(
+        "\nServer CPU seconds per GiB moved (user + system, from /proc; lower is better):\n\n\
+         | job | qemu-nbd raw | qemu-nbd zstd qcow2 | nbdkit file | livemount cold | livemount warm |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    for (job, _) in JOBS {
+        let per_gib = |t: &str| {
+            let v: Vec<f64> = (1..=ROUNDS)
+                .filter_map(|r| {
+                    let f = file(t, job, r);
+                    let cpu: f64 = std::fs::read_to_string(f.with_extension("cpu"))
+                        .ok()?
+                        .trim()
+                        .parse()
+                        .ok()?;
+                    let v: serde_json::Value =
+                        serde_json::from_str(&std::fs::read_to_string(&f).ok()?).ok()?;
+                    let j = &v["jobs"][0];
+                    let bytes = j["read"]["io_bytes"].as_f64().unwrap_or(0.0)
+                        + j["write"]["io_bytes"].as_f64().unwrap_or(0.0);
+                    (bytes > 0.0).then(|| cpu / (bytes / (1u64 << 30) as f64))
+                })
+                .collect();
+            cell(v)
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "n/a".into())
+        };
+        out.push_str(&format!(
+            "| {job} | {} |\n",
+            TARGETS.map(per_gib).join(" | ")
         ));
     }
     Ok(out)
@@ -227,7 +334,11 @@ mod tests {
         }
         let t = report(d.path()).unwrap();
         assert!(
-            t.contains("| rr4k_qd32 | 200 IOPS | n/a | 100 IOPS | 0.50 |"),
+            t.contains("| rr4k_qd32 | 200 IOPS | n/a | n/a | n/a | 100 IOPS | 0.50 | n/a | n/a |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| rr4k_qd32 | n/a | n/a | n/a | n/a | n/a |"),
             "{t}"
         );
     }

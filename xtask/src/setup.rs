@@ -16,6 +16,11 @@ const HOST_PACKAGES: &[(&str, &str)] = &[
     ("nbdinfo", "libnbd-bin"),
     ("nbdcopy", "libnbd-bin"),
     ("qemu-io", "qemu-utils"),
+    // The kernel's NBD client, for the VM test of `serve` (the guest runs the host's
+    // root file system) and for operators' docs.
+    ("nbd-client", "nbd-client"),
+    // A peer server in `cargo xtask bench-nbd`.
+    ("nbdkit", "nbdkit"),
     // Certificates for the NBD frontend's TLS tests (and the operator docs' recipe).
     ("openssl", "openssl"),
 ];
