@@ -919,3 +919,67 @@ fn tls_on_tcp_with_client_certificates_and_allow_lists() {
     );
     s.stop();
 }
+
+/// `serve --daemon` returns once the exports are served, printing their URIs and
+/// the server's pid; SIGTERM stops it cleanly. A server that cannot start says why
+/// (its error line, not "see the log") and exits non-zero.
+#[test]
+fn serve_daemon_returns_when_ready_and_reports_startup_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let (store, img) = store_with_image(d.path(), 2 << 20);
+    let sock = d.path().join("run/nbd.sock");
+    let log = d.path().join("serve.log");
+    let daemon = |export: &str| {
+        lm([
+            OsStr::new("serve"),
+            OsStr::new("--store"),
+            store.as_os_str(),
+            OsStr::new("--export"),
+            OsStr::new(export),
+            OsStr::new("--read-only"),
+            OsStr::new("--socket"),
+            sock.as_os_str(),
+            OsStr::new("--daemon"),
+            OsStr::new("--log"),
+            log.as_os_str(),
+        ])
+    };
+    let out = daemon("daemonvm=vm");
+    out.ok();
+    assert!(out.stdout.contains("export daemonvm:"), "{}", out.stdout);
+    let pid: i32 = out
+        .stdout
+        .split("server pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {}", out.stdout));
+    let uri = format!("nbd+unix:///daemonvm?socket={}", sock.display());
+    let raw = d.path().join("copy.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            raw.to_str().unwrap(),
+        ],
+    );
+    assert!(std::fs::read(&raw).unwrap() == img, "served bytes differ");
+    // SAFETY: signalling the server this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "server {pid} still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!sock.exists(), "socket left behind");
+    // A snapshot that does not exist: the error itself, and a failure.
+    daemon("nope").error(&["nope"]);
+}

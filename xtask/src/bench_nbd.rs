@@ -190,15 +190,16 @@ pub fn run() -> Result<()> {
         // Writers get fresh copies each round (a write job changes the image).
         std::fs::copy(&img, &raw)?;
         std::fs::copy(&zstd_qcow2, &qcow2)?;
-        for (t, server) in [
-            ("qemu-nbd", qemu_nbd(&raw, "raw", &sock)?),
-            ("qcow2", qemu_nbd(&qcow2, "qcow2", &sock)?),
-            ("nbdkit", nbdkit(&raw, &sock)?),
-        ] {
+        // One server at a time on the one socket path, each stopped before the next.
+        for t in ["qemu-nbd", "qcow2", "nbdkit"] {
+            let server = match t {
+                "qemu-nbd" => qemu_nbd(&raw, "raw", &sock)?,
+                "qcow2" => qemu_nbd(&qcow2, "qcow2", &sock)?,
+                _ => nbdkit(&raw, &sock)?,
+            };
             for (j, args) in JOBS {
                 job(&server, &plain, j, args, &out(t, j, r))?;
             }
-            drop(server);
         }
         for (j, args) in JOBS {
             let s = livemount(&store, &ovl, &sock)?;

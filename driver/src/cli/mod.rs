@@ -5,6 +5,7 @@
 
 mod backup;
 mod commit;
+mod detach;
 mod forget;
 mod gc;
 mod info;

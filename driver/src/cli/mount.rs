@@ -8,7 +8,7 @@ use crate::config::*;
 use crate::daemon::ready::{self, Readiness};
 use crate::daemon::{self, status, RunOptions};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 /// Arguments of `livemount mount`.
@@ -187,58 +187,22 @@ fn config(a: &Args) -> anyhow::Result<MountConfig> {
 }
 
 /// This command line without `flag`, to start a child with.
-fn args_without(flag: &str) -> Vec<String> {
-    std::env::args().skip(1).filter(|x| x != flag).collect()
-}
-
 /// `--daemon`: run the mount as a detached child and return once it reports its
 /// device ready (or say how it failed).
 fn daemonize(a: &Args) -> Outcome {
-    use std::os::unix::process::CommandExt;
-    let log = match &a.log {
-        Some(l) => l.clone(),
-        None => crate::paths::run_dir()?.join(format!("mount-{}.log", std::process::id())),
-    };
-    let logf = crate::paths::open_private_append(&log)?;
     // --daemon --auto-recover: the detached child is the supervisor.
-    let mut w = ready::spawn(
-        Command::new(std::env::current_exe()?)
-            .args(args_without("--daemon"))
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone()?)
-            .stderr(logf)
-            .process_group(0),
-    )?;
-    match w.wait_ready() {
-        Ok(Readiness::Ready { device, .. }) => {
-            println!("{}", daemon::attach_help(&device));
-            println!("daemon pid {} (log {})", w.child.id(), log.display());
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(status) => {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let last = text
-                .lines()
-                .rev()
-                .find_map(|l| l.strip_prefix("livemount: error: "))
-                .map(str::to_string);
-            match last {
-                Some(e) => anyhow::bail!("{e}"),
-                None => anyhow::bail!(
-                    "the daemon exited before its device was ready ({}); see {}",
-                    ready::describe(status),
-                    log.display()
-                ),
-            }
-        }
-    }
+    super::detach::daemonize("mount", a.log.as_deref(), |device, pid, log| {
+        println!("{}", daemon::attach_help(device));
+        println!("daemon pid {pid} (log {})", log.display());
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `--auto-recover`: run the mount as a child and re-attach a new daemon to the
 /// device whenever the child dies without a clean stop.
 fn supervise() -> Outcome {
     let exe = std::env::current_exe()?;
-    let mut args = args_without("--auto-recover");
+    let mut args = super::detach::args_without("--auto-recover");
     let mut device: Option<String> = None;
     let mut restarts: Vec<Instant> = Vec::new();
     loop {

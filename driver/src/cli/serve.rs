@@ -59,10 +59,31 @@ pub struct Args {
     /// Worker threads shared by every connection.
     #[arg(long, default_value_t = DEFAULT_WORKERS)]
     workers: usize,
+    /// Return once the exports are served, leaving the server running (its output
+    /// in --log). systemd runs it in the foreground instead.
+    #[arg(long)]
+    daemon: bool,
+    /// Log file of a --daemon server (default: /run/livemount/serve-PID.log).
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
 }
 
 /// Run `livemount serve` until SIGTERM/SIGINT.
 pub fn run(a: Args) -> Outcome {
+    if a.daemon {
+        super::detach::daemonize("serve", a.log.as_deref(), |_, pid, log| {
+            // The server printed its export lines (with their URIs) before ready.
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            for l in text.lines().filter(|l| l.starts_with("export ")) {
+                println!("{l}");
+            }
+            println!(
+                "server pid {pid} (log {}); stop it with kill -TERM {pid}",
+                log.display()
+            );
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let exports = a
         .exports
         .iter()

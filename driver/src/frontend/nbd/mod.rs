@@ -2,6 +2,11 @@
 //! over a Unix socket and/or TCP, for hypervisors on other hosts or without ublk
 //! (qemu, libvirt, Proxmox, `nbd-client`, libnbd).
 //!
+//! The handshake negotiates what qemu, libnbd and the kernel client ask for:
+//! GO/INFO/EXPORT_NAME/LIST/ABORT, STARTTLS ([`tls`]), structured replies and the
+//! `base:allocation` metadata context, so BLOCK_STATUS reports the device's zero
+//! runs ([`BlockDevice::extents`]) as holes.
+//!
 //! One thread per connection reads requests in order; [`frontend::start`] decides
 //! each one exactly as for ublk (memory hits and writes complete at once, anything
 //! that may block goes to the shared worker pool), and replies — out of order, by
