@@ -76,6 +76,19 @@ pub fn run_dir() -> Result<&'static Path> {
     Ok(dir)
 }
 
+/// Open `path` for reading and writing, created 0600 if missing, never through a
+/// symlink (ELOOP then), never truncated: overlays, migration targets and maps.
+pub fn open_private_rw(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// Open `path` for appending (a log), 0600, never through a symlink.
 pub fn open_private_append(path: &Path) -> Result<File> {
     OpenOptions::new()

@@ -115,6 +115,24 @@ fn ok(prog: &str, args: &[&str]) -> String {
     text
 }
 
+/// `qemu-img convert` of `uri` to DIR/out.raw; its bytes.
+fn convert(uri: &str, dir: &Path) -> Vec<u8> {
+    let out = dir.join("out.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            uri,
+            out.to_str().unwrap(),
+        ],
+    );
+    std::fs::read(&out).unwrap()
+}
+
 /// A store with one backed-up image of `size` bytes (data, then a zero region).
 fn store_with_image(dir: &Path, size: usize) -> (PathBuf, Vec<u8>) {
     let mut img = compressible_image(size.div_ceil(1 << 20), 7);
@@ -159,21 +177,8 @@ fn qemu_img_and_libnbd_read_exactly_the_backup() {
     let info = ok("qemu-img", &["info", "--output=json", &s.uri("vm")]);
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(v["virtual-size"].as_u64(), Some(size as u64), "{info}");
-    let out = d.path().join("out.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &s.uri("vm"),
-            out.to_str().unwrap(),
-        ],
-    );
     assert!(
-        std::fs::read(&out).unwrap() == img,
+        convert(&s.uri("vm"), d.path()) == img,
         "qemu-img convert differs"
     );
     // libnbd: the export list, and a copy with several connections.
@@ -312,20 +317,7 @@ fn flushed_writes_survive_a_restart_and_a_crash_and_the_store_is_untouched() {
     );
     assert!(!text.contains("verification failed"), "{text}");
     // Untouched bytes still come from the backup.
-    let out = d.path().join("out.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &s.uri("vm"),
-            out.to_str().unwrap(),
-        ],
-    );
-    let got = std::fs::read(&out).unwrap();
+    let got = convert(&s.uri("vm"), d.path());
     assert_eq!(got[8192 + 4096..65536], img[8192 + 4096..65536]);
     assert_eq!(got[2 << 20..], img[2 << 20..]);
     s.stop();
@@ -380,6 +372,31 @@ fn serve_refuses_bad_setups_with_one_line_errors() {
     ])
     .error(&["not a socket"]);
     assert_eq!(std::fs::read(&sock).unwrap(), b"keep");
+    // TLS: a certificate that is not there, an allow-list that does not parse.
+    let tls = |extra: &[&str]| {
+        let missing = d.path().join("no-such-cert.pem");
+        let mut args = vec![
+            OsStr::new("serve"),
+            OsStr::new("--store"),
+            store.as_os_str(),
+            OsStr::new("--export"),
+            OsStr::new("vm"),
+            OsStr::new("--read-only"),
+            OsStr::new("--socket"),
+            OsStr::new("/nonexistent/dir/nbd.sock"),
+            OsStr::new("--tls-cert"),
+            missing.as_os_str(),
+            OsStr::new("--tls-key"),
+            missing.as_os_str(),
+        ]
+        .into_iter()
+        .map(|a| a.to_os_string())
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|a| a.into()));
+        lm(args)
+    };
+    tls(&[]).error(&["no-such-cert.pem"]);
+    tls(&["--tls-client-ca", "/x", "--tls-allow", "vm"]).error(&["--tls-allow", "EXPORT=NAME"]);
 }
 
 /// The migration of `export` in the serve status file of `pid` (as root:
@@ -544,21 +561,8 @@ fn migrate_an_export_across_a_crash_then_serve_without_the_store() {
         ],
     );
     assert!(!text.contains("verification failed"), "{text}");
-    let out = d.path().join("out.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &s.uri("migrant"),
-            out.to_str().unwrap(),
-        ],
-    );
     img[..4096].fill(0x7c);
-    assert!(std::fs::read(&out).unwrap() == img);
+    assert!(convert(&s.uri("migrant"), d.path()) == img);
     s.stop();
     assert!(
         std::fs::read(&target).unwrap() == img,
@@ -955,20 +959,7 @@ fn serve_daemon_returns_when_ready_and_reports_startup_errors() {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no pid in {}", out.stdout));
     let uri = format!("nbd+unix:///daemonvm?socket={}", sock.display());
-    let raw = d.path().join("copy.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            raw.to_str().unwrap(),
-        ],
-    );
-    assert!(std::fs::read(&raw).unwrap() == img, "served bytes differ");
+    assert!(convert(&uri, d.path()) == img, "served bytes differ");
     // SAFETY: signalling the server this test started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let t = Instant::now();

@@ -59,8 +59,8 @@ fn wait_for(sock: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `qemu-nbd` over `img` (raw or qcow2), writable, cache=none avoided: the page
-/// cache serves it as it serves livemount's store files.
+/// `qemu-nbd` over `img` (raw or qcow2), writable, through the host page cache
+/// (`--cache=writeback`), as livemount reads its store files.
 fn qemu_nbd(img: &Path, format: &str, sock: &Path) -> Result<Server> {
     let _ = std::fs::remove_file(sock);
     let c = Command::new("qemu-nbd")

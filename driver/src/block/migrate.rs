@@ -624,15 +624,7 @@ impl Job {
                     t.display()
                 )));
             }
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(t)
-                .at(t)?
+            crate::paths::open_private_rw(t).at(t)?
         };
         let size = if is_block {
             use std::io::Seek;
@@ -652,15 +644,7 @@ impl Job {
         }
         let regions = key.size.div_ceil(key.region);
         let ml = map_len(regions);
-        let map_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&config.map)
-            .at(&config.map)?;
+        let map_file = crate::paths::open_private_rw(&config.map).at(&config.map)?;
         let mut bits = vec![0u64; (ml / 8) as usize];
         let mut done_state = false;
         let mut h = vec![0u8; HEADER as usize];
@@ -912,15 +896,7 @@ impl BlockDevice for Migrating {
         if self.phase.load(SeqCst) == DONE {
             if let Some(job) = self.job() {
                 job.check_target()?;
-                let mut at = offset;
-                for (a, b) in
-                    livemount_store::fsutil::data_extents(&job.target, offset, offset + len)
-                {
-                    out.push(a - at, true);
-                    out.push(b - a, false);
-                    at = b;
-                }
-                out.push(offset + len - at, true);
+                out.push_file(&job.target, offset, offset + len);
                 return Ok(());
             }
         }

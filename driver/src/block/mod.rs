@@ -126,9 +126,16 @@ impl Extents {
         self.stopped
     }
 
-    /// Bytes covered so far.
-    pub fn covered(&self) -> u64 {
-        self.list.iter().map(|e| e.len).sum()
+    /// Add `start..end` of `file` (a hole reads as zeros, the rest may be data), as
+    /// SEEK_DATA/SEEK_HOLE see it.
+    pub fn push_file(&mut self, file: &std::fs::File, start: u64, end: u64) {
+        let mut at = start;
+        for (a, b) in livemount_store::fsutil::data_extents(file, start, end) {
+            self.push(a - at, true);
+            self.push(b - a, false);
+            at = b;
+        }
+        self.push(end - at, true);
     }
 
     /// The extents.

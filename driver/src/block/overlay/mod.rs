@@ -45,8 +45,8 @@ use super::{BlockDevice, Extents};
 use crate::error::{Error, IoContext, Result};
 use map::SparseMap;
 use mirror::{Mirror, MirrorKey};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -221,21 +221,13 @@ impl Overlay {
         id: &OverlayIdentity,
         mirror_dir: Option<&Path>,
     ) -> Result<Overlay> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => Error::Invalid(format!(
-                    "overlay {} is a symlink; name the file itself",
-                    path.display()
-                )),
-                _ => Error::io(path, e),
-            })?;
+        let file = crate::paths::open_private_rw(path).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::Invalid(format!(
+                "overlay {} is a symlink; name the file itself",
+                path.display()
+            )),
+            _ => Error::io(path, e),
+        })?;
         if !file.metadata().at(path)?.file_type().is_file() {
             return Err(Error::Invalid(format!(
                 "overlay {} is not a regular file",
@@ -659,14 +651,8 @@ impl BlockDevice for Overlay {
         self.check_failed()?;
         for (start, n, mapped) in self.runs(offset, len)? {
             if mapped {
-                let (from, to) = (self.data_offset + start, self.data_offset + start + n);
-                let mut at = from;
-                for (a, b) in livemount_store::fsutil::data_extents(&self.file, from, to) {
-                    out.push(a - at, true);
-                    out.push(b - a, false);
-                    at = b;
-                }
-                out.push(to - at, true);
+                let from = self.data_offset + start;
+                out.push_file(&self.file, from, from + n);
             } else {
                 self.base.extents(start, n, out)?;
             }

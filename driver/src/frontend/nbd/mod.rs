@@ -161,6 +161,18 @@ struct Session<'e> {
     base_allocation: bool,
 }
 
+impl<'e> Session<'e> {
+    /// The session of export `name`, given what was negotiated; `meta` is the export
+    /// the last SET_META_CONTEXT selected `base:allocation` for.
+    fn new(export: &'e Export, structured: bool, meta: &Option<String>, name: &str) -> Self {
+        Session {
+            export,
+            structured,
+            base_allocation: structured && meta.as_deref() == Some(name),
+        }
+    }
+}
+
 /// The handshake: options until the client picks an export (GO / EXPORT_NAME) or
 /// leaves. `Ok(None)`: the client aborted or disconnected. After STARTTLS `c` is
 /// the TLS session's plaintext side.
@@ -254,11 +266,7 @@ fn handshake<'e>(
                     r.extend_from_slice(&[0u8; 124]);
                 }
                 c.write_all(&r)?;
-                return Ok(Some(Session {
-                    export: e,
-                    structured,
-                    base_allocation: structured && meta.as_deref() == Some(name.as_str()),
-                }));
+                return Ok(Some(Session::new(e, structured, &meta, &name)));
             }
             OPT_LIST => {
                 if !payload.is_empty() {
@@ -287,12 +295,7 @@ fn handshake<'e>(
                         answer(REP_INFO, &info_block_size())?;
                         answer(REP_ACK, &[])?;
                         if opt == OPT_GO {
-                            return Ok(Some(Session {
-                                export: e,
-                                structured,
-                                base_allocation: structured
-                                    && meta.as_deref() == Some(name.as_str()),
-                            }));
+                            return Ok(Some(Session::new(e, structured, &meta, &name)));
                         }
                     }
                 },
@@ -404,23 +407,23 @@ type Replies = std::sync::mpsc::Sender<Reply>;
 /// Write one reply: simple, or structured where the connection negotiated it (a
 /// read's data as one OFFSET_DATA chunk, every error as an error chunk).
 fn write_reply(w: &mut dyn Write, structured: bool, r: &Reply) -> io::Result<()> {
-    let err = nbd_error(r.res);
-    match (&r.body, err, structured) {
-        (_, 0, false) | (Body::Empty, 0, true) => {
-            w.write_all(&simple_reply(r.handle, 0))?;
-            if let Body::Read(_, d) = &r.body {
-                w.write_all(d)?;
-            }
-            Ok(())
-        }
-        (_, e, false) => w.write_all(&simple_reply(r.handle, e)),
-        (_, e, true) if e != 0 => w.write_all(&structured_error(r.handle, e)),
-        (Body::Read(offset, d), _, true) => {
+    match nbd_error(r.res) {
+        0 => {}
+        e if structured => return w.write_all(&structured_error(r.handle, e)),
+        e => return w.write_all(&simple_reply(r.handle, e)),
+    }
+    match &r.body {
+        Body::Read(offset, d) if structured => {
             w.write_all(&read_chunk_header(r.handle, *offset, d.len() as u32))?;
             w.write_all(d)
         }
-        (Body::Status(chunk), _, true) => w.write_all(chunk),
-        (Body::Empty, _, true) => unreachable!("matched above"),
+        Body::Read(_, d) => {
+            w.write_all(&simple_reply(r.handle, 0))?;
+            w.write_all(d)
+        }
+        // Only connections with structured replies get BLOCK_STATUS answered.
+        Body::Status(chunk) => w.write_all(chunk),
+        Body::Empty => w.write_all(&simple_reply(r.handle, 0)),
     }
 }
 

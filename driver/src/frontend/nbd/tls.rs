@@ -521,7 +521,11 @@ pub(crate) mod tests {
             key: key.clone(),
             ..Default::default()
         };
-        let e = TlsServer::load(&o).err().unwrap().to_string();
+        let refused = |o: TlsOptions| match TlsServer::load(&o) {
+            Ok(_) => panic!("{o:?} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        let e = refused(o.clone());
         assert!(
             e.contains("chmod 600") && e.contains(key.to_str().unwrap()),
             "{e}"
@@ -529,21 +533,27 @@ pub(crate) mod tests {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let junk = pki.dir.path().join("junk.pem");
         std::fs::write(&junk, "not a certificate").unwrap();
-        let e = TlsServer::load(&TlsOptions {
+        let e = refused(TlsOptions {
             cert: junk.clone(),
             ..o.clone()
-        })
-        .err()
-        .unwrap()
-        .to_string();
+        });
         assert!(e.contains("junk.pem"), "{e}");
-        let e = TlsServer::load(&TlsOptions {
+        let e = refused(TlsOptions {
             allow: vec![("vm".into(), vec!["a".into()])],
-            ..o
-        })
-        .err()
-        .unwrap()
-        .to_string();
+            ..o.clone()
+        });
         assert!(e.contains("--tls-client-ca"), "{e}");
+        // A CA file that is no certificate; an allow-list name that is no DNS name.
+        let e = refused(TlsOptions {
+            client_ca: Some(junk),
+            ..o.clone()
+        });
+        assert!(e.contains("junk.pem"), "{e}");
+        let e = refused(TlsOptions {
+            client_ca: Some(pki.ca()),
+            allow: vec![("vm".into(), vec!["not a name!".into()])],
+            ..o
+        });
+        assert!(e.contains("not a name!"), "{e}");
     }
 }
