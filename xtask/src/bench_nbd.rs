@@ -150,6 +150,10 @@ fn job(server: &Server, uri: &str, name: &str, args: &str, out: &Path) -> Result
     Ok(())
 }
 
+/// Executions of the NBD fuzz targets in every benchmark run: the parsers alone
+/// (~1M exec/s) and whole client streams against a server connection (~3k exec/s).
+const FUZZ_RUNS: &[(&str, u64)] = &[("nbd_proto", 10_000_000), ("nbd_session", 1_000_000)];
+
 /// Run the benchmark.
 pub fn run() -> Result<()> {
     crate::util::build_release_tools()?;
@@ -216,7 +220,22 @@ pub fn run() -> Result<()> {
             job(&s, &lm, j, args, &out("warm", j, r))?;
         }
     }
-    let table = report(&results)?;
+    let mut table = report(&results)?;
+    // The NBD fuzz budget: at least 1M executions of each target per benchmark run.
+    table.push_str("\nFuzz targets, without a finding:\n\n| target | executions | exec/s | s |\n|---|---:|---:|---:|\n");
+    for (target, runs) in FUZZ_RUNS {
+        let f = crate::fuzz::run_target(target, *runs, None)?;
+        if f.executions < *runs {
+            bail!(
+                "fuzz target {target} ran {} executions, fewer than {runs}",
+                f.executions
+            );
+        }
+        table.push_str(&format!(
+            "| `{target}` | {} | {} | {:.0} |\n",
+            f.executions, f.per_sec, f.seconds
+        ));
+    }
     println!("\n{table}");
     std::fs::write(root().join("results/bench-nbd.md"), &table)?;
     eprintln!(

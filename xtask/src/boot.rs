@@ -8,12 +8,15 @@
 //! - [`bench`]: profiles recorded on the host, backup, then timed boots inside the
 //!   ublk test VM from a local disk, a cold and a pre-staged live mount; the
 //!   nested-qemu smoke test.
+//! - [`nbd`]: qemu on the host boots the image from a `livemount serve` export, twice.
 
 mod bench;
 mod image;
+mod nbd;
 mod qemu;
 
 pub use bench::{bench, smoke, smoke_migrate, Options};
+pub use nbd::run as nbd;
 
 /// `cargo xtask boot-image`: build (or check) the image and the boot initramfs.
 pub fn image_cmd() -> anyhow::Result<()> {

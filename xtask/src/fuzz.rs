@@ -9,7 +9,7 @@
 
 use crate::util::{have, root, run};
 use anyhow::{bail, Result};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// The cargo-fuzz release the project uses.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -21,6 +21,7 @@ pub const TARGETS: &[&str] = &[
     "profile_plan",
     "text_inputs",
     "nbd_proto",
+    "nbd_session",
     "read_path",
     "overlay_header",
 ];
@@ -40,33 +41,73 @@ pub fn setup() -> Result<()> {
     ]))
 }
 
-/// Run every target: `runs` executions, or (with `seconds`) for that long.
-pub fn run_all(runs: u64, seconds: Option<u64>) -> Result<()> {
+/// libFuzzer's final statistics of one run.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// `stat::number_of_executed_units`.
+    pub executions: u64,
+    /// `stat::average_exec_per_sec`.
+    pub per_sec: u64,
+    /// Wall-clock seconds of the run (including the build, when cargo rebuilt).
+    pub seconds: f64,
+}
+
+/// Run one target for `runs` executions, or (with `seconds`) for that long, over
+/// its committed corpus (new inputs into a scratch directory).
+pub fn run_target(target: &str, runs: u64, seconds: Option<u64>) -> Result<Stats> {
     setup()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let scratch = tempfile::tempdir()?;
+    let limit = match seconds {
+        Some(s) => format!("-max_total_time={s}"),
+        None => format!("-runs={runs}"),
+    };
+    let t0 = std::time::Instant::now();
+    let out = Command::new(&cargo)
+        .current_dir(root())
+        .args(["fuzz", "run", "-s", "none", "-O", target])
+        .arg(scratch.path())
+        .arg(root().join("fuzz/corpus").join(target))
+        .args([
+            "--",
+            &limit,
+            "-max_len=300000",
+            "-rss_limit_mb=2048",
+            "-timeout=10",
+            "-print_final_stats=1",
+        ])
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    // libFuzzer's progress goes to stderr: keep the tail (the verdict and the stats).
+    let lines: Vec<&str> = err.lines().collect();
+    for l in &lines[lines.len().saturating_sub(12)..] {
+        eprintln!("  {l}");
+    }
+    eprintln!("fuzz: {target}: {}", out.status);
+    if !out.status.success() {
+        bail!("fuzz target {target} failed (crashing input in fuzz/artifacts/{target}/)");
+    }
+    let stat = |name: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|r| r.trim_start_matches(':').trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(Stats {
+        executions: stat("stat::number_of_executed_units"),
+        per_sec: stat("stat::average_exec_per_sec"),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Run every target: `runs` executions, or (with `seconds`) for that long.
+pub fn run_all(runs: u64, seconds: Option<u64>) -> Result<()> {
     let mut failed = Vec::new();
     for t in TARGETS {
-        let scratch = tempfile::tempdir()?;
-        let limit = match seconds {
-            Some(s) => format!("-max_total_time={s}"),
-            None => format!("-runs={runs}"),
-        };
-        let status = Command::new(&cargo)
-            .current_dir(root())
-            .args(["fuzz", "run", "-s", "none", "-O", t])
-            .arg(scratch.path())
-            .arg(root().join("fuzz/corpus").join(t))
-            .args([
-                "--",
-                &limit,
-                "-max_len=300000",
-                "-rss_limit_mb=2048",
-                "-timeout=10",
-                "-print_final_stats=1",
-            ])
-            .status()?;
-        eprintln!("fuzz: {t}: {status}");
-        if !status.success() {
+        if run_target(t, runs, seconds).is_err() {
             failed.push(*t);
         }
     }

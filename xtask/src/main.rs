@@ -41,6 +41,9 @@ enum Cmd {
         /// Executions per target.
         #[arg(long, default_value_t = 1_000_000)]
         runs: u64,
+        /// Only this target (repeatable; default: all).
+        #[arg(long = "target", value_name = "NAME")]
+        targets: Vec<String>,
     },
     /// fio in the VM: livemount cold/warm vs the loop device and rublk null.
     BenchVm,
@@ -63,6 +66,10 @@ enum Cmd {
     BenchProfiler,
     /// Build the bootable Debian image and its initramfs (cached in .cache/boot).
     BootImage,
+    /// qemu on the host boots the Debian image twice from a `livemount serve` NBD
+    /// export (a write in the first boot, seen by the second after a server
+    /// restart); timings against the raw file in results/boot-nbd.md. Part of `test`.
+    BootNbd,
     /// Boot a real Debian from a local disk, a cold and a pre-staged live mount
     /// (inside the ublk VM) and print the timings (results/bench-boot.md).
     BenchBoot {
@@ -130,11 +137,31 @@ fn main() -> Result<()> {
             setup::run()?;
             vm::test()
         }
-        Cmd::Fuzz { runs } => fuzz::run_all(runs, None),
+        Cmd::Fuzz { runs, targets } if targets.is_empty() => fuzz::run_all(runs, None),
+        Cmd::Fuzz { runs, targets } => {
+            for t in &targets {
+                if !fuzz::TARGETS.contains(&t.as_str()) {
+                    anyhow::bail!(
+                        "no fuzz target {t:?} (targets: {})",
+                        fuzz::TARGETS.join(", ")
+                    );
+                }
+                let s = fuzz::run_target(t, runs, None)?;
+                println!(
+                    "fuzz {t}: {} executions, {} exec/s",
+                    s.executions, s.per_sec
+                );
+            }
+            Ok(())
+        }
         Cmd::BenchProfiler => ebpf::bench(),
         Cmd::BootImage => {
             setup::run()?;
             boot::image_cmd()
+        }
+        Cmd::BootNbd => {
+            setup::run()?;
+            boot::nbd()
         }
         Cmd::BenchBoot {
             rounds,
@@ -174,16 +201,36 @@ fn test() -> Result<()> {
     util::cargo(&["test", "--workspace", "--doc"])?;
     // A short fuzz run over the committed corpora: known inputs stay handled.
     fuzz::run_all(0, Some(5))?;
+    // A real OS over the NBD frontend: root and qemu on the host, no VM.
+    let boot_nbd = if util::is_root() {
+        boot::nbd()
+    } else {
+        skip_log(&log, "root", "boot-nbd", "not root (debootstrap, mkfs)");
+        Ok(())
+    };
     let skips = std::fs::read_to_string(&log).unwrap_or_default();
     std::env::remove_var("LIVEMOUNT_SKIP_LOG");
     let vm = vm::test();
     let verdict = skip_verdict(&skips, vm.is_ok());
     print!("{}", verdict.summary);
+    boot_nbd?;
     vm?;
     if let Some(e) = verdict.failure {
         anyhow::bail!("{e}");
     }
     Ok(())
+}
+
+/// Append a skip (`tier<TAB>test<TAB>why`) to the run's skip log.
+fn skip_log(log: &std::path::Path, tier: &str, test: &str, why: &str) {
+    use std::io::Write as _;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        let _ = writeln!(f, "{tier}\t{test}\t{why}");
+    }
 }
 
 /// What the host's skip log means for the run.

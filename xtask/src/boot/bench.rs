@@ -27,7 +27,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 const SERIAL_ROOT: &str = "lm-root";
 const SERIAL_STORE: &str = "lm-store";
 /// The series the image is backed up as.
-const SERIES: &str = "debian";
+pub(super) const SERIES: &str = "debian";
 
 /// Options of `cargo xtask bench-boot`.
 #[derive(Clone, Debug)]
@@ -80,7 +80,7 @@ impl Caps {
 
 /// A host-recorded profile and its figures.
 #[derive(Clone, Debug)]
-struct ProfileInfo {
+pub(super) struct ProfileInfo {
     path: PathBuf,
     runs: u64,
     extents: usize,
@@ -109,13 +109,13 @@ impl ProfileInfo {
 }
 
 /// Everything the boots need, prepared on the host.
-struct Prepared {
-    image: Image,
-    kernel: PathBuf,
-    initrd: PathBuf,
-    livemount: PathBuf,
+pub(super) struct Prepared {
+    pub(super) image: Image,
+    pub(super) kernel: PathBuf,
+    pub(super) initrd: PathBuf,
+    pub(super) livemount: PathBuf,
     profiler: PathBuf,
-    work: PathBuf,
+    pub(super) work: PathBuf,
     store_img: PathBuf,
     /// The snapshot's stored size (compressed chunks).
     store_bytes: u64,
@@ -231,7 +231,7 @@ fn stable_copy(src: &Path, dir: &Path) -> Result<PathBuf> {
     Ok(dst)
 }
 
-fn prepare(build_store: bool, reuse: bool) -> Result<(Prepared, Vec<ProfileInfo>)> {
+pub(super) fn prepare(build_store: bool, reuse: bool) -> Result<(Prepared, Vec<ProfileInfo>)> {
     if !crate::util::is_root() {
         bail!("bench-boot needs root (debootstrap, loop devices, eBPF, mkfs)");
     }
@@ -370,12 +370,12 @@ fn debug_arg() -> &'static str {
     }
 }
 
-fn verbose() -> bool {
+pub(super) fn verbose() -> bool {
     std::env::var("LIVEMOUNT_BOOT_VERBOSE").is_ok_and(|v| v == "1")
 }
 
 /// Boot time (switch-root → multi-user marker) of a console, in guest seconds.
-fn boot_seconds(con: &Console, what: &str) -> Result<f64> {
+pub(super) fn boot_seconds(con: &Console, what: &str) -> Result<f64> {
     let sw = require_marker(con, "switch-root", what)?;
     let mk = require_marker(con, "multi-user", what)?;
     match (sw.uptime(), mk.uptime()) {

@@ -1,0 +1,277 @@
+//! `cargo xtask boot-nbd`: a real OS over the NBD frontend, natively on the host.
+//!
+//! The Debian image is backed up into a fresh store and exported by `livemount serve`
+//! on a Unix socket with an overlay; qemu (TCG, on the host) boots it with its root
+//! disk on the export (`-drive file=nbd+unix:///debian?socket=…`). The initramfs
+//! leaves a stamp on the root (`lm.stamp`: a write through the disk, then `sync`),
+//! systemd comes up to multi-user.target and the marker unit powers off. The server
+//! is stopped and started again on the same overlay, and a second boot must find
+//! the first boot's stamp. A boot of the raw image file, in the same run, is the
+//! reference of the timings (results/boot-nbd.md).
+//!
+//! Part of `cargo xtask test`: it needs root (the image is built with debootstrap
+//! and mkfs), not the VM.
+
+use super::bench::{boot_seconds, prepare, verbose, Prepared, SERIES};
+use super::qemu::{require_marker, Console, Qemu};
+use crate::util::root;
+use anyhow::{bail, Context, Result};
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The stamps of the two boots (any words the image cannot already hold).
+const STAMP_1: &str = "nbd-boot-one-5d21";
+const STAMP_2: &str = "nbd-boot-two-a8e0";
+
+/// A `livemount serve --daemon`, stopped (SIGTERM, then waited for) on drop.
+struct Server {
+    pid: u32,
+}
+
+impl Server {
+    fn start(p: &Prepared, dir: &Path, sock: &Path, log: &Path) -> Result<Server> {
+        let out = Command::new(&p.livemount)
+            .arg("serve")
+            .arg("--store")
+            .arg(dir.join("store"))
+            .args(["--export", SERIES, "--overlay-dir"])
+            .arg(dir.join("overlays"))
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .arg("--socket")
+            .arg(sock)
+            .args(["--daemon", "--log"])
+            .arg(log)
+            .output()
+            .context("running livemount serve --daemon")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "livemount serve failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let pid = text
+            .lines()
+            .find_map(|l| l.strip_prefix("server pid "))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("livemount serve --daemon printed no pid: {text:?}"))?;
+        Ok(Server { pid })
+    }
+
+    /// SIGTERM and wait (up to 60 s) for the process to go.
+    fn stop(&mut self) -> Result<()> {
+        if self.pid == 0 {
+            return Ok(());
+        }
+        let pid = std::mem::take(&mut self.pid);
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let t0 = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                bail!("livemount serve (pid {pid}) did not stop within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// One boot of the image, full systemd to the multi-user marker.
+fn boot(p: &Prepared, label: &str, drive: String, stamp: Option<&str>) -> Qemu {
+    let mut append = "lm.mode=disk lm.root=/dev/vda".to_string();
+    if let Some(s) = stamp {
+        let _ = write!(append, " lm.stamp={s}");
+    }
+    Qemu {
+        label: label.into(),
+        kernel: p.kernel.clone(),
+        initrd: p.initrd.clone(),
+        append,
+        args: vec![
+            "-drive".into(),
+            format!("{drive},format=raw,if=none,id=root"),
+            "-device".into(),
+            "virtio-blk-pci,drive=root".into(),
+        ],
+        cpus: 2,
+        memory_mb: 2048,
+        timeout: Duration::from_secs(600),
+        stream: verbose(),
+    }
+}
+
+/// What one boot showed.
+struct Booted {
+    con: Console,
+    /// switch_root → multi-user marker, guest seconds.
+    boot_s: f64,
+    failed_units: String,
+}
+
+fn run_boot(q: &Qemu, want_bash: &str) -> Result<Booted> {
+    let con = q.run(|_, _| {})?;
+    let what = format!("the {} boot", q.label);
+    let m = require_marker(&con, "multi-user", &what)?;
+    if m.fields.get("root").map(String::as_str) != Some("/dev/vda") {
+        bail!("{what}: the root is not /dev/vda: {:?}", m.fields);
+    }
+    let got = m.fields.get("bash_md5").cloned().unwrap_or_default();
+    if got != want_bash {
+        bail!("{what}: /bin/bash read with md5 {got:?}, the image has {want_bash:?}");
+    }
+    Ok(Booted {
+        boot_s: boot_seconds(&con, &what)?,
+        failed_units: m.fields.get("failed_units").cloned().unwrap_or_default(),
+        con,
+    })
+}
+
+/// The `found=` word of the boot's `@@LMBOOT-STAMP` line.
+fn stamp_found(con: &Console) -> Option<String> {
+    con.log.lines().find_map(|l| {
+        let rest = l.split("@@LMBOOT-STAMP found=").nth(1)?;
+        Some(rest.split_whitespace().next().unwrap_or("").to_owned())
+    })
+}
+
+fn md5_12(path: &Path) -> Result<String> {
+    let out = Command::new("md5sum")
+        .arg(path)
+        .output()
+        .context("running md5sum")?;
+    let s: String = String::from_utf8_lossy(&out.stdout)
+        .chars()
+        .take(12)
+        .collect();
+    if !out.status.success() || s.len() != 12 {
+        bail!("md5sum {} failed", path.display());
+    }
+    Ok(s)
+}
+
+/// `cargo xtask boot-nbd`.
+pub fn run() -> Result<()> {
+    let (p, _) = prepare(false, false)?;
+    let dir = p.work.join("nbd");
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    fs::create_dir_all(&dir)?;
+    let want_bash = md5_12(&super::image::boot_dir().join("root/usr/bin/bash"))?;
+
+    let t0 = Instant::now();
+    let out = Command::new(&p.livemount)
+        .arg("backup")
+        .arg(&p.image.path)
+        .arg("--store")
+        .arg(dir.join("store"))
+        .args(["--name", SERIES])
+        .output()
+        .context("running livemount backup")?;
+    if !out.status.success() {
+        bail!(
+            "livemount backup failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    eprintln!(
+        "boot-nbd: backup of the image in {:.0} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    eprintln!("boot-nbd: reference boot from the raw image file");
+    let local = run_boot(
+        &boot(
+            &p,
+            "raw file",
+            format!("file={},snapshot=on", p.image.path.display()),
+            None,
+        ),
+        &want_bash,
+    )?;
+
+    let sock = dir.join("nbd.sock");
+    let drive = format!("file=nbd+unix:///{SERIES}?socket={}", sock.display());
+    eprintln!("boot-nbd: boot 1 over NBD (fresh server, empty caches)");
+    let mut server = Server::start(&p, &dir, &sock, &dir.join("serve-1.log"))?;
+    let first = run_boot(
+        &boot(&p, "first NBD", drive.clone(), Some(STAMP_1)),
+        &want_bash,
+    )?;
+    server.stop()?;
+    eprintln!("boot-nbd: boot 2 over NBD (a new server on the same overlay and disk cache)");
+    let mut server = Server::start(&p, &dir, &sock, &dir.join("serve-2.log"))?;
+    let second = run_boot(&boot(&p, "second NBD", drive, Some(STAMP_2)), &want_bash)?;
+    server.stop()?;
+
+    if stamp_found(&first.con).as_deref() != Some("none") {
+        bail!(
+            "boot-nbd: the first boot found stamp {:?} on a fresh overlay",
+            stamp_found(&first.con)
+        );
+    }
+    if stamp_found(&second.con).as_deref() != Some(STAMP_1) {
+        bail!(
+            "boot-nbd: the second boot found stamp {:?}, not {STAMP_1} that the first boot wrote before the server restart",
+            stamp_found(&second.con)
+        );
+    }
+    for b in [&first, &second] {
+        if b.failed_units != local.failed_units {
+            bail!(
+                "boot-nbd: a boot over NBD had {} failed units, the boot from the raw file {}",
+                b.failed_units,
+                local.failed_units
+            );
+        }
+    }
+
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# boot-nbd ({})\n\nqemu TCG on the host (2 vCPU, 2 GiB), the Debian image, \
+         boot = switch_root → multi-user marker (guest seconds); wall = qemu start → exit.\n\n\
+         | boot | boot s | wall s | boot / raw file |\n|---|---:|---:|---:|",
+        crate::util::git_head()
+    );
+    for (name, b) in [
+        ("raw image file (reference)", &local),
+        ("NBD, cold (fresh server, empty caches)", &first),
+        ("NBD, second (restarted server, disk cache warm)", &second),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {name} | {:.2} | {:.1} | {:.2} |",
+            b.boot_s,
+            b.con.elapsed.as_secs_f64(),
+            b.boot_s / local.boot_s
+        );
+    }
+    let results = root().join("results");
+    fs::create_dir_all(&results)?;
+    let path: PathBuf = results.join("boot-nbd.md");
+    fs::write(&path, &md)?;
+    print!("{md}");
+    println!(
+        "boot-nbd passed: Debian booted twice from the NBD export (failed units {}); the second boot, on a restarted server, found the first boot's write ({})",
+        local.failed_units,
+        path.display()
+    );
+    Ok(())
+}
