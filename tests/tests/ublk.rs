@@ -21,6 +21,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::dm;
 use support::*;
 
 const MIB: u64 = 1 << 20;
@@ -426,6 +427,23 @@ fn ublk_fio_verify() {
     fx.assert_store_untouched();
 }
 
+/// An ext4 on the first 32 MiB of `dev` (the raw slots live above it).
+#[track_caller]
+fn mkfs_first_32m(dev: &str) {
+    tool(
+        "mkfs.ext4",
+        &[
+            os("-q"),
+            os("-F"),
+            os("-b"),
+            os("4096"),
+            os(dev),
+            os("8192"),
+        ],
+        Duration::from_secs(120),
+    );
+}
+
 /// What a writer has made durable: slot → generation written and flushed.
 #[derive(Default)]
 struct Ledger {
@@ -775,18 +793,7 @@ fn ublk_crash_recovery() {
 
     // mkfs on the live mount (first 32 MiB), ext4 written to while the daemon dies and
     // is recovered.
-    tool(
-        "mkfs.ext4",
-        &[
-            os("-q"),
-            os("-F"),
-            os("-b"),
-            os("4096"),
-            os(&m.dev),
-            os("8192"),
-        ],
-        Duration::from_secs(120),
-    );
+    mkfs_first_32m(&m.dev);
     let mnt = t.path().join("mnt");
     let fsm = FsMount::mount(&m.dev, &mnt, "rw");
     let dir = mnt.join("crash");
@@ -2168,4 +2175,558 @@ fn ublk_vm_kernel_nbd_client_ext4_across_a_server_restart() {
     detach();
     s.stop();
     fx.assert_store_untouched();
+}
+
+/// A VM test running `$body` (skipped on a host without ublk, timed).
+macro_rules! power_cut_test {
+    ($(#[$doc:meta])* $name:ident, $body:expr) => {
+        $(#[$doc])*
+        #[test]
+        fn $name() {
+            if !have_ublk(stringify!($name)) {
+                return;
+            }
+            let _t = Timer::start(stringify!($name));
+            $body;
+        }
+    };
+}
+
+/// Checks of [`ublk_power_cut_replay_overlay`] at every barrier (default: the marks
+/// and about this many others, evenly spread).
+const POWER_CUT_SAMPLE: usize = 10;
+
+/// What had been acknowledged when a mark was logged.
+struct Acked {
+    mark: String,
+    /// The overlay exists (the device was up) from this mark on.
+    overlay: bool,
+    /// The guest's ext4 exists (made and synced) from this mark on.
+    guest_fs: bool,
+    /// slot → the generation whose write + flush had completed.
+    slots: HashMap<u64, u64>,
+    /// Files f0..f{files} had been written and fsynced (file and directory).
+    files: u64,
+}
+
+power_cut_test!(
+    /// 15a. Power cut, replayed (dm-log-writes): the overlay lives on an ext4 on a
+    ///      dm-log-writes device; on the live mount, an ext4 with fsynced files and raw
+    ///      slots written + flushed, with a log mark after each acknowledgement. The
+    ///      daemon is then SIGKILLed (no unmount: the power cut) and the log replayed
+    ///      onto a fresh disk. At every mark and a spread of the other FLUSH/FUA points
+    ///      (all of them with `LIVEMOUNT_POWER_CUT_ALL=1`), from that disk alone (no map
+    ///      mirror: a reboot loses tmpfs): its ext4 is clean after journal recovery, a new
+    ///      mount of the overlay succeeds, every slot and file acknowledged before the
+    ///      last mark reads back (a slot may also show a later write), and the guest's
+    ///      ext4 is clean after its own journal recovery.
+    ublk_power_cut_replay_overlay,
+    power_cut_replay_overlay(OuterFs::Ext4)
+);
+
+power_cut_test!(
+    /// [`ublk_power_cut_replay_overlay`] with the overlay on an ext4 without a journal
+    /// (the overlay's own fsyncs alone keep its file, data and map).
+    ublk_power_cut_replay_overlay_ext4_nojournal,
+    power_cut_replay_overlay(OuterFs::Ext4NoJournal)
+);
+
+fn power_cut_replay_overlay(outer_kind: OuterFs) {
+    let fx = fixture();
+    let t = tmp("powercut-ovl");
+    let lw = dm::LogWrites::create(t.path(), "lm-pc-ovl", 96 * MIB, 1024 * MIB);
+    outer_kind.mkfs(&lw.dev);
+    // mkfs is not atomic: states before this mark hold no file system yet.
+    lw.mark("outer-fs");
+    let outer = t.path().join("outer");
+    let outer_fs = FsMount::mount(&lw.dev, &outer, "rw");
+    let ov = outer.join("vm.overlay");
+    let args = [
+        os("--store"),
+        fx.store.as_os_str(),
+        os(&fx.snap),
+        os("--overlay"),
+        ov.as_os_str(),
+    ];
+    let m = mount(&args, &t.path().join("m.log"));
+    let meta = fs::metadata(&ov).unwrap();
+    let mirror =
+        Path::new("/run/livemount").join(format!("overlay-{:x}-{}.map", meta.dev(), meta.ino()));
+    let mut acked = vec![
+        Acked {
+            mark: "outer-fs".into(),
+            overlay: false,
+            guest_fs: false,
+            slots: HashMap::new(),
+            files: 0,
+        },
+        Acked {
+            mark: "mounted".into(),
+            overlay: true,
+            guest_fs: false,
+            slots: HashMap::new(),
+            files: 0,
+        },
+    ];
+    lw.mark("mounted");
+    mkfs_first_32m(&m.dev);
+    let guest = t.path().join("guest");
+    let guest_fs = FsMount::mount(&m.dev, &guest, "rw");
+    let dir = guest.join("d");
+    fs::create_dir(&dir).unwrap();
+    tool("sync", &[], Duration::from_secs(60));
+    acked.push(Acked {
+        mark: "guest-fs".into(),
+        overlay: true,
+        guest_fs: true,
+        slots: HashMap::new(),
+        files: 0,
+    });
+    lw.mark("guest-fs");
+    let dev = open_direct(&m.dev, true).unwrap();
+    let mut history: Vec<(u64, u64)> = Vec::new();
+    let mut slots = HashMap::new();
+    for i in 0..6u64 {
+        for k in 0..3 {
+            let gen = i * 3 + k + 1;
+            let slot = gen * 7 % SLOTS;
+            history.push((slot, gen));
+            write_direct(&dev, slot_offset(slot), &slot_data(slot, gen)).unwrap();
+            dev.sync_data().unwrap();
+            slots.insert(slot, gen);
+        }
+        let p = dir.join(format!("f{i}"));
+        let mut f = fs::File::create(&p).unwrap();
+        std::io::Write::write_all(&mut f, &pattern(5000 + i, 40_000 + 4096 * i as usize)).unwrap();
+        f.sync_all().unwrap();
+        fs::File::open(&dir).unwrap().sync_all().unwrap();
+        let mark = format!("acked-{i}");
+        lw.mark(&mark);
+        acked.push(Acked {
+            mark,
+            overlay: true,
+            guest_fs: true,
+            slots: slots.clone(),
+            files: i + 1,
+        });
+    }
+    drop(dev);
+    // The power cut: the daemon dies with the guest's ext4 mounted; what the disk
+    // under the overlay holds is all that is left.
+    sigkill_daemon(&m);
+    // Detaching the guest's ext4 writes its journal to the dead device, whose I/O
+    // waits for a recovery: that umount finishes (with EIO) once `unmount` has
+    // removed the device.
+    let mut detach = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&guest)
+        .spawn()
+        .unwrap();
+    std::mem::forget(guest_fs);
+    lm(&[os("unmount"), os(&m.dev)], Duration::from_secs(60)).ok();
+    wait_gone(&m.dev, m.id);
+    std::mem::forget(m);
+    bounded(
+        "the guest's lazy umount",
+        Duration::from_secs(60),
+        move || detach.wait(),
+    )
+    .unwrap();
+    let _ = fs::remove_file(&mirror);
+    outer_fs.umount();
+    let (log, size) = lw.remove();
+    let mnt = t.path().join("check");
+    let (barriers, checked, seen) = replay_power_cuts(
+        &log,
+        size,
+        t.path(),
+        POWER_CUT_SAMPLE,
+        |what, mark, check_img| {
+            let last = acked.iter().find(|a| a.mark == mark);
+            assert!(last.is_some(), "unknown mark {mark:?} in the log");
+            let what = format!("{outer_kind:?}: {what}");
+            check_power_cut_state(fx, outer_kind, &check_img, &mnt, last, &history, &what);
+        },
+    );
+    assert!(
+        acked.iter().all(|a| seen.contains(&a.mark)),
+        "a mark is missing from the log: {seen:?}"
+    );
+    eprintln!(
+        "power_cut_replay_overlay ({outer_kind:?}): {barriers} barriers in the log, {checked} states checked ({} marks)",
+        acked.len()
+    );
+    fx.assert_store_untouched();
+}
+
+/// Replay the dm-log-writes log `log` of a `size`-byte disk onto a fresh file in
+/// `dir`, and at every mark the test logged and at a spread of `sample` of the other
+/// FLUSH/FUA points after the first mark (all of them with
+/// `LIVEMOUNT_POWER_CUT_ALL=1`), copy the disk as it was then to `dir/check.img`
+/// and call `check(what, last_mark, copy)`. Returns the barriers in the log, the states checked and
+/// the marks seen.
+#[track_caller]
+fn replay_power_cuts(
+    log: &Path,
+    size: u64,
+    dir: &Path,
+    sample: usize,
+    mut check: impl FnMut(&str, &str, &Path),
+) -> (usize, usize, Vec<String>) {
+    let copy = dir.join("check.img");
+    use livemount_tests::logwrites::{Log, FUA};
+    let mut log = Log::open(log).unwrap();
+    let barriers = log.barriers().unwrap();
+    let others = barriers.iter().filter(|e| e.mark.is_none()).count();
+    let every = if std::env::var("LIVEMOUNT_POWER_CUT_ALL").is_ok_and(|v| v == "1") {
+        1
+    } else {
+        others.div_ceil(sample).max(1)
+    };
+    let replay = dir.join("replay.img");
+    let target = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&replay)
+        .unwrap();
+    target.set_len(size).unwrap();
+    let (mut seen_other, mut checked) = (0usize, 0usize);
+    let mut last: Option<String> = None;
+    let mut seen = Vec::new();
+    log.replay(&target, |e, target| {
+        // The kernel logs its own mark when the target is removed.
+        if let Some(name) = e.mark.as_ref().filter(|m| *m != "dm-log-writes-end") {
+            last = Some(name.clone());
+            seen.push(name.clone());
+        } else {
+            seen_other += 1;
+            if last.is_none() || (seen_other - 1) % every != 0 {
+                return Ok(true);
+            }
+        }
+        let Some(mark) = &last else { return Ok(true) };
+        target.sync_all()?;
+        fs::copy(&replay, &copy)?;
+        let kind = match &e.mark {
+            Some(m) => format!("mark {m}"),
+            None if e.flags & FUA != 0 => "FUA".into(),
+            None => "FLUSH".into(),
+        };
+        let what = format!(
+            "power cut at log entry {} ({kind}; after mark {mark:?})",
+            e.index
+        );
+        check(&what, mark, &copy);
+        checked += 1;
+        Ok(true)
+    })
+    .unwrap();
+    (barriers.len(), checked, seen)
+}
+
+/// One replayed disk: its ext4, the overlay on it, the guest's data and ext4.
+#[track_caller]
+fn check_power_cut_state(
+    fx: &Fixture,
+    outer_kind: OuterFs,
+    img: &Path,
+    mnt: &Path,
+    acked: Option<&Acked>,
+    history: &[(u64, u64)],
+    what: &str,
+) {
+    let Some(a) = acked else { return };
+    let lo = dm::Loop::attach(img);
+    outer_kind.recover(&lo.dev, what);
+    let fsm = FsMount::mount(&lo.dev, mnt, "rw");
+    let ov = mnt.join("vm.overlay");
+    if a.overlay {
+        let args = [
+            os("--store"),
+            fx.store.as_os_str(),
+            os(&fx.snap),
+            os("--overlay"),
+            ov.as_os_str(),
+        ];
+        let out = try_mount(&args, &mnt.with_extension("log"));
+        assert_eq!(
+            out.code,
+            Some(0),
+            "{what}: mounting the overlay failed: {}",
+            out.stderr
+        );
+        let m = Mount::from_output(&out.stdout, &mnt.with_extension("log"));
+        let f = open_direct(&m.dev, false).unwrap();
+        for (&slot, &gen) in &a.slots {
+            let got = read_direct(&f, slot_offset(slot), SLOT_LEN).unwrap();
+            let ok = history
+                .iter()
+                .any(|&(s, g)| s == slot && g >= gen && got == slot_data(slot, g));
+            assert!(
+                ok,
+                "{what}: slot {slot}: acknowledged generation {gen} lost"
+            );
+        }
+        drop(f);
+        if a.guest_fs {
+            let gdir = mnt.with_extension("guest");
+            let g = FsMount::mount(&m.dev, &gdir, "rw");
+            for i in 0..a.files {
+                let got = fs::read(gdir.join("d").join(format!("f{i}")))
+                    .unwrap_or_else(|e| panic!("{what}: fsynced file f{i}: {e}"));
+                assert!(
+                    got == pattern(5000 + i, 40_000 + 4096 * i as usize),
+                    "{what}: fsynced file f{i} differs"
+                );
+            }
+            g.umount();
+            fsck_clean(&m.dev);
+        }
+        m.unmount();
+    }
+    fsm.umount();
+    outer_kind.check(&lo.dev, what);
+}
+
+power_cut_test!(
+    /// 15b. Power cut, replayed, for backups (the VM for its dm-log-writes, not for
+    ///      ublk): the store lives on a file system on a dm-log-writes device. A first backup;
+    ///      then, at once, an incremental of that series and a backup of a second series
+    ///      that shares most of its chunks (one backup reusing chunks the other has just
+    ///      written); then `forget` of the first snapshot and `gc`. The log is replayed
+    ///      onto a fresh disk, and at every mark and a spread of the other FLUSH/FUA
+    ///      points (all of them with `LIVEMOUNT_POWER_CUT_ALL=1`), from that disk alone:
+    ///      the file system is clean after its log recovery, `verify` of the whole store passes
+    ///      (no index names a chunk that did not survive), and every snapshot whose
+    ///      backup had returned before the last mark is listed (a forgotten one is not).
+    ///
+    ///      On ext4 and on btrfs: ext4's fsync commits its whole journal, so a missing
+    ///      fsync of a chunk's directory does not show there (seen: every state passed
+    ///      with the chunk-directory syncs removed); btrfs logs only the fsynced inode,
+    ///      which exposes it.
+    ublk_power_cut_replay_backup_ext4,
+    power_cut_replay_backup(OuterFs::Ext4)
+);
+
+power_cut_test!(
+    /// [`ublk_power_cut_replay_backup_ext4`] with the store on an ext4 without a
+    /// journal, where only the store's own fsyncs order its metadata.
+    ublk_power_cut_replay_backup_ext4_nojournal,
+    power_cut_replay_backup(OuterFs::Ext4NoJournal)
+);
+
+power_cut_test!(
+    /// [`ublk_power_cut_replay_backup_ext4`] with the store on btrfs.
+    ublk_power_cut_replay_backup_btrfs,
+    power_cut_replay_backup(OuterFs::Btrfs)
+);
+
+/// The file system under a power-cut test's store.
+#[derive(Clone, Copy, Debug)]
+enum OuterFs {
+    Ext4,
+    /// ext4 without a journal: nothing orders metadata writes but the fsyncs.
+    Ext4NoJournal,
+    Btrfs,
+}
+
+impl OuterFs {
+    #[track_caller]
+    fn mkfs(self, dev: &str) {
+        match self {
+            OuterFs::Ext4 => tool(
+                "mkfs.ext4",
+                &[os("-q"), os("-F"), os(dev)],
+                Duration::from_secs(120),
+            ),
+            OuterFs::Ext4NoJournal => tool(
+                "mkfs.ext4",
+                &[os("-q"), os("-F"), os("-O"), os("^has_journal"), os(dev)],
+                Duration::from_secs(120),
+            ),
+            OuterFs::Btrfs => {
+                tool("modprobe", &[os("btrfs")], Duration::from_secs(60));
+                tool(
+                    "mkfs.btrfs",
+                    &[os("-q"), os("-f"), os(dev)],
+                    Duration::from_secs(120),
+                )
+            }
+        };
+    }
+
+    /// What the boot after a power cut does before mounting: without a journal,
+    /// e2fsck repairs (files whose directory entry was not durable end up in
+    /// lost+found, where the store does not look for them).
+    #[track_caller]
+    fn recover(self, dev: &str, what: &str) {
+        if let OuterFs::Ext4NoJournal = self {
+            let out = run_bounded(
+                Path::new("e2fsck"),
+                &[os("-fy"), os(dev)],
+                Duration::from_secs(120),
+            );
+            assert!(
+                matches!(out.code, Some(0 | 1)),
+                "{what}: e2fsck -fy {dev} could not repair it: {}{}",
+                out.stdout,
+                out.stderr
+            );
+        }
+    }
+
+    /// The unmounted file system is consistent.
+    #[track_caller]
+    fn check(self, dev: &str, what: &str) {
+        match self {
+            OuterFs::Ext4 | OuterFs::Ext4NoJournal => fsck_clean(dev),
+            OuterFs::Btrfs => {
+                let out = run_bounded(
+                    Path::new("btrfs"),
+                    &[os("check"), os("--readonly"), os(dev)],
+                    Duration::from_secs(120),
+                );
+                assert_eq!(
+                    out.code,
+                    Some(0),
+                    "{what}: btrfs check --readonly {dev}: {}{}",
+                    out.stdout,
+                    out.stderr
+                );
+            }
+        }
+    }
+}
+
+fn power_cut_replay_backup(outer_kind: OuterFs) {
+    let t = tmp("powercut-bk");
+    // Three 12 MiB images: a, a changed in two chunks, a's first 8 MiB with 4 new.
+    let a = pattern(71, 12 * MIB as usize);
+    let mut a2 = a.clone();
+    a2[3 * MIB as usize..3 * MIB as usize + 4096].fill(0x5a);
+    a2[9 * MIB as usize + 77..9 * MIB as usize + 9000].fill(0xa5);
+    let mut b = a[..8 * MIB as usize].to_vec();
+    b.extend(pattern(72, 4 * MIB as usize));
+    let imgs = [("a", &a), ("a2", &a2), ("b", &b)].map(|(n, d)| {
+        let p = t.path().join(format!("{n}.img"));
+        fs::write(&p, d).unwrap();
+        p
+    });
+    let lw = dm::LogWrites::create(t.path(), "lm-pc-bk", 256 * MIB, 1024 * MIB);
+    outer_kind.mkfs(&lw.dev);
+    lw.mark("outer-fs");
+    let outer = t.path().join("outer");
+    let outer_fs = FsMount::mount(&lw.dev, &outer, "rw");
+    let store = outer.join("store");
+    let backup = |img: &Path, series: &str| backup(&store, img, series);
+    // mark → (snapshots that must be listed, snapshots that must not).
+    let mut marks: Vec<(String, Vec<String>, Vec<String>)> =
+        vec![("outer-fs".into(), vec![], vec![])];
+    let first = backup(&imgs[0], "a");
+    lw.mark("first");
+    marks.push(("first".into(), vec![first.clone()], vec![]));
+    // Snapshot names have a one-second resolution.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (second, other) = std::thread::scope(|s| {
+        let x = s.spawn(|| backup(&imgs[1], "a"));
+        let y = s.spawn(|| backup(&imgs[2], "b"));
+        (x.join().unwrap(), y.join().unwrap())
+    });
+    lw.mark("concurrent");
+    // From here on the forget below may already have removed the first snapshot.
+    marks.push((
+        "concurrent".into(),
+        vec![second.clone(), other.clone()],
+        vec![],
+    ));
+    lm(
+        &[os("forget"), os("--store"), store.as_os_str(), os(&first)],
+        Duration::from_secs(60),
+    )
+    .ok();
+    lw.mark("forgotten");
+    marks.push((
+        "forgotten".into(),
+        vec![second.clone(), other.clone()],
+        vec![first.clone()],
+    ));
+    lm(
+        &[os("gc"), os("--store"), store.as_os_str()],
+        Duration::from_secs(120),
+    )
+    .ok();
+    lw.mark("gc");
+    marks.push((
+        "gc".into(),
+        vec![second.clone(), other.clone()],
+        vec![first.clone()],
+    ));
+    outer_fs.umount();
+    let (log, size) = lw.remove();
+    let mnt = t.path().join("check");
+    let (barriers, checked, seen) = replay_power_cuts(
+        &log,
+        size,
+        t.path(),
+        2 * POWER_CUT_SAMPLE,
+        |what, mark, check_img| {
+            let Some((_, present, absent)) = marks.iter().find(|m| m.0 == mark) else {
+                panic!("unknown mark {mark:?} in the log");
+            };
+            let what = format!("{outer_kind:?}: {what}");
+            let lo = dm::Loop::attach(&check_img);
+            outer_kind.recover(&lo.dev, &what);
+            let fsm = FsMount::mount(&lo.dev, &mnt, "rw");
+            let store = mnt.join("store");
+            if present.is_empty() && !store.join("livemount-store.json").exists() {
+                // Before the first backup made the store.
+            } else {
+                let v = lm(
+                    &[os("verify"), os("--store"), store.as_os_str(), os("--json")],
+                    Duration::from_secs(300),
+                );
+                assert_eq!(
+                    v.code,
+                    Some(0),
+                    "{what}: verify failed: {}{}",
+                    v.stdout,
+                    v.stderr
+                );
+                let listed = lm(
+                    &[os("list"), os("--store"), store.as_os_str(), os("--json")],
+                    Duration::from_secs(60),
+                );
+                let l: serde_json::Value = serde_json::from_str(&listed.ok().stdout).unwrap();
+                let names: Vec<&str> = l
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|s| s["snapshot"].as_str())
+                    .collect();
+                for p in present {
+                    assert!(
+                        names.contains(&p.as_str()),
+                        "{what}: {p} is not listed: {names:?}"
+                    );
+                }
+                for a in absent {
+                    assert!(
+                        !names.contains(&a.as_str()),
+                        "{what}: forgotten {a} is listed"
+                    );
+                }
+            }
+            fsm.umount();
+            outer_kind.check(&lo.dev, &what);
+        },
+    );
+    assert!(
+        marks.iter().all(|m| seen.contains(&m.0)),
+        "a mark is missing from the log: {seen:?}"
+    );
+    eprintln!(
+        "power_cut_replay_backup ({outer_kind:?}): {barriers} barriers in the log, {checked} states checked ({} marks)",
+        marks.len()
+    );
 }

@@ -23,6 +23,10 @@ const HOST_PACKAGES: &[(&str, &str)] = &[
     ("nbdkit", "nbdkit"),
     // Certificates for the NBD frontend's TLS tests (and the operator docs' recipe).
     ("openssl", "openssl"),
+    // The VM's power-cut tests: dm-log-writes devices, and btrfs, whose fsync does
+    // not commit other directories' entries the way ext4's journal does.
+    ("dmsetup", "dmsetup"),
+    ("mkfs.btrfs", "btrfs-progs"),
 ];
 
 /// Install every Debian package in `pkgs` whose probe binary is missing.

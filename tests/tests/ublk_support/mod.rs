@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod dm;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
@@ -420,25 +422,8 @@ fn build_fixture() -> Fixture {
         .write_all(&pattern(0x0dd, (1 << 20) + 700))
         .unwrap();
     let store = base.join("store");
-    let backup = |img: &Path, name: &str| -> String {
-        let out = lm(
-            &[
-                os("backup"),
-                img.as_os_str(),
-                os("--store"),
-                store.as_os_str(),
-                os("--name"),
-                os(name),
-                os("--json"),
-            ],
-            Duration::from_secs(300),
-        );
-        out.ok();
-        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-        v["snapshot"].as_str().unwrap().to_string()
-    };
-    let snap = backup(&image, "web01");
-    let odd_snap = backup(&odd, "odd");
+    let snap = backup(&store, &image, "web01");
+    let odd_snap = backup(&store, &odd, "odd");
     let stamps = stamps(&store);
     assert!(stamps.keys().any(|p| p.starts_with(store.join("chunks"))));
     eprintln!(
@@ -487,6 +472,26 @@ pub struct Mount {
     pub id: u32,
     pub log: PathBuf,
     pub stdout: String,
+}
+
+/// `livemount backup IMG --store STORE --name SERIES`; the snapshot's name.
+#[track_caller]
+pub fn backup(store: &Path, img: &Path, series: &str) -> String {
+    let out = lm(
+        &[
+            os("backup"),
+            img.as_os_str(),
+            os("--store"),
+            store.as_os_str(),
+            os("--name"),
+            os(series),
+            os("--json"),
+        ],
+        Duration::from_secs(300),
+    );
+    out.ok();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    v["snapshot"].as_str().unwrap().to_string()
 }
 
 /// Start `livemount mount ARGS… --daemon --log LOG`.
