@@ -2345,7 +2345,7 @@ fn power_cut_replay_overlay(outer_kind: OuterFs) {
             let last = acked.iter().find(|a| a.mark == mark);
             assert!(last.is_some(), "unknown mark {mark:?} in the log");
             let what = format!("{outer_kind:?}: {what}");
-            check_power_cut_state(fx, outer_kind, &check_img, &mnt, last, &history, &what);
+            check_power_cut_state(fx, outer_kind, check_img, &mnt, last, &history, &what);
         },
     );
     assert!(
