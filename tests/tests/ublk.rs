@@ -2675,7 +2675,7 @@ fn power_cut_replay_backup(outer_kind: OuterFs) {
                 panic!("unknown mark {mark:?} in the log");
             };
             let what = format!("{outer_kind:?}: {what}");
-            let lo = dm::Loop::attach(&check_img);
+            let lo = dm::Loop::attach(check_img);
             outer_kind.recover(&lo.dev, &what);
             let fsm = FsMount::mount(&lo.dev, &mnt, "rw");
             let store = mnt.join("store");
