@@ -408,6 +408,11 @@ impl Stack {
         self.image.image_size()
     }
 
+    /// The overlay's state (None without an overlay).
+    pub fn overlay_state(&self) -> Option<crate::block::overlay::OverlayState> {
+        self.overlay.as_ref().map(|o| o.state())
+    }
+
     /// Bytes the overlay holds (0 for a read-only mount).
     pub fn overlay_bytes(&self) -> u64 {
         self.overlay

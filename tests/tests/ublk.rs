@@ -2730,3 +2730,275 @@ fn power_cut_replay_backup(outer_kind: OuterFs) {
         marks.len()
     );
 }
+
+/// 15c. A disk that fails under the overlay (dm `error` target, then back to
+///      `linear`): the guest's flush gets EIO, never success; `status` says the
+///      overlay failed; it stays failed when the disk comes back (a failed fdatasync
+///      may have dropped pages: no later flush may make map bits durable over them);
+///      writes after it fail, reads of unwritten ranges still work, the daemon stays
+///      up and unmounts. After fsck of the disk, a new mount shows every write that
+///      was flushed before the failure.
+#[test]
+fn ublk_overlay_on_a_failing_disk() {
+    if !have_ublk("ublk_overlay_on_a_failing_disk") {
+        return;
+    }
+    let _t = Timer::start("ublk_overlay_on_a_failing_disk");
+    let fx = fixture();
+    let t = tmp("faildisk");
+    let disk = dm::Switchable::create(t.path(), "lm-faildisk", 96 * MIB);
+    OuterFs::Ext4.mkfs(&disk.dev);
+    let outer = t.path().join("outer");
+    let outer_fs = FsMount::mount(&disk.dev, &outer, "rw");
+    let ov = outer.join("vm.overlay");
+    let args = [
+        os("--store"),
+        fx.store.as_os_str(),
+        os(&fx.snap),
+        os("--overlay"),
+        ov.as_os_str(),
+    ];
+    let m = mount(&args, &t.path().join("m.log"));
+    let f = open_direct(&m.dev, true).unwrap();
+    write_direct(&f, slot_offset(1), &slot_data(1, 1)).unwrap();
+    f.sync_data().unwrap();
+    assert_eq!(m.status()["overlay_state"], "ok");
+
+    disk.fail(true);
+    let flushed = write_direct(&f, slot_offset(2), &slot_data(2, 2)).and_then(|_| f.sync_data());
+    assert!(
+        flushed.is_err(),
+        "a write + flush succeeded on a disk that fails every I/O"
+    );
+    wait_overlay_state(&m, "failed");
+    disk.fail(false);
+    let again = write_direct(&f, slot_offset(3), &slot_data(3, 3)).and_then(|_| f.sync_data());
+    assert!(
+        again.is_err(),
+        "a write + flush succeeded after an earlier flush had failed"
+    );
+    assert!(
+        read_direct(&f, slot_offset(1), SLOT_LEN).is_err(),
+        "a written range was served after the overlay failed"
+    );
+    // Far below the slots: never written, the snapshot's bytes.
+    let base = read_direct(&f, 0, 4096).expect("an unwritten range fails after the overlay failed");
+    assert_eq!(base, fs::read(&fx.image).unwrap()[..4096]);
+    drop(f);
+    let text = lm(&[os("status"), os(&m.dev)], Duration::from_secs(20));
+    assert!(
+        text.stdout.contains("overlay: FAILED"),
+        "status does not say the overlay failed:\n{}",
+        text.stdout
+    );
+    let prom = lm(&[os("status"), os("--prometheus")], Duration::from_secs(20));
+    assert!(
+        prom.stdout.contains(&format!(
+            "livemount_overlay_failed{{device=\"{}\"}} 1",
+            m.dev
+        )),
+        "{}",
+        prom.stdout
+    );
+    assert!(alive(m.pid()), "the daemon died after the failed flush");
+    let (dev, id) = (m.dev.clone(), m.id);
+    let _ = try_run_bounded(&bin(), &[os("unmount"), os(&dev)], Duration::from_secs(60));
+    wait_gone(&dev, id);
+    std::mem::forget(m);
+    outer_fs.umount();
+    OuterFs::Ext4NoJournal.recover(&disk.dev, "after the failure");
+    let outer_fs = FsMount::mount(&disk.dev, &outer, "rw");
+    let m = mount(&args, &t.path().join("m2.log"));
+    let f = open_direct(&m.dev, false).unwrap();
+    assert!(
+        read_direct(&f, slot_offset(1), SLOT_LEN).unwrap() == slot_data(1, 1),
+        "the write flushed before the failure is lost"
+    );
+    drop(f);
+    m.unmount();
+    outer_fs.umount();
+    fx.assert_store_untouched();
+}
+
+/// Wait (bounded) until the status file shows the overlay in `state` (the daemon
+/// rewrites it every second).
+#[track_caller]
+fn wait_overlay_state(m: &Mount, state: &str) {
+    let start = Instant::now();
+    loop {
+        let got = m.status()["overlay_state"].clone();
+        if got == state {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "overlay state {got} after 15 s, expected {state}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// 15d. The overlay's file system fills up (ENOSPC): the write that does not fit
+///      fails (ENOSPC), the daemon names the overlay and the error in its log and keeps
+///      serving; flushes of what was written still succeed; after unmount, a new
+///      mount shows every flushed write.
+#[test]
+fn ublk_overlay_enospc() {
+    if !have_ublk("ublk_overlay_enospc") {
+        return;
+    }
+    let _t = Timer::start("ublk_overlay_enospc");
+    let fx = fixture();
+    let t = tmp("enospc");
+    let img = t.path().join("small.img");
+    fs::File::create(&img).unwrap().set_len(24 * MIB).unwrap();
+    let lo = dm::Loop::attach(&img);
+    OuterFs::Ext4.mkfs(&lo.dev);
+    let outer = t.path().join("outer");
+    let outer_fs = FsMount::mount(&lo.dev, &outer, "rw");
+    let ov = outer.join("vm.overlay");
+    let args = [
+        os("--store"),
+        fx.store.as_os_str(),
+        os(&fx.snap),
+        os("--overlay"),
+        ov.as_os_str(),
+    ];
+    let log = t.path().join("m.log");
+    let m = mount(&args, &log);
+    let f = open_direct(&m.dev, true).unwrap();
+    let mut flushed = 0u64;
+    let mut failed = None;
+    for i in 0..64u64 {
+        let r =
+            write_direct(&f, i * MIB, &pattern(900 + i, MIB as usize)).and_then(|_| f.sync_data());
+        match r {
+            Ok(()) => flushed = i + 1,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let e = failed.expect("64 MiB fitted into an overlay on a 24 MiB file system");
+    assert!(flushed >= 4, "only {flushed} MiB fitted");
+    // The kernel passes the overlay's ENOSPC on (BLK_STS_NOSPC); EIO would do too.
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EIO)),
+        "{e}"
+    );
+    assert!(alive(m.pid()), "the daemon died on ENOSPC");
+    let text = m.log_text();
+    assert!(
+        text.contains("No space left on device") && text.contains("vm.overlay"),
+        "the daemon's log does not name the overlay and ENOSPC:\n{text}"
+    );
+    f.sync_data().expect("a flush after ENOSPC failed");
+    assert!(
+        read_direct(&f, 0, MIB as usize).unwrap() == pattern(900, MIB as usize),
+        "the first flushed write does not read back"
+    );
+    drop(f);
+    m.unmount();
+    let m = mount(&args, &t.path().join("m2.log"));
+    let f = open_direct(&m.dev, false).unwrap();
+    for i in 0..flushed {
+        assert!(
+            read_direct(&f, i * MIB, MIB as usize).unwrap() == pattern(900 + i, MIB as usize),
+            "flushed MiB {i} lost after ENOSPC"
+        );
+    }
+    drop(f);
+    m.unmount();
+    outer_fs.umount();
+    fx.assert_store_untouched();
+}
+
+/// 15e. /run/livemount on a 1 MiB tmpfs, a 16 GiB thin snapshot: the map mirror
+///      outgrows it as the guest writes across the disk; the daemon warns, `status`
+///      shows synchronous writes, and a write acknowledged without a flush survives a
+///      SIGKILL and `mount --recover` (it was made durable before it completed).
+#[test]
+fn ublk_run_dir_on_a_1_mib_tmpfs() {
+    if !have_ublk("ublk_run_dir_on_a_1_mib_tmpfs") {
+        return;
+    }
+    let _t = Timer::start("ublk_run_dir_on_a_1_mib_tmpfs");
+    let t = tmp("smallrun");
+    const SIZE: u64 = 16 << 30;
+    let img = t.path().join("thin.img");
+    let file = fs::File::create(&img).unwrap();
+    file.set_len(SIZE).unwrap();
+    file.write_all_at(&pattern(3, MIB as usize), 0).unwrap();
+    drop(file);
+    let store = t.path().join("store");
+    let snap = backup(&store, &img, "thin");
+    fs::remove_file(&img).unwrap();
+    let run = Path::new("/run/livemount");
+    fs::create_dir_all(run).unwrap();
+    tool(
+        "mount",
+        &[
+            os("-t"),
+            os("tmpfs"),
+            os("-o"),
+            os("size=1M,mode=0700"),
+            os("tmpfs"),
+            run.as_os_str(),
+        ],
+        Duration::from_secs(30),
+    );
+    let _small = FsMount {
+        dir: run.to_path_buf(),
+        mounted: true,
+    };
+    let ov = t.path().join("thin.overlay");
+    let args = [
+        os("--store"),
+        store.as_os_str(),
+        os(&snap),
+        os("--overlay"),
+        ov.as_os_str(),
+    ];
+    let log = t.path().join("m.log");
+    let m = mount(&args, &log);
+    assert_eq!(m.status()["overlay_state"], "ok");
+    let f = open_direct(&m.dev, true).unwrap();
+    // One 4 KiB write per 16 MiB (one map page each): 2 MiB of mirror pages.
+    for i in 0..512u64 {
+        write_direct(&f, i * 16 * MIB + 8192, &pattern(7000 + i, 4096)).unwrap();
+    }
+    let run_df = tool(
+        "sh",
+        &[os("-c"), os("df -k /run/livemount; ls -las /run/livemount")],
+        Duration::from_secs(20),
+    );
+    assert!(
+        m.log_text().contains("WARNING: no map mirror"),
+        "no warning in the log:\n{}\n{run_df}",
+        m.log_text()
+    );
+    wait_overlay_state(&m, "synchronous");
+    let last = pattern(8000, 4096);
+    write_direct(&f, SIZE - 4096, &last).unwrap();
+    drop(f);
+    sigkill_daemon(&m);
+    let rlog = t.path().join("recover.log");
+    let rec = try_mount(&[os("--recover"), os(&m.dev)], &rlog);
+    assert_eq!(rec.code, Some(0), "mount --recover failed: {}", rec.stderr);
+    let m2 = Mount::from_output(&rec.stdout, &rlog);
+    std::mem::forget(m);
+    let f = open_direct(&m2.dev, false).unwrap();
+    assert!(
+        read_direct(&f, SIZE - 4096, 4096).unwrap() == last,
+        "a write acknowledged without a flush was lost with the mirror gone"
+    );
+    for i in [0u64, 100, 511] {
+        assert!(
+            read_direct(&f, i * 16 * MIB + 8192, 4096).unwrap() == pattern(7000 + i, 4096),
+            "write {i} lost"
+        );
+    }
+    drop(f);
+    m2.unmount();
+}

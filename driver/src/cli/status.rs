@@ -2,6 +2,7 @@
 
 use super::{mib, print_json, Outcome, OutputArgs};
 use crate::block::migrate::MigrationReport;
+use crate::block::overlay::OverlayState;
 use crate::block::prestage::PrestageReport;
 use crate::cache::CacheReport;
 use crate::daemon::status::{
@@ -86,6 +87,7 @@ impl fmt::Display for ServeText<'_> {
                 if e.read_only { ", read-only" } else { "" },
                 mib(e.overlay_bytes)
             )?;
+            overlay_state(f, e.overlay_state)?;
             cache(f, &e.cache)?;
             io(f, &e.io)?;
             if let Some(r) = &e.store_requests {
@@ -102,12 +104,32 @@ impl fmt::Display for ServeText<'_> {
     }
 }
 
+/// A line for an overlay that is not simply ok (synchronous or failed).
+fn overlay_state(f: &mut fmt::Formatter<'_>, s: Option<OverlayState>) -> fmt::Result {
+    match s {
+        Some(s) if s != OverlayState::Ok => writeln!(f, "  overlay: {s}"),
+        _ => Ok(()),
+    }
+}
+
 /// Prometheus text exposition of every mount and export.
 fn prometheus(mounts: &[MountStatus], servers: &[ServeStatus]) -> String {
-    let mut series: Vec<(String, &CacheReport, &IoReport, u64)> = Vec::new();
+    // The overlay's figures: bytes held, and 1 when it has failed.
+    let ov = |bytes: u64, state: Option<OverlayState>| {
+        (
+            bytes,
+            f64::from(u8::from(state == Some(OverlayState::Failed))),
+        )
+    };
+    let mut series: Vec<(String, &CacheReport, &IoReport, (u64, f64))> = Vec::new();
     for m in mounts {
         if let (Some(c), Some(i)) = (&m.cache, &m.io) {
-            series.push((format!("device=\"{}\"", m.device), c, i, m.overlay_bytes));
+            series.push((
+                format!("device=\"{}\"", m.device),
+                c,
+                i,
+                ov(m.overlay_bytes, m.overlay_state),
+            ));
         }
     }
     for s in servers {
@@ -120,7 +142,7 @@ fn prometheus(mounts: &[MountStatus], servers: &[ServeStatus]) -> String {
                 ),
                 &e.cache,
                 &e.io,
-                e.overlay_bytes,
+                ov(e.overlay_bytes, e.overlay_state),
             ));
         }
     }
@@ -128,9 +150,9 @@ fn prometheus(mounts: &[MountStatus], servers: &[ServeStatus]) -> String {
         &'static str,
         &'static str,
         &'static str,
-        fn(&CacheReport, &IoReport, u64) -> f64,
+        fn(&CacheReport, &IoReport, (u64, f64)) -> f64,
     );
-    let metrics: [Metric; 11] = [
+    let metrics: [Metric; 12] = [
         (
             "livemount_reads_total",
             "counter",
@@ -195,7 +217,13 @@ fn prometheus(mounts: &[MountStatus], servers: &[ServeStatus]) -> String {
             "livemount_overlay_bytes",
             "gauge",
             "Bytes held by the overlay.",
-            |_, _, o| o as f64,
+            |_, _, o| o.0 as f64,
+        ),
+        (
+            "livemount_overlay_failed",
+            "gauge",
+            "1 when a flush of the overlay failed and it refuses I/O.",
+            |_, _, o| o.1,
         ),
     ];
     let mut out = String::new();
@@ -229,6 +257,7 @@ impl fmt::Display for Text<'_> {
                 .map(|p| format!(" in {}", p.display()))
                 .unwrap_or_else(|| " (read-only)".into())
         )?;
+        overlay_state(f, s.overlay_state)?;
         if let Some(c) = &s.cache {
             cache(f, c)?;
         }

@@ -174,6 +174,7 @@ impl Daemon {
             config,
             size: self.stack.top.size(),
             overlay_bytes: self.stack.overlay_bytes(),
+            overlay_state: self.stack.overlay_state(),
             cache: Some(self.stack.cache.report()),
             io: Some(self.metrics.report()),
             uptime_s: self.started.elapsed().as_secs_f64(),

@@ -326,6 +326,7 @@ fn status_writer(
                 read_only: e.device.read_only(),
                 overlay: s.overlay.as_ref().map(|o| o.path().to_path_buf()),
                 overlay_bytes: s.overlay_bytes(),
+                overlay_state: s.overlay_state(),
                 cache: s.cache.report(),
                 io: e.metrics.report(),
                 store_requests: s.backend.requests(),

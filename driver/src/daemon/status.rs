@@ -29,6 +29,9 @@ pub struct MountStatus {
     pub size: u64,
     /// Bytes mapped in the overlay.
     pub overlay_bytes: u64,
+    /// The overlay's state (None: read-only).
+    #[serde(default)]
+    pub overlay_state: Option<crate::block::overlay::OverlayState>,
     /// Read cache figures.
     #[serde(default)]
     pub cache: Option<CacheReport>,
@@ -124,6 +127,9 @@ pub struct ExportStatus {
     pub overlay: Option<PathBuf>,
     /// Bytes the overlay holds.
     pub overlay_bytes: u64,
+    /// The overlay's state (None: read-only).
+    #[serde(default)]
+    pub overlay_state: Option<crate::block::overlay::OverlayState>,
     /// Read cache figures.
     pub cache: CacheReport,
     /// I/O figures.
@@ -180,6 +186,7 @@ impl MountStatus {
             config: MountConfig::new(StoreLocation::from(store), snapshot.into(), None),
             size: 0,
             overlay_bytes: 0,
+            overlay_state: None,
             cache: None,
             io: None,
             uptime_s: 0.0,

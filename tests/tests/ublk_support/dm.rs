@@ -1,5 +1,6 @@
 //! Device-mapper test devices (the VM kernel has the modules; the host has none):
-//! a dm-log-writes device whose log is replayed by `livemount_tests::logwrites`.
+//! a dm-log-writes device whose log is replayed by `livemount_tests::logwrites`,
+//! and a disk that can be made to fail every I/O (the `error` target).
 
 use super::{os, tool};
 use std::path::{Path, PathBuf};
@@ -61,33 +62,9 @@ impl LogWrites {
         }
         let (d, l) = (Loop::attach(&data), Loop::attach(&log));
         let table = format!("0 {} log-writes {} {}", size / 512, d.dev, l.dev);
-        // No udev in the VM: devtmpfs makes /dev/dm-MINOR, not /dev/mapper/NAME.
-        tool(
-            "dmsetup",
-            &[
-                os("create"),
-                os("--noudevsync"),
-                os(name),
-                os("--table"),
-                os(&table),
-            ],
-            Duration::from_secs(60),
-        );
-        let minor = tool(
-            "dmsetup",
-            &[
-                os("info"),
-                os("-c"),
-                os("--noheadings"),
-                os("-o"),
-                os("minor"),
-                os(name),
-            ],
-            Duration::from_secs(30),
-        );
         LogWrites {
             name: name.into(),
-            dev: format!("/dev/dm-{}", minor.trim()),
+            dev: create(name, &table),
             log,
             size,
             active: true,
@@ -127,4 +104,102 @@ impl Drop for LogWrites {
                 .status();
         }
     }
+}
+
+/// A `linear` device over a loop device that can be switched to the `error` target
+/// and back (a disk that fails every I/O, then recovers); removed on drop.
+pub struct Switchable {
+    pub name: String,
+    /// `/dev/dm-MINOR`.
+    pub dev: String,
+    sectors: u64,
+    lower: Loop,
+}
+
+impl Switchable {
+    /// A sparse file `NAME.data` of `size` bytes in `dir` behind it.
+    #[track_caller]
+    pub fn create(dir: &Path, name: &str, size: u64) -> Switchable {
+        tool("modprobe", &[os("dm_mod")], Duration::from_secs(60));
+        let data = dir.join(format!("{name}.data"));
+        std::fs::File::create(&data).unwrap().set_len(size).unwrap();
+        let lower = Loop::attach(&data);
+        let sectors = size / 512;
+        let table = format!("0 {sectors} linear {} 0", lower.dev);
+        let dev = create(name, &table);
+        Switchable {
+            name: name.into(),
+            dev,
+            sectors,
+            lower,
+        }
+    }
+
+    /// Every I/O fails from now on (true) or reaches the disk again (false).
+    #[track_caller]
+    pub fn fail(&self, on: bool) {
+        let table = if on {
+            format!("0 {} error", self.sectors)
+        } else {
+            format!("0 {} linear {} 0", self.sectors, self.lower.dev)
+        };
+        for args in [
+            // A failing disk cannot be flushed: suspend without flushing.
+            vec![
+                os("suspend"),
+                os("--noflush"),
+                os("--noudevsync"),
+                os(&self.name),
+            ],
+            vec![os("load"), os(&self.name), os("--table"), os(&table)],
+            vec![os("resume"), os("--noudevsync"), os(&self.name)],
+        ] {
+            tool("dmsetup", &args, Duration::from_secs(60));
+        }
+    }
+}
+
+impl Drop for Switchable {
+    fn drop(&mut self) {
+        let _ = Command::new("dmsetup")
+            .args(["remove", "--noudevsync", "--force", &self.name])
+            .status();
+    }
+}
+
+/// `dmsetup create NAME` with `table`; its device node. No udev in the VM:
+/// devtmpfs makes /dev/dm-MINOR, not /dev/mapper/NAME.
+#[track_caller]
+fn create(name: &str, table: &str) -> String {
+    tool(
+        "dmsetup",
+        &[
+            os("create"),
+            os("--noudevsync"),
+            os(name),
+            os("--table"),
+            os(table),
+        ],
+        Duration::from_secs(60),
+    );
+    format!("/dev/dm-{}", minor(name))
+}
+
+/// The minor number of device-mapper device `name`.
+#[track_caller]
+fn minor(name: &str) -> String {
+    tool(
+        "dmsetup",
+        &[
+            os("info"),
+            os("-c"),
+            os("--noheadings"),
+            os("-o"),
+            os("minor"),
+            os(name),
+        ],
+        Duration::from_secs(30),
+    )
+    .trim()
+    .to_string()
 }

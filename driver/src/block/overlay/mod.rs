@@ -74,12 +74,42 @@ pub struct OverlayIdentity {
     pub device_size: u64,
 }
 
+/// What an overlay can do now (for `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverlayState {
+    /// Writes are acknowledged once in the page cache and the map mirror.
+    Ok,
+    /// No map mirror (/run full or unusable): every write is flushed first.
+    Synchronous,
+    /// A flush failed: the overlay refuses I/O until it is mounted again.
+    Failed,
+}
+
+impl std::fmt::Display for OverlayState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OverlayState::Ok => "ok",
+            OverlayState::Synchronous => {
+                "synchronous writes (no map mirror on /run: every write is flushed first)"
+            }
+            OverlayState::Failed => {
+                "FAILED: a flush of the overlay failed; it refuses I/O until it is mounted again (check the disk under it)"
+            }
+        })
+    }
+}
+
 struct MapState {
     bits: SparseMap,
     /// Dirty map pages (index of 4096-byte page of the map).
     dirty: std::collections::BTreeSet<u64>,
     /// The map's copy on tmpfs; None once it failed (then writes are synchronous).
     mirror: Option<Mirror>,
+    /// Without a mirror, its file may still be on /run (holding acknowledged bits
+    /// until a flush makes them durable): the first flush that starts after the
+    /// mirror went removes it, so that a full /run gets its space back.
+    stale_mirror: bool,
 }
 
 /// An open overlay over a base image.
@@ -284,6 +314,7 @@ impl Overlay {
             map: Mutex::new(MapState {
                 bits,
                 dirty,
+                stale_mirror: mirror.is_none(),
                 mirror,
             }),
             map_offset,
@@ -315,6 +346,17 @@ impl Overlay {
     /// True while every write is flushed before it completes (no mirror).
     pub fn synchronous_writes(&self) -> bool {
         self.sync_writes.load(Relaxed)
+    }
+
+    /// What the overlay can do now.
+    pub fn state(&self) -> OverlayState {
+        if self.failed.load(Relaxed) {
+            OverlayState::Failed
+        } else if self.synchronous_writes() {
+            OverlayState::Synchronous
+        } else {
+            OverlayState::Ok
+        }
     }
 
     /// Where the map mirror is (or would be) kept.
@@ -449,6 +491,7 @@ impl Overlay {
                 // flush (this write's, now synchronous) makes them durable anyway.
                 warn_no_mirror(&self.path, &e.to_string());
                 m.mirror = None;
+                m.stale_mirror = true;
                 self.sync_writes.store(true, Relaxed);
             }
         }
@@ -673,8 +716,10 @@ impl BlockDevice for Overlay {
         // set, so the sync below makes that data durable before the bit. (Taking the
         // pages after the sync would let a write landing in between get a durable bit
         // over non-durable data.)
+        let stale;
         let pages: Vec<(u64, Vec<u8>)> = {
             let mut m = self.map.lock().map_err(|_| poisoned(&self.path))?;
+            stale = m.mirror.is_none() && m.stale_mirror;
             let dirty = std::mem::take(&mut m.dirty);
             dirty
                 .into_iter()
@@ -687,21 +732,29 @@ impl BlockDevice for Overlay {
             self.redirty(&pages);
             self.fail(e)
         })?;
-        if pages.is_empty() {
-            return Ok(());
-        }
-        for (p, bytes) in &pages {
-            if let Err(e) = self.file.write_all_at(bytes, self.map_offset + p * PAGE) {
-                // The data is durable; the map write (page cache) failed: retrying is
-                // safe, nothing was lost yet.
+        if !pages.is_empty() {
+            for (p, bytes) in &pages {
+                if let Err(e) = self.file.write_all_at(bytes, self.map_offset + p * PAGE) {
+                    // The data is durable; the map write (page cache) failed: retrying
+                    // is safe, nothing was lost yet.
+                    self.redirty(&pages);
+                    return Err(Error::io(&self.path, e));
+                }
+            }
+            (self.sync)(&self.file).map_err(|e| {
                 self.redirty(&pages);
-                return Err(Error::io(&self.path, e));
+                self.fail(e)
+            })?;
+        }
+        if stale {
+            // Every bit the old mirror holds was set before this flush began, so it
+            // is durable now.
+            let _ = std::fs::remove_file(&self.mirror_path);
+            if let Ok(mut m) = self.map.lock() {
+                m.stale_mirror = false;
             }
         }
-        (self.sync)(&self.file).map_err(|e| {
-            self.redirty(&pages);
-            self.fail(e)
-        })
+        Ok(())
     }
 
     /// Only a range the overlay never wrote can be a fast hit: it is then the base's
@@ -929,6 +982,7 @@ mod tests {
         let ov = Overlay::open_with_mirror_in(&p, base.clone(), &ident(size, 1), Some(&not_a_dir))
             .unwrap();
         assert!(ov.synchronous_writes());
+        assert_eq!(ov.state(), OverlayState::Synchronous);
         ov.write_at(512, &[0xcc; 512]).unwrap();
         drop(ov); // killed: no flush, no close
         let mirrors = tempfile::tempdir().unwrap();
