@@ -664,8 +664,9 @@ fn ublk_kill_loop_fio_verify() {
         .unwrap_or(5);
     let mut m = mount(&args, &t.path().join("m0.log"));
     const BLOCKS: u64 = 4096;
-    // Slow enough that every kill lands while fio writes (~2 s per kill).
-    let rate = (BLOCKS / (kills * 2)).max(10);
+    // Slow enough that every kill lands while fio writes (a kill and its recovery
+    // take ~2 s in the VM; 3 s each of writing).
+    let rate = (BLOCKS / (kills * 3)).max(10);
     // Recovery re-attaches the same device.
     let dev = m.dev.clone();
     let job = |extra: &[String]| -> Vec<String> {
