@@ -138,6 +138,11 @@ impl Log {
     ) -> io::Result<u64> {
         let ss = self.sector_size;
         let log_len = self.file.metadata()?.len();
+        // A replay never grows its target: entries past the device's end are bad.
+        let limit = match target {
+            Some(t) => t.metadata()?.len(),
+            None => u64::MAX,
+        };
         let mut pos = ss;
         let mut header = vec![0u8; ss as usize];
         let mut barriers = 0;
@@ -159,7 +164,12 @@ impl Log {
                 .ok_or_else(|| bad(format!("log entry {index}: {sectors} sectors")))?;
             let offset = sector
                 .checked_mul(ss)
-                .ok_or_else(|| bad(format!("log entry {index}: sector {sector}")))?;
+                .filter(|o| o.checked_add(bytes).is_some_and(|end| end <= limit))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "log entry {index}: sectors {sector}+{sectors} past the device"
+                    ))
+                })?;
             let mark = if flags & MARK != 0 {
                 let n = usize::try_from(data_len)
                     .ok()
@@ -321,10 +331,27 @@ mod tests {
         raw[512 + 8..512 + 16].copy_from_slice(&1000u64.to_le_bytes());
         std::fs::write(log.path(), &raw).unwrap();
         let t = tempfile::tempfile().unwrap();
+        t.set_len(1 << 20).unwrap();
         let e = Log::open(log.path())
             .unwrap()
             .replay(&t, |_, _| Ok(true))
             .unwrap_err();
         assert!(e.to_string().contains("entry 0"), "{e}");
+        // A write past the device's end.
+        let mut b = Builder {
+            ss: 512,
+            body: Vec::new(),
+            n: 0,
+        };
+        b.entry(4096, &[1u8; 512], 0, "");
+        let log = b.file();
+        let small = tempfile::tempfile().unwrap();
+        small.set_len(4096).unwrap();
+        let e = Log::open(log.path())
+            .unwrap()
+            .replay(&small, |_, _| Ok(true))
+            .unwrap_err();
+        assert!(e.to_string().contains("past the device"), "{e}");
+        assert_eq!(small.metadata().unwrap().len(), 4096);
     }
 }

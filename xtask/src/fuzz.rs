@@ -80,9 +80,15 @@ pub fn run_target(target: &str, runs: u64, seconds: Option<u64>) -> Result<Stats
         .stderr(Stdio::piped())
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
-    // libFuzzer's progress goes to stderr: keep the tail (the verdict and the stats).
+    // libFuzzer's progress goes to stderr: the tail (verdict and stats) of a passing
+    // run, everything of a failing one (the panic, the reproduction command).
     let lines: Vec<&str> = err.lines().collect();
-    for l in &lines[lines.len().saturating_sub(12)..] {
+    let from = if out.status.success() {
+        lines.len().saturating_sub(12)
+    } else {
+        0
+    };
+    for l in &lines[from..] {
         eprintln!("  {l}");
     }
     eprintln!("fuzz: {target}: {}", out.status);

@@ -112,16 +112,14 @@ fn overlay_state(f: &mut fmt::Formatter<'_>, s: Option<OverlayState>) -> fmt::Re
     }
 }
 
+/// An overlay's bytes and state, for the metrics.
+type Overlay = (u64, Option<OverlayState>);
+
 /// Prometheus text exposition of every mount and export.
 fn prometheus(mounts: &[MountStatus], servers: &[ServeStatus]) -> String {
-    // The overlay's figures: bytes held, and 1 when it has failed.
-    let ov = |bytes: u64, state: Option<OverlayState>| {
-        (
-            bytes,
-            f64::from(u8::from(state == Some(OverlayState::Failed))),
-        )
-    };
-    let mut series: Vec<(String, &CacheReport, &IoReport, (u64, f64))> = Vec::new();
+    // The overlay's figures: bytes held and its state.
+    let ov = |bytes: u64, state: Option<OverlayState>| (bytes, state);
+    let mut series: Vec<(String, &CacheReport, &IoReport, Overlay)> = Vec::new();
     for m in mounts {
         if let (Some(c), Some(i)) = (&m.cache, &m.io) {
             series.push((
@@ -150,9 +148,9 @@ fn prometheus(mounts: &[MountStatus], servers: &[ServeStatus]) -> String {
         &'static str,
         &'static str,
         &'static str,
-        fn(&CacheReport, &IoReport, (u64, f64)) -> f64,
+        fn(&CacheReport, &IoReport, Overlay) -> f64,
     );
-    let metrics: [Metric; 12] = [
+    let metrics: [Metric; 13] = [
         (
             "livemount_reads_total",
             "counter",
@@ -223,7 +221,13 @@ fn prometheus(mounts: &[MountStatus], servers: &[ServeStatus]) -> String {
             "livemount_overlay_failed",
             "gauge",
             "1 when a flush of the overlay failed and it refuses I/O.",
-            |_, _, o| o.1,
+            |_, _, o| f64::from(u8::from(o.1 == Some(OverlayState::Failed))),
+        ),
+        (
+            "livemount_overlay_synchronous",
+            "gauge",
+            "1 when the overlay has no map mirror (/run full) and flushes every write.",
+            |_, _, o| f64::from(u8::from(o.1 == Some(OverlayState::Synchronous))),
         ),
     ];
     let mut out = String::new();

@@ -99,10 +99,23 @@ impl LogWrites {
 impl Drop for LogWrites {
     fn drop(&mut self) {
         if self.active {
-            let _ = Command::new("dmsetup")
-                .args(["remove", "--noudevsync", "--force", &self.name])
-                .status();
+            remove_quietly(&self.name);
         }
+    }
+}
+
+/// Best-effort removal on a test's way out (a lazily unmounted file system may
+/// still hold the device for a moment): a few tries.
+fn remove_quietly(name: &str) {
+    for _ in 0..10 {
+        let ok = Command::new("dmsetup")
+            .args(["remove", "--noudevsync", "--force", name])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(300));
     }
 }
 
@@ -161,9 +174,7 @@ impl Switchable {
 
 impl Drop for Switchable {
     fn drop(&mut self) {
-        let _ = Command::new("dmsetup")
-            .args(["remove", "--noudevsync", "--force", &self.name])
-            .status();
+        remove_quietly(&self.name);
     }
 }
 

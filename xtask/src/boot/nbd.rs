@@ -73,7 +73,7 @@ impl Server {
             .args(["-TERM", &pid.to_string()])
             .status();
         let t0 = Instant::now();
-        while Path::new(&format!("/proc/{pid}")).exists() {
+        while running(pid) {
             if t0.elapsed() > Duration::from_secs(60) {
                 let _ = Command::new("kill")
                     .args(["-KILL", &pid.to_string()])
@@ -84,6 +84,15 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// True while `pid` runs (a zombie that nobody reaps yet has stopped).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z")
+    })
 }
 
 impl Drop for Server {

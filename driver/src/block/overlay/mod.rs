@@ -303,7 +303,7 @@ impl Overlay {
             )));
         }
         let mut bits = SparseMap::load(&file, map_offset, ml).at(path)?;
-        let dirty = merge_mirror(&mut bits, &mirror_path, &key, path);
+        let (dirty, merged) = merge_mirror(&mut bits, &mirror_path, &key, path);
         let mirror = start_mirror(&bits, mirror_dir.map(|_| mirror_path.as_path()), &key, path);
         let mapped = bits.count_ones();
         let sync_writes = AtomicBool::new(mirror.is_none());
@@ -314,7 +314,8 @@ impl Overlay {
             map: Mutex::new(MapState {
                 bits,
                 dirty,
-                stale_mirror: mirror.is_none(),
+                // A mirror file that could not be merged is never removed here.
+                stale_mirror: mirror.is_none() && merged,
                 mirror,
             }),
             map_offset,
@@ -558,29 +559,36 @@ fn warn_no_mirror(path: &Path, why: &str) {
 /// Merge the bits of this overlay's mirror (a dead daemon's acknowledged writes)
 /// into `bits`; the map pages that gained bits are dirty (to be made durable at the
 /// next flush). A mirror of another file or boot is ignored, with a warning.
+/// Returns the map pages it changed, and whether whatever mirror file is there may
+/// be removed once they are durable (false when it was there but not merged: it
+/// stays for a later look).
 fn merge_mirror(
     bits: &mut SparseMap,
     mirror_path: &Path,
     key: &MirrorKey,
     path: &Path,
-) -> std::collections::BTreeSet<u64> {
+) -> (std::collections::BTreeSet<u64>, bool) {
     let mut dirty = std::collections::BTreeSet::new();
-    match mirror::load(mirror_path, key) {
+    let merged = match mirror::load(mirror_path, key) {
         Ok(Some(old)) => {
             for p in old.allocated_pages() {
                 if bits.merge_page(p, &old.page_bytes(p)) {
                     dirty.insert(p);
                 }
             }
+            true
         }
-        Ok(None) => {}
-        Err(why) => eprintln!(
-            "livemount: warning: ignoring the map mirror {} of overlay {}: {why}",
-            mirror_path.display(),
-            path.display()
-        ),
-    }
-    dirty
+        Ok(None) => true,
+        Err(why) => {
+            eprintln!(
+                "livemount: warning: ignoring the map mirror {} of overlay {}: {why}",
+                mirror_path.display(),
+                path.display()
+            );
+            false
+        }
+    };
+    (dirty, merged)
 }
 
 /// A fresh mirror holding `bits` at `at` (None: no run directory), or None with a
