@@ -517,21 +517,7 @@ fn backup(p: &mut Prepared) -> Result<()> {
         fs::remove_dir_all(&store)?;
     }
     let t0 = Instant::now();
-    let out = Command::new(&p.livemount)
-        .arg("backup")
-        .arg(&p.image.path)
-        .arg("--store")
-        .arg(&store)
-        .args(["--name", SERIES, "--json"])
-        .output()
-        .context("running livemount backup")?;
-    if !out.status.success() {
-        bail!(
-            "livemount backup failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let v = backup_into(p, &store)?;
     p.store_bytes = v["bytes_stored"]
         .as_u64()
         .unwrap_or_else(|| dir_bytes(&store));
@@ -558,6 +544,43 @@ fn backup(p: &mut Prepared) -> Result<()> {
     r?;
     p.store_img = img;
     Ok(())
+}
+
+/// `livemount backup` of the image into `store` as series [`SERIES`]; its JSON report.
+pub(super) fn backup_into(p: &Prepared, store: &Path) -> Result<Value> {
+    let out = Command::new(&p.livemount)
+        .arg("backup")
+        .arg(&p.image.path)
+        .arg("--store")
+        .arg(store)
+        .args(["--name", SERIES, "--json"])
+        .output()
+        .context("running livemount backup")?;
+    if !out.status.success() {
+        bail!(
+            "livemount backup failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+}
+
+/// The first 12 hex digits of the md5 of the image tree's /bin/bash (what the
+/// booted guest's marker reports as `bash_md5`).
+pub(super) fn image_bash_md5() -> Result<String> {
+    let path = image::boot_dir().join("root/usr/bin/bash");
+    let out = Command::new("md5sum")
+        .arg(&path)
+        .output()
+        .context("running md5sum")?;
+    let s: String = String::from_utf8_lossy(&out.stdout)
+        .chars()
+        .take(12)
+        .collect();
+    if !out.status.success() || s.len() != 12 {
+        bail!("md5sum {} failed", path.display());
+    }
+    Ok(s)
 }
 
 /// The `livemount mount` arguments of a live case.
@@ -1487,19 +1510,9 @@ $L unmount "$dev" > /dev/null
         );
     };
     // The guest's checksum of its /bin/bash must be the image's.
-    let want = Command::new("md5sum")
-        .arg(image::boot_dir().join("root/usr/bin/bash"))
-        .output()
-        .ok()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .chars()
-                .take(12)
-                .collect::<String>()
-        })
-        .unwrap_or_default();
+    let want = image_bash_md5()?;
     let got = m.fields.get("bash_md5").cloned().unwrap_or_default();
-    if want.is_empty() || got != want {
+    if got != want {
         bail!(
             "smoke test: the nested guest read /bin/bash with md5 {got:?}, the image has {want:?}"
         );

@@ -12,7 +12,7 @@
 //! Part of `cargo xtask test`: it needs root (the image is built with debootstrap
 //! and mkfs), not the VM.
 
-use super::bench::{boot_seconds, prepare, verbose, Prepared, SERIES};
+use super::bench::{backup_into, boot_seconds, image_bash_md5, prepare, verbose, Prepared, SERIES};
 use super::qemu::{require_marker, Console, Qemu};
 use crate::util::root;
 use anyhow::{bail, Context, Result};
@@ -159,21 +159,6 @@ fn stamp_found(con: &Console) -> Option<String> {
     })
 }
 
-fn md5_12(path: &Path) -> Result<String> {
-    let out = Command::new("md5sum")
-        .arg(path)
-        .output()
-        .context("running md5sum")?;
-    let s: String = String::from_utf8_lossy(&out.stdout)
-        .chars()
-        .take(12)
-        .collect();
-    if !out.status.success() || s.len() != 12 {
-        bail!("md5sum {} failed", path.display());
-    }
-    Ok(s)
-}
-
 /// `cargo xtask boot-nbd`.
 pub fn run() -> Result<()> {
     let (p, _) = prepare(false, false)?;
@@ -182,23 +167,10 @@ pub fn run() -> Result<()> {
         fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     fs::create_dir_all(&dir)?;
-    let want_bash = md5_12(&super::image::boot_dir().join("root/usr/bin/bash"))?;
+    let want_bash = image_bash_md5()?;
 
     let t0 = Instant::now();
-    let out = Command::new(&p.livemount)
-        .arg("backup")
-        .arg(&p.image.path)
-        .arg("--store")
-        .arg(dir.join("store"))
-        .args(["--name", SERIES])
-        .output()
-        .context("running livemount backup")?;
-    if !out.status.success() {
-        bail!(
-            "livemount backup failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    backup_into(&p, &dir.join("store"))?;
     eprintln!(
         "boot-nbd: backup of the image in {:.0} s",
         t0.elapsed().as_secs_f64()
