@@ -293,3 +293,49 @@ fn a_migrated_mount_reopens_from_target_alone_without_the_store() {
         .to_string();
     assert!(e.contains("store"), "{e}");
 }
+
+/// A complete map whose TARGET cannot be served: a recovery fails with an error
+/// naming TARGET instead of serving anything. Cut short, its tail would be padded
+/// with zeros; removed, it would be copied again from below, which lacks every
+/// write since the migration completed (those went to TARGET alone).
+#[test]
+fn a_complete_map_without_its_target_is_refused_not_served() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 2 * MIB as usize;
+    let (_, stack) = mounted(d.path(), size);
+    let target = d.path().join("vm.raw");
+    stack.migrate(&target, 0).unwrap();
+    wait_state(&stack, "migrated", Duration::from_secs(60));
+    stack.top.write_at(0, &[0x42; 4096]).unwrap(); // TARGET alone has it
+    stack.top.flush().unwrap();
+    let mut saved = stack.config.clone();
+    saved.migration = stack.migrating.config();
+    drop(stack);
+    let gone = d.path().join("store.gone");
+    std::fs::rename(d.path().join("store"), &gone).unwrap();
+    // Cut short, the store gone: refused, and left as it is.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .unwrap();
+    f.set_len(MIB).unwrap();
+    drop(f);
+    let e = Stack::open(&saved)
+        .err()
+        .expect("a truncated TARGET was served")
+        .to_string();
+    assert!(e.contains("vm.raw") && e.contains("truncated"), "{e}");
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), MIB);
+    // Removed, the store back: refused too, and not recreated.
+    std::fs::rename(&gone, d.path().join("store")).unwrap();
+    std::fs::remove_file(&target).unwrap();
+    let e = Stack::open(&saved)
+        .err()
+        .expect("a removed TARGET was copied again from below")
+        .to_string();
+    assert!(e.contains("vm.raw") && e.contains("missing"), "{e}");
+    assert!(
+        !target.exists(),
+        "an empty TARGET was left as if it were the disk"
+    );
+}

@@ -464,6 +464,13 @@ fn migrate_an_export_across_a_crash_then_serve_without_the_store() {
         ov.as_os_str(),
     ])
     .error(&["overlay"]);
+    // `--wait` with nothing to follow: an error, not a wait forever.
+    lm([
+        OsStr::new("migrate"),
+        OsStr::new("migrant"),
+        OsStr::new("--wait"),
+    ])
+    .error(&["migrant", "no migration in progress"]);
     // A second server exporting the same name: the name alone is ambiguous.
     let other = Server::start(
         &d.path().join("other.sock"),

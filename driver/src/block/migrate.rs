@@ -231,10 +231,14 @@ impl Migrating {
         let secs = job.started.elapsed().as_secs_f64().max(1e-3);
         let rate = job.copied_now.load(SeqCst) as f64 / secs;
         let left = self.key.size - copied;
-        let failed = job.failed.lock().ok().and_then(|f| f.clone());
+        let failed = job.failed.lock().ok().and_then(|f| f.clone()).or_else(|| {
+            job.target_failed
+                .load(SeqCst)
+                .then(|| "a flush of the migrated disk failed; the device refuses I/O".into())
+        });
         let paused = job.paused.lock().ok().and_then(|p| p.clone());
         let state = match (self.phase.load(SeqCst), &failed, &paused) {
-            (DONE, _, _) => "migrated",
+            (DONE, None, _) => "migrated",
             (_, Some(_), _) => "failed",
             (_, _, Some(_)) => "paused",
             _ => "copying",
@@ -600,6 +604,15 @@ impl Job {
             }
         }
         let existing = std::fs::symlink_metadata(t).ok();
+        if resume && existing.is_none() && completed(&config.map).is_some() {
+            // Every write since completion went to TARGET alone: copying again
+            // from below would bring back stale data.
+            return Err(invalid(format!(
+                "{} is missing, but its migration was complete and it alone held the disk; put it back (or remove the map {} to start over from the device's older state)",
+                t.display(),
+                config.map.display()
+            )));
+        }
         let is_block = existing
             .as_ref()
             .is_some_and(|m| m.file_type().is_block_device());
@@ -639,9 +652,8 @@ impl Job {
                 key.size
             )));
         }
-        if !is_block && size < key.size {
-            target.set_len(key.size).at(t)?;
-        }
+        // A file shorter than the device: created just now, or cut short since.
+        let short = !is_block && size < key.size;
         let regions = key.size.div_ceil(key.region);
         let ml = map_len(regions);
         let map_file = crate::paths::open_private_rw(&config.map).at(&config.map)?;
@@ -672,6 +684,15 @@ impl Job {
                         t.display()
                     );
                 }
+            } else if was_done && short {
+                // TARGET alone held the disk, and it lost its tail: nothing else
+                // has those bytes, and zeros in their place would be wrong data.
+                return Err(invalid(format!(
+                    "{} holds {size} bytes but its migration to a {}-byte device was complete: it was truncated since; restore it from a copy (the map {} says what it held)",
+                    t.display(),
+                    key.size,
+                    config.map.display()
+                )));
             } else if was_done {
                 // Complete: TARGET was synced whole and every later write went to
                 // it alone, so it is the disk, in any boot.
@@ -679,6 +700,12 @@ impl Job {
                     bits[(r / 64) as usize] |= 1 << (r % 64);
                 }
                 done_state = true;
+            } else if short {
+                // Bits for regions the file no longer holds would lie.
+                eprintln!(
+                    "livemount: warning: migration target {} is shorter than the device: copying everything again",
+                    t.display()
+                );
             } else if same_boot {
                 let mut raw = vec![0u8; ml as usize];
                 map_file
@@ -693,6 +720,9 @@ impl Job {
                     config.map.display()
                 );
             }
+        }
+        if short {
+            target.set_len(key.size).at(t)?;
         }
         // Bits past the last region are never set.
         let done_count = bits
@@ -1095,6 +1125,93 @@ mod tests {
         let mut buf = [0u8; 512];
         m.read_at(0, &mut buf).unwrap();
         assert_eq!(buf, [0x99; 512], "TARGET was copied over");
+    }
+
+    /// A power cut may leave a write in TARGET and not below, or the other way
+    /// round: a copying map from another boot is never resumed.
+    #[test]
+    fn a_copying_map_from_another_boot_starts_over() {
+        let size = 2u64 << 20;
+        let (_d, lower, cfg, m) = copying(size, 0x31, Duration::from_millis(20), vec![]);
+        std::thread::sleep(Duration::from_millis(60));
+        m.flush().unwrap();
+        m.stop();
+        assert!(m.report().unwrap().copied_bytes > 0);
+        drop(m);
+        // Below, the power cut kept a write that TARGET (already copied) lacks.
+        lower.write_at(0, &[0x77; 4096]).unwrap();
+        edit_map_header(&cfg.map, |h| h[8] ^= 0xff);
+        let m = Arc::new(Migrating::new(lower, key(size)));
+        m.start(cfg.clone(), None, vec![], noop(), true, false)
+            .unwrap();
+        assert_eq!(
+            m.report().unwrap().copied_bytes,
+            0,
+            "resumed another boot's map"
+        );
+        wait_done(&m);
+        let t = std::fs::read(&cfg.target).unwrap();
+        assert!(
+            t[..4096].iter().all(|&b| b == 0x77),
+            "stale region in TARGET"
+        );
+        assert!(t[4096..].iter().all(|&b| b == 0x31));
+    }
+
+    /// A complete map whose region size was damaged is not taken for the device's
+    /// (a region of 0 would divide by zero, a huge one would cover the disk with
+    /// one bit).
+    #[test]
+    fn a_map_with_a_damaged_region_size_is_refused() {
+        let size = 1u64 << 20;
+        let (_d, lower, cfg, m) = migrated(size, 0x12);
+        drop(m);
+        for region in [0u64, 1, 1 << 40] {
+            edit_map_header(&cfg.map, |h| {
+                h[32..40].copy_from_slice(&region.to_le_bytes())
+            });
+            let got = completed(&cfg.map);
+            assert!(
+                got.is_none_or(|k| k.region != key(size).region),
+                "region {region}: {got:?}"
+            );
+            let m = Arc::new(Migrating::new(lower.clone(), key(size)));
+            let e = m
+                .start(cfg.clone(), None, vec![], noop(), true, false)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("another device or damaged"),
+                "region {region}: {e}"
+            );
+        }
+    }
+
+    /// TARGET alone holds a completed migration's disk: cut short, its tail is gone,
+    /// and serving zeros in its place would be wrong data.
+    #[test]
+    fn a_truncated_target_of_a_completed_migration_is_refused() {
+        let size = 1u64 << 20;
+        let (_d, lower, cfg, m) = migrated(size, 0x5a);
+        drop(m);
+        let f = OpenOptions::new().write(true).open(&cfg.target).unwrap();
+        f.set_len(size / 2).unwrap();
+        drop(f);
+        let m = Arc::new(Migrating::new(lower.clone(), key(size)));
+        let e = m
+            .start(cfg.clone(), None, vec![], noop(), true, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated"), "{e}");
+        assert_eq!(std::fs::metadata(&cfg.target).unwrap().len(), size / 2);
+        assert!(!m.migrated());
+        // A copy in progress whose TARGET was cut short copies everything again.
+        edit_map_header(&cfg.map, |h| h[72] = 0);
+        let m = Arc::new(Migrating::new(lower, key(size)));
+        m.start(cfg.clone(), None, vec![], noop(), true, false)
+            .unwrap();
+        wait_done(&m);
+        assert!(std::fs::read(&cfg.target).unwrap() == vec![0x5a; size as usize]);
     }
 
     /// Found in review: a new `migrate` resumed an earlier attempt's map, so regions
