@@ -2,6 +2,7 @@
 //! they share with the project's test driver (`cargo xtask test`).
 
 pub mod garage;
+pub mod httpfault;
 pub mod logwrites;
 pub mod netem;
 

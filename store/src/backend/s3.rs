@@ -526,6 +526,15 @@ impl S3Backend {
     }
 }
 
+/// Listings read again after a page's body was cut off.
+const LIST_RETRIES: u32 = 4;
+
+/// True for a client error that says a response body ended early (a reset
+/// connection mid-transfer).
+fn cut_off(e: &str) -> bool {
+    e.contains("body error") || e.contains("response body")
+}
+
 /// What a client error means for an operator, on one line: the common causes
 /// named plainly, the client's own text (without a response body's XML) after.
 fn reason(e: &str) -> String {
@@ -676,16 +685,28 @@ impl Backend for S3Backend {
         } else {
             format!("{}/", self.prefix)
         };
-        let store = self.store.clone();
-        let metas: Vec<object_store::ObjectMeta> = self
+        let mut attempt = 0u32;
+        let metas: Vec<object_store::ObjectMeta> = loop {
+            let (store, path) = (self.store.clone(), path.clone());
             // Each page is a request with its own attempt timeout and retries; the
             // whole listing of a large store takes many (1000 keys each).
-            .run_for(
+            let r = self.run_for(
                 prefix,
                 (self.io_timeout * 40).max(Duration::from_secs(600)),
                 async move { store.list(Some(&path)).try_collect().await },
-            )?
-            .map_err(|e| self.remote(prefix, e))?;
+            )?;
+            match r {
+                Ok(m) => break m,
+                // A page whose body was cut off mid-stream: the client retries a
+                // request that fails, and resumes an object's body, but not a
+                // listing page it began to read. The listing is read again.
+                Err(e) if attempt < LIST_RETRIES && cut_off(&e.to_string()) => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(100 << attempt));
+                }
+                Err(e) => return Err(self.remote(prefix, e)),
+            }
+        };
         Ok(metas
             .into_iter()
             .filter_map(|m| {
