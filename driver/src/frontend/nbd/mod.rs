@@ -383,6 +383,45 @@ impl InFlight {
     }
 }
 
+/// Read buffers of one connection, handed back by its writer once a reply is on
+/// the wire. A fresh `vec![0; 1 MiB]` per read costs a calloc (glibc maps a
+/// buffer that large, so its pages fault in again every time, or zeroes it) —
+/// measured as a large share of a cold sequential read's CPU (docs/performance.md).
+/// A recycled buffer keeps this connection's earlier bytes until the read
+/// overwrites them; a failed read sends none of them (an error reply carries no
+/// data), and no buffer passes between connections.
+#[derive(Default)]
+struct Recycled(Mutex<Vec<Vec<u8>>>);
+
+/// Buffers kept per connection: as many as reads in flight usually are.
+const RECYCLED_MAX: usize = 8;
+
+impl Recycled {
+    /// A buffer of exactly `len` bytes (contents unspecified).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let found = self.0.lock().ok().and_then(|mut v| {
+            let i = v.iter().position(|b| b.capacity() >= len)?;
+            Some(v.swap_remove(i))
+        });
+        match found {
+            Some(mut b) => {
+                // Only a part beyond the buffer's current length is zeroed.
+                b.resize(len, 0);
+                b
+            }
+            None => vec![0u8; len],
+        }
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        if let Ok(mut v) = self.0.lock() {
+            if v.len() < RECYCLED_MAX {
+                v.push(b);
+            }
+        }
+    }
+}
+
 /// What a reply carries besides its result.
 enum Body {
     /// Nothing (writes, flushes, errors).
@@ -436,6 +475,7 @@ fn writer(
     rx: std::sync::mpsc::Receiver<Reply>,
     inflight: Arc<InFlight>,
     budget: Arc<Budget>,
+    recycled: Arc<Recycled>,
 ) {
     let mut broken = false;
     for r in rx {
@@ -445,6 +485,9 @@ fn writer(
                 .is_err();
         }
         budget.release(r.held);
+        if let Body::Read(_, d) = r.body {
+            recycled.give(d);
+        }
         inflight.release();
     }
 }
@@ -533,10 +576,19 @@ pub fn serve_connection(
     let inflight = Arc::new(InFlight::default());
     let (tx, rx) = std::sync::mpsc::channel();
     let w = c.try_clone_conn()?;
-    let (i2, b2) = (inflight.clone(), budget.clone());
+    let recycled = Arc::new(Recycled::default());
+    let (i2, b2, r2) = (inflight.clone(), budget.clone(), recycled.clone());
     let structured = session.structured;
-    let writer = std::thread::spawn(move || writer(w, structured, rx, i2, b2));
-    let result = transmission(c.as_mut(), &session, pool, &tx, &inflight, budget);
+    let writer = std::thread::spawn(move || writer(w, structured, rx, i2, b2, r2));
+    let result = transmission(
+        c.as_mut(),
+        &session,
+        pool,
+        &tx,
+        &inflight,
+        budget,
+        &recycled,
+    );
     // Every reply of an accepted request is written (or given up) before the
     // connection closes.
     drop(tx);
@@ -552,6 +604,7 @@ fn transmission(
     out: &Replies,
     inflight: &Arc<InFlight>,
     budget: &Arc<Budget>,
+    recycled: &Recycled,
 ) -> io::Result<()> {
     loop {
         let mut h = [0u8; 28];
@@ -596,7 +649,10 @@ fn transmission(
             0
         };
         budget.acquire(held);
-        let mut buf = vec![0u8; held as usize];
+        let mut buf = match req.op {
+            Op::Read => recycled.take(held as usize),
+            _ => vec![0u8; held as usize],
+        };
         if req.op == Op::Write {
             if let Err(e) = c.read_exact(&mut buf) {
                 budget.release(held);
