@@ -257,8 +257,23 @@ struct Running {
 }
 
 impl Running {
-    /// Spawn the profiler and wait for the line saying it is attached.
+    /// Spawn the profiler and wait for the line saying it is attached. A profiler
+    /// that exits before attaching is started once more (seen once, on a fresh
+    /// machine, in `cgroup_filter_keeps_only_that_cgroup_reads`, with its message
+    /// lost): the first failure is printed whole, and a second one fails the test
+    /// with both.
     fn start(args: &[&str], ready_prefix: &str) -> Running {
+        match Self::try_start(args, ready_prefix) {
+            Ok(r) => r,
+            Err(first) => {
+                eprintln!("FLAKY: {first}\n(starting the profiler once more)");
+                Self::try_start(args, ready_prefix)
+                    .unwrap_or_else(|second| panic!("{first}\nand again: {second}"))
+            }
+        }
+    }
+
+    fn try_start(args: &[&str], ready_prefix: &str) -> Result<Running, String> {
         let mut child = Command::new(profiler_bin())
             .args(args)
             .stderr(Stdio::piped())
@@ -272,7 +287,10 @@ impl Running {
             line.clear();
             if reader.read_line(&mut line).unwrap_or(0) == 0 {
                 let status = child.wait().unwrap();
-                panic!("profiler exited ({status}) before attaching: {line}");
+                let said = stderr.lock().unwrap().clone();
+                return Err(format!(
+                    "profiler {args:?} exited ({status}) before attaching:\n{said}"
+                ));
             }
             stderr.lock().unwrap().push_str(&line);
             if line.starts_with(ready_prefix) {
@@ -287,7 +305,7 @@ impl Running {
                 line.clear();
             }
         });
-        Running { child, stderr }
+        Ok(Running { child, stderr })
     }
 
     /// Ctrl-C, wait, and return stderr.
