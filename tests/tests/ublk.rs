@@ -2560,6 +2560,53 @@ fn replay_power_cuts(
     (barriers.len(), checked, seen)
 }
 
+/// `--store STORE SNAPSHOT --overlay OV`: a mount of the fixture's snapshot.
+fn overlay_args<'a>(fx: &'a Fixture, ov: &'a Path) -> [&'a std::ffi::OsStr; 5] {
+    [
+        os("--store"),
+        fx.store.as_os_str(),
+        os(&fx.snap),
+        os("--overlay"),
+        ov.as_os_str(),
+    ]
+}
+
+/// True if `got` is slot `slot`'s data of generation `gen` or of a later write of
+/// it in `history` (a write after the acknowledged one may have landed too).
+fn acked_slot_holds(got: &[u8], slot: u64, gen: u64, history: &[(u64, u64)]) -> bool {
+    history
+        .iter()
+        .any(|&(s, g)| s == slot && g >= gen && got == &slot_data(slot, g)[..])
+}
+
+/// Mount `ov` over the fixture's snapshot, failing with `what` and the mount's
+/// stderr if it does not come up.
+#[track_caller]
+fn mount_replayed_overlay(fx: &Fixture, ov: &Path, log: &Path, what: &str) -> Mount {
+    let out = try_mount(&overlay_args(fx, ov), log);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{what}: mounting the overlay failed: {}",
+        out.stderr
+    );
+    Mount::from_output(&out.stdout, log)
+}
+
+/// Every slot of `slots` on device `dev` holds its acknowledged generation (or a
+/// later one).
+#[track_caller]
+fn assert_acked_slots(dev: &str, slots: &HashMap<u64, u64>, history: &[(u64, u64)], what: &str) {
+    let f = open_direct(dev, false).unwrap();
+    for (&slot, &gen) in slots {
+        let got = read_direct(&f, slot_offset(slot), SLOT_LEN).unwrap();
+        assert!(
+            acked_slot_holds(&got, slot, gen, history),
+            "{what}: slot {slot}: acknowledged generation {gen} lost"
+        );
+    }
+}
+
 /// One replayed disk: its ext4, the overlay on it, the guest's data and ext4.
 #[track_caller]
 fn check_power_cut_state(
@@ -2577,33 +2624,8 @@ fn check_power_cut_state(
     let fsm = FsMount::mount(&lo.dev, mnt, "rw");
     let ov = mnt.join("vm.overlay");
     if a.overlay {
-        let args = [
-            os("--store"),
-            fx.store.as_os_str(),
-            os(&fx.snap),
-            os("--overlay"),
-            ov.as_os_str(),
-        ];
-        let out = try_mount(&args, &mnt.with_extension("log"));
-        assert_eq!(
-            out.code,
-            Some(0),
-            "{what}: mounting the overlay failed: {}",
-            out.stderr
-        );
-        let m = Mount::from_output(&out.stdout, &mnt.with_extension("log"));
-        let f = open_direct(&m.dev, false).unwrap();
-        for (&slot, &gen) in &a.slots {
-            let got = read_direct(&f, slot_offset(slot), SLOT_LEN).unwrap();
-            let ok = history
-                .iter()
-                .any(|&(s, g)| s == slot && g >= gen && got == slot_data(slot, g));
-            assert!(
-                ok,
-                "{what}: slot {slot}: acknowledged generation {gen} lost"
-            );
-        }
-        drop(f);
+        let m = mount_replayed_overlay(fx, &ov, &mnt.with_extension("log"), what);
+        assert_acked_slots(&m.dev, &a.slots, history, what);
         if a.guest_fs {
             let gdir = mnt.with_extension("guest");
             let g = FsMount::mount(&m.dev, &gdir, "rw");
@@ -3147,4 +3169,240 @@ fn ublk_run_dir_on_a_1_mib_tmpfs() {
     }
     drop(f);
     m2.unmount();
+}
+
+/// 19b. The disk under a completed migration's TARGET fails (a dm `error` target,
+///      then `linear` again): the guest's flush gets EIO, and from then on every
+///      request does, also once the disk is back (a failed fdatasync may have
+///      dropped pages the kernel had accepted, and TARGET is the only copy);
+///      `status` says the migration failed; the daemon stays up and unmounts.
+#[test]
+fn ublk_migrated_disk_that_fails_stays_failed() {
+    if !have_ublk("ublk_migrated_disk_that_fails_stays_failed") {
+        return;
+    }
+    let _t = Timer::start("ublk_migrated_disk_that_fails_stays_failed");
+    let fx = fixture();
+    let t = tmp("migfail");
+    let disk = dm::Switchable::create(t.path(), "lm-migfail", 72 * MIB);
+    let ov = t.path().join("ov");
+    let m = mount(&overlay_args(fx, &ov), &t.path().join("m.log"));
+    lm(
+        &[
+            os("migrate"),
+            os(&m.dev),
+            os("--to"),
+            os(&disk.dev),
+            os("--wait"),
+        ],
+        Duration::from_secs(300),
+    )
+    .ok();
+    let f = open_direct(&m.dev, true).unwrap();
+    write_direct(&f, slot_offset(1), &slot_data(1, 1)).unwrap();
+    f.sync_data().unwrap();
+    assert_eq!(m.status()["migration"]["state"], "migrated");
+
+    disk.fail(true);
+    let flushed = write_direct(&f, slot_offset(2), &slot_data(2, 2)).and_then(|_| f.sync_data());
+    assert!(
+        flushed.is_err(),
+        "a write + flush succeeded on a migrated disk that fails every I/O"
+    );
+    disk.fail(false);
+    let again = write_direct(&f, slot_offset(3), &slot_data(3, 3)).and_then(|_| f.sync_data());
+    assert!(
+        again.is_err(),
+        "a write + flush succeeded after an earlier flush of the migrated disk had failed"
+    );
+    assert!(
+        read_direct(&f, slot_offset(1), SLOT_LEN).is_err(),
+        "a read was served after a flush of the migrated disk failed"
+    );
+    drop(f);
+    let start = Instant::now();
+    loop {
+        let mig = m.status()["migration"].clone();
+        if mig["state"] == "failed" {
+            assert!(
+                mig["error"].as_str().is_some_and(|e| e.contains("flush")),
+                "{mig}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "status does not say the migration failed: {mig}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(alive(m.pid()), "the daemon died after the failed flush");
+    let (dev, id) = (m.dev.clone(), m.id);
+    let _ = try_run_bounded(&bin(), &[os("unmount"), os(&dev)], Duration::from_secs(60));
+    wait_gone(&dev, id);
+    std::mem::forget(m);
+    fx.assert_store_untouched();
+}
+
+/// What had been acknowledged when a mark of the migration's power-cut log was
+/// logged.
+struct MigAcked {
+    mark: String,
+    /// The overlay exists (the device was up) from this mark on.
+    overlay: bool,
+    /// `migrate --wait` had returned: the migration was reported complete.
+    migrated: bool,
+    /// slot → the generation whose write + flush had completed.
+    slots: HashMap<u64, u64>,
+}
+
+power_cut_test!(
+    /// 19c. Power cut during and after a migration, replayed (dm-log-writes): the
+    ///      overlay, TARGET and its progress map on an ext4 on a dm-log-writes
+    ///      device; slots written + flushed before, during (the copy held to 8 MiB/s)
+    ///      and after the migration, a mark after each acknowledgement and after
+    ///      `migrate --wait` returned. At every mark and a spread of the other
+    ///      FLUSH/FUA points, from the replayed disk alone: a map that says complete
+    ///      has TARGET equal to the snapshot plus every acknowledged write (never
+    ///      done early), a migration reported complete has such a map, and until
+    ///      then a new mount of the overlay has every acknowledged write.
+    ublk_power_cut_replay_migration,
+    power_cut_replay_migration()
+);
+
+fn power_cut_replay_migration() {
+    let fx = fixture();
+    let t = tmp("powercut-mig");
+    let lw = dm::LogWrites::create(t.path(), "lm-pc-mig", 128 * MIB, 1024 * MIB);
+    OuterFs::Ext4.mkfs(&lw.dev);
+    lw.mark("outer-fs");
+    let outer = t.path().join("outer");
+    let outer_fs = FsMount::mount(&lw.dev, &outer, "rw");
+    let (ov, target) = (outer.join("vm.overlay"), outer.join("vm.raw"));
+    let m = mount(&overlay_args(fx, &ov), &t.path().join("m.log"));
+    let meta = fs::metadata(&ov).unwrap();
+    let mirror =
+        Path::new("/run/livemount").join(format!("overlay-{:x}-{}.map", meta.dev(), meta.ino()));
+    let mut acked = vec![MigAcked {
+        mark: "outer-fs".into(),
+        overlay: false,
+        migrated: false,
+        slots: HashMap::new(),
+    }];
+    let dev = open_direct(&m.dev, true).unwrap();
+    let (mut history, mut slots) = (Vec::new(), HashMap::new());
+    let mut gen = 0u64;
+    let mut step = |acked: &mut Vec<MigAcked>, name: String, migrated: bool, writes: u32| {
+        for _ in 0..writes {
+            gen += 1;
+            let slot = gen * 7 % SLOTS;
+            history.push((slot, gen));
+            write_direct(&dev, slot_offset(slot), &slot_data(slot, gen)).unwrap();
+            dev.sync_data().unwrap();
+            slots.insert(slot, gen);
+        }
+        lw.mark(&name);
+        acked.push(MigAcked {
+            mark: name,
+            overlay: true,
+            migrated,
+            slots: slots.clone(),
+        });
+    };
+    step(&mut acked, "before".into(), false, 2);
+    lm(
+        &[
+            os("migrate"),
+            os(&m.dev),
+            os("--to"),
+            target.as_os_str(),
+            os("--rate"),
+            os("8M"),
+        ],
+        Duration::from_secs(30),
+    )
+    .ok();
+    for i in 0..6 {
+        std::thread::sleep(Duration::from_millis(700));
+        step(&mut acked, format!("copying-{i}"), false, 2);
+    }
+    lm(
+        &[os("migrate"), os(&m.dev), os("--wait")],
+        Duration::from_secs(300),
+    )
+    .ok();
+    step(&mut acked, "migrated".into(), true, 0);
+    for i in 0..3 {
+        step(&mut acked, format!("after-{i}"), true, 2);
+    }
+    drop(dev);
+    // The power cut: TARGET, its map and the overlay are what the disk holds.
+    sigkill_daemon(&m);
+    lm(&[os("unmount"), os(&m.dev)], Duration::from_secs(60)).ok();
+    wait_gone(&m.dev, m.id);
+    std::mem::forget(m);
+    let _ = fs::remove_file(&mirror);
+    outer_fs.umount();
+    let (log, size) = lw.remove();
+    let mnt = t.path().join("check");
+    let image = fs::read(&fx.image).unwrap();
+    let (mut complete_states, mut copying_states) = (0, 0);
+    let (barriers, checked, seen) = replay_power_cuts(
+        &log,
+        size,
+        t.path(),
+        POWER_CUT_SAMPLE,
+        |what, mark, img| {
+            let a = acked.iter().find(|a| a.mark == mark);
+            let a = a.unwrap_or_else(|| panic!("unknown mark {mark:?} in the log"));
+            let lo = dm::Loop::attach(img);
+            OuterFs::Ext4.recover(&lo.dev, what);
+            let fsm = FsMount::mount(&lo.dev, &mnt, "rw");
+            let (ov, target) = (mnt.join("vm.overlay"), mnt.join("vm.raw"));
+            let done = livemount::block::migrate::completed(&mnt.join("vm.raw.lmmig")).is_some();
+            assert!(
+                done || !a.migrated,
+                "{what}: the migration was reported complete, but the map on disk does not say so"
+            );
+            if done {
+                complete_states += 1;
+                let tgt = fs::read(&target).unwrap();
+                assert_eq!(tgt.len(), image.len().next_multiple_of(512), "{what}");
+                let (lo_end, hi) = (40 * MIB as usize, 60 * MIB as usize);
+                assert!(
+                    tgt[..lo_end] == image[..lo_end] && tgt[hi..image.len()] == image[hi..],
+                    "{what}: the map says complete, but TARGET differs from the snapshot"
+                );
+                for (&slot, &gen) in &a.slots {
+                    let at = slot_offset(slot) as usize;
+                    assert!(
+                        acked_slot_holds(&tgt[at..at + SLOT_LEN], slot, gen, &history),
+                        "{what}: the map says complete, but TARGET lacks slot {slot} generation {gen}"
+                    );
+                }
+            } else if a.overlay {
+                copying_states += 1;
+            }
+            if a.overlay && !a.migrated {
+                let m = mount_replayed_overlay(fx, &ov, &mnt.with_extension("log"), what);
+                assert_acked_slots(&m.dev, &a.slots, &history, what);
+                m.unmount();
+            }
+            fsm.umount();
+            OuterFs::Ext4.check(&lo.dev, what);
+        },
+    );
+    assert!(
+        acked.iter().all(|a| seen.contains(&a.mark)),
+        "a mark is missing from the log: {seen:?}"
+    );
+    eprintln!(
+        "power_cut_replay_migration: {barriers} barriers in the log, {checked} states checked ({} marks; {complete_states} with a complete map, {copying_states} without)",
+        acked.len()
+    );
+    assert!(
+        complete_states > 0 && copying_states > 0,
+        "both kinds of state are checked"
+    );
+    fx.assert_store_untouched();
 }

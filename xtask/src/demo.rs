@@ -23,18 +23,7 @@ fn livemount() -> PathBuf {
 }
 
 fn lm(args: &[&str]) -> Result<String> {
-    let out = Command::new(livemount())
-        .args(args)
-        .output()
-        .context("running livemount")?;
-    if !out.status.success() {
-        bail!(
-            "livemount {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::util::run_livemount(&livemount(), args)
 }
 
 fn json(args: &[&str]) -> Result<serde_json::Value> {

@@ -89,3 +89,20 @@ pub fn git_head() -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into())
 }
+
+/// Run the livemount binary `bin` with `args`: its stdout, or an error with its
+/// stderr.
+pub fn run_livemount(bin: &std::path::Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .with_context(|| format!("running livemount {}", args.join(" ")))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "livemount {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

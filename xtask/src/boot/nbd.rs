@@ -6,7 +6,10 @@
 //! leaves a stamp on the root (`lm.stamp`: a write through the disk, then `sync`),
 //! systemd comes up to multi-user.target and the marker unit powers off. The server
 //! is stopped and started again on the same overlay, and a second boot must find
-//! the first boot's stamp. A boot of the raw image file, in the same run, is the
+//! the first boot's stamp. A third boot runs while `livemount migrate` copies the
+//! export into a local raw file (held to ~20 s, longer than the boot); after it is
+//! complete and the server stopped, a fourth boot straight from that file finds the
+//! third boot's stamp. A boot of the raw image file, in the same run, is the
 //! reference of the timings (results/boot-nbd.md).
 //!
 //! Part of `cargo xtask test`: it needs root (the image is built with debootstrap
@@ -25,6 +28,10 @@ use std::time::{Duration, Instant};
 /// The stamps of the two boots (any words the image cannot already hold).
 const STAMP_1: &str = "nbd-boot-one-5d21";
 const STAMP_2: &str = "nbd-boot-two-a8e0";
+const STAMP_3: &str = "nbd-boot-migrating-71c3";
+/// Written by the boot from the migrated file into qemu's throwaway snapshot (the
+/// initramfs prints the earlier stamp only when given a new one).
+const STAMP_4: &str = "nbd-boot-migrated-0b9e";
 
 /// A `livemount serve --daemon`, stopped (SIGTERM, then waited for) on drop.
 struct Server {
@@ -159,6 +166,67 @@ fn stamp_found(con: &Console) -> Option<String> {
     })
 }
 
+/// Boot 3, over NBD while `livemount migrate` copies the export into a local raw
+/// file at about the disk's size per boot; then, once complete and the server
+/// stopped, boot 4 straight from that file. Returns both boots and the fraction
+/// copied when the third boot's guest had shut down.
+fn boot_while_migrating(
+    p: &Prepared,
+    dir: &Path,
+    sock: &Path,
+    drive: String,
+    want_bash: &str,
+) -> Result<(Booted, Booted, f64)> {
+    eprintln!("boot-nbd: boot 3 over NBD while the export is migrated to a local file");
+    let target = dir.join("migrated.raw");
+    let mut server = Server::start(p, dir, sock, &dir.join("serve-3.log"))?;
+    let size = fs::metadata(&p.image.path)?.len();
+    // Longer than a boot (~15 s wall), so the guest runs and shuts down mid-copy;
+    // its own reads (~26 MiB) go first.
+    let rate = (size / 20).max(1 << 20);
+    let pid = server.pid.to_string();
+    let to = target.display().to_string();
+    let rate = rate.to_string();
+    let lm = |args: &[&str]| crate::util::run_livemount(&p.livemount, args);
+    lm(&[
+        "migrate", SERIES, "--server", &pid, "--to", &to, "--rate", &rate,
+    ])?;
+    let booted = run_boot(&boot(p, "NBD, migrating", drive, Some(STAMP_3)), want_bash)?;
+    let status = lm(&["status", "--nbd", "--json"])?;
+    let copied = serde_json::from_str::<serde_json::Value>(&status)
+        .ok()
+        .and_then(|v| {
+            let m = v.as_array()?.iter().find_map(|s| {
+                (s["pid"] == server.pid).then_some(())?;
+                s["exports"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["name"] == SERIES)
+                    .map(|e| e["migration"].clone())
+            })?;
+            Some(m["copied_bytes"].as_f64()? / m["total_bytes"].as_f64()?)
+        })
+        .with_context(|| {
+            format!("no migration of {SERIES} in `livemount status --nbd --json`: {status}")
+        })?;
+    let waited = lm(&["migrate", SERIES, "--server", &pid, "--wait"])?;
+    if !waited.contains("migrated to") {
+        bail!("boot-nbd: `livemount migrate --wait` said: {waited}");
+    }
+    server.stop()?;
+    eprintln!("boot-nbd: boot 4 straight from the migrated file (no livemount)");
+    let migrated = run_boot(
+        &boot(
+            p,
+            "migrated file",
+            format!("file={},snapshot=on", target.display()),
+            Some(STAMP_4),
+        ),
+        want_bash,
+    )?;
+    Ok((booted, migrated, copied))
+}
+
 /// `cargo xtask boot-nbd`.
 pub fn run() -> Result<()> {
     let (p, _) = prepare(false, false)?;
@@ -198,9 +266,14 @@ pub fn run() -> Result<()> {
     server.stop()?;
     eprintln!("boot-nbd: boot 2 over NBD (a new server on the same overlay and disk cache)");
     let mut server = Server::start(&p, &dir, &sock, &dir.join("serve-2.log"))?;
-    let second = run_boot(&boot(&p, "second NBD", drive, Some(STAMP_2)), &want_bash)?;
+    let second = run_boot(
+        &boot(&p, "second NBD", drive.clone(), Some(STAMP_2)),
+        &want_bash,
+    )?;
     server.stop()?;
 
+    let (migrating, migrated, copied_at_shutdown) =
+        boot_while_migrating(&p, &dir, &sock, drive, &want_bash)?;
     if stamp_found(&first.con).as_deref() != Some("none") {
         bail!(
             "boot-nbd: the first boot found stamp {:?} on a fresh overlay",
@@ -213,7 +286,19 @@ pub fn run() -> Result<()> {
             stamp_found(&second.con)
         );
     }
-    for b in [&first, &second] {
+    if stamp_found(&migrating.con).as_deref() != Some(STAMP_2) {
+        bail!(
+            "boot-nbd: the boot during the migration found stamp {:?}, not {STAMP_2}",
+            stamp_found(&migrating.con)
+        );
+    }
+    if stamp_found(&migrated.con).as_deref() != Some(STAMP_3) {
+        bail!(
+            "boot-nbd: the boot from the migrated file found stamp {:?}, not {STAMP_3} that the boot during the migration wrote",
+            stamp_found(&migrated.con)
+        );
+    }
+    for b in [&first, &second, &migrating, &migrated] {
         if b.failed_units != local.failed_units {
             bail!(
                 "boot-nbd: a boot over NBD had {} failed units, the boot from the raw file {}",
@@ -235,6 +320,8 @@ pub fn run() -> Result<()> {
         ("raw image file (reference)", &local),
         ("NBD, cold (fresh server, empty caches)", &first),
         ("NBD, second (restarted server, disk cache warm)", &second),
+        ("NBD, while migrating to a local file", &migrating),
+        ("the migrated local file", &migrated),
     ] {
         let _ = writeln!(
             md,
@@ -244,13 +331,18 @@ pub fn run() -> Result<()> {
             b.boot_s / local.boot_s
         );
     }
+    let _ = writeln!(
+        md,
+        "\nThe migration had copied {:.0} % of the disk when the guest of the third boot shut down.",
+        copied_at_shutdown * 100.0
+    );
     let results = root().join("results");
     fs::create_dir_all(&results)?;
     let path: PathBuf = results.join("boot-nbd.md");
     fs::write(&path, &md)?;
     print!("{md}");
     println!(
-        "boot-nbd passed: Debian booted twice from the NBD export (failed units {}); the second boot, on a restarted server, found the first boot's write ({})",
+        "boot-nbd passed: Debian booted three times from the NBD export and once from the file it was migrated to (failed units {}); each boot found the write of the one before, across a server restart and the migration ({})",
         local.failed_units,
         path.display()
     );
