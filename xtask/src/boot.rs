@@ -8,15 +8,20 @@
 //! - [`bench`]: profiles recorded on the host, backup, then timed boots inside the
 //!   ublk test VM from a local disk, a cold and a pre-staged live mount; the
 //!   nested-qemu smoke test.
-//! - [`nbd`]: qemu on the host boots the image from a `livemount serve` export, twice.
+//! - [`nbd`]: qemu on the host boots the image from a `livemount serve` export
+//!   (across a restart, during a migration) and from the migrated file.
+//! - [`s3`]: the same from a snapshot in an object store at a real RTT, cold and
+//!   pre-staged (a benchmark).
 
 mod bench;
 mod image;
 mod nbd;
 mod qemu;
+mod s3;
 
 pub use bench::{bench, smoke, smoke_migrate, Options};
 pub use nbd::run as nbd;
+pub use s3::run as s3;
 
 /// `cargo xtask boot-image`: build (or check) the image and the boot initramfs.
 pub fn image_cmd() -> anyhow::Result<()> {

@@ -70,6 +70,10 @@ enum Cmd {
     /// export (a write in the first boot, seen by the second after a server
     /// restart); timings against the raw file in results/boot-nbd.md. Part of `test`.
     BootNbd,
+    /// Boot the Debian image over NBD from a snapshot in Garage behind a 20 ms RTT
+    /// link (LIVEMOUNT_BOOT_S3_RTT_MS), cold and pre-staged, against the raw file
+    /// (results/boot-s3.md). A benchmark.
+    BootS3,
     /// Boot a real Debian from a local disk, a cold and a pre-staged live mount
     /// (inside the ublk VM) and print the timings (results/bench-boot.md).
     BenchBoot {
@@ -162,6 +166,10 @@ fn main() -> Result<()> {
         Cmd::BootNbd => {
             setup::run()?;
             boot::nbd()
+        }
+        Cmd::BootS3 => {
+            setup::run()?;
+            boot::s3()
         }
         Cmd::BenchBoot {
             rounds,

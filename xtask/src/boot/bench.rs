@@ -81,7 +81,7 @@ impl Caps {
 /// A host-recorded profile and its figures.
 #[derive(Clone, Debug)]
 pub(super) struct ProfileInfo {
-    path: PathBuf,
+    pub(super) path: PathBuf,
     runs: u64,
     extents: usize,
     working_set: u64,

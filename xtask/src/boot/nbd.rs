@@ -34,22 +34,37 @@ const STAMP_3: &str = "nbd-boot-migrating-71c3";
 const STAMP_4: &str = "nbd-boot-migrated-0b9e";
 
 /// A `livemount serve --daemon`, stopped (SIGTERM, then waited for) on drop.
-struct Server {
-    pid: u32,
+pub(super) struct Server {
+    pub(super) pid: u32,
 }
 
 impl Server {
     fn start(p: &Prepared, dir: &Path, sock: &Path, log: &Path) -> Result<Server> {
+        let (store, overlays, cache) = (dir.join("store"), dir.join("overlays"), dir.join("cache"));
+        let args: [&std::ffi::OsStr; 8] = [
+            "--store".as_ref(),
+            store.as_os_str(),
+            "--overlay-dir".as_ref(),
+            overlays.as_os_str(),
+            "--cache-dir".as_ref(),
+            cache.as_os_str(),
+            "--socket".as_ref(),
+            sock.as_os_str(),
+        ];
+        Self::start_with(p, &args, log)
+    }
+
+    /// `livemount serve --export debian ARGS --daemon --log LOG`, once it returns
+    /// (the export is served).
+    pub(super) fn start_with(
+        p: &Prepared,
+        args: &[&std::ffi::OsStr],
+        log: &Path,
+    ) -> Result<Server> {
         let out = Command::new(&p.livemount)
             .arg("serve")
-            .arg("--store")
-            .arg(dir.join("store"))
-            .args(["--export", SERIES, "--overlay-dir"])
-            .arg(dir.join("overlays"))
-            .arg("--cache-dir")
-            .arg(dir.join("cache"))
-            .arg("--socket")
-            .arg(sock)
+            .args(["--export", SERIES])
+            .args(args)
             .args(["--daemon", "--log"])
             .arg(log)
             .output()
@@ -71,7 +86,7 @@ impl Server {
     }
 
     /// SIGTERM and wait (up to 60 s) for the process to go.
-    fn stop(&mut self) -> Result<()> {
+    pub(super) fn stop(&mut self) -> Result<()> {
         if self.pid == 0 {
             return Ok(());
         }
@@ -109,7 +124,7 @@ impl Drop for Server {
 }
 
 /// One boot of the image, full systemd to the multi-user marker.
-fn boot(p: &Prepared, label: &str, drive: String, stamp: Option<&str>) -> Qemu {
+pub(super) fn boot(p: &Prepared, label: &str, drive: String, stamp: Option<&str>) -> Qemu {
     let mut append = "lm.mode=disk lm.root=/dev/vda".to_string();
     if let Some(s) = stamp {
         let _ = write!(append, " lm.stamp={s}");
@@ -133,14 +148,14 @@ fn boot(p: &Prepared, label: &str, drive: String, stamp: Option<&str>) -> Qemu {
 }
 
 /// What one boot showed.
-struct Booted {
-    con: Console,
+pub(super) struct Booted {
+    pub(super) con: Console,
     /// switch_root → multi-user marker, guest seconds.
-    boot_s: f64,
-    failed_units: String,
+    pub(super) boot_s: f64,
+    pub(super) failed_units: String,
 }
 
-fn run_boot(q: &Qemu, want_bash: &str) -> Result<Booted> {
+pub(super) fn run_boot(q: &Qemu, want_bash: &str) -> Result<Booted> {
     let con = q.run(|_, _| {})?;
     let what = format!("the {} boot", q.label);
     let m = require_marker(&con, "multi-user", &what)?;
