@@ -14,8 +14,11 @@
 //!   connections are closed: a body cut off mid-stream, as by a reset connection.
 //!
 //! Bodies are framed by `Content-Length` or chunked transfer encoding, both
-//! parsed; HEAD responses and 204/304 carry none. Only loopback is listened on and
-//! connected to (the network rule).
+//! parsed; HEAD responses and 204/304 carry none; interim 1xx responses are
+//! relayed before the final one. Not supported (the S3 client used here sends
+//! neither): `Expect: 100-continue` (a request's body is read whole before it is
+//! forwarded) and bodies delimited by closing the connection. Only loopback is
+//! listened on and connected to (the network rule).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -260,18 +263,29 @@ fn relay(client: TcpStream, upstream: SocketAddr, sh: &Shared) -> io::Result<()>
         };
         up_w.write_all(&req.raw)?;
         up_w.write_all(&body)?;
-        let Some(resp) = read_head(up_r)? else {
-            return Err(bad("upstream closed"));
+        let (resp, status) = loop {
+            let Some(resp) = read_head(up_r)? else {
+                return Err(bad("upstream closed"));
+            };
+            let status: u16 = resp
+                .start
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            to_client.write_all(&resp.raw)?;
+            // An interim response: the final one follows.
+            if status / 100 != 1 {
+                break (resp, status);
+            }
         };
-        let status: u16 = resp
-            .start
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let no_body = method == "HEAD" || status == 204 || status == 304 || status / 100 == 1;
-        to_client.write_all(&resp.raw)?;
-        if no_body {
+        let close = resp
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        if method == "HEAD" || status == 204 || status == 304 {
+            if close {
+                return Ok(());
+            }
             continue;
         }
         if resp.chunked() {
@@ -293,10 +307,7 @@ fn relay(client: TcpStream, upstream: SocketAddr, sh: &Shared) -> io::Result<()>
             }
             copy_n(up_r, &mut to_client, len)?;
         }
-        if resp
-            .header("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-        {
+        if close {
             return Ok(());
         }
     }

@@ -797,8 +797,26 @@ fn concurrent_backups_gc_and_a_mount_never_lose_a_referenced_chunk() {
         d[at..at + 65536].fill(i as u8 | 1);
         d
     };
+    // Whatever ends the backup thread (done, or a panic) ends the other loops too.
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let busy_retry = |r: &Run| {
+        assert!(r.stderr.contains("busy"), "{}: {}", r.what, r.stderr);
+        assert!(
+            Instant::now() < deadline,
+            "{}: still busy after 5 minutes",
+            r.what
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let (backups, gcs, passes) = std::thread::scope(|s| {
         let backups = s.spawn(|| {
+            let _stop = StopOnDrop(&stop);
             let mut done = Vec::new();
             for i in 0..6u64 {
                 let img = t.path().join(format!("b{i}.img"));
@@ -818,8 +836,7 @@ fn concurrent_backups_gc_and_a_mount_never_lose_a_referenced_chunk() {
                         done.push((i, v["snapshot"].as_str().unwrap().to_string()));
                         break;
                     }
-                    assert!(r.stderr.contains("busy"), "{}: {}", r.what, r.stderr);
-                    std::thread::sleep(Duration::from_millis(100));
+                    busy_retry(&r);
                 }
                 // The older churn snapshots go; their own chunks become garbage.
                 if done.len() > 2 {
@@ -829,12 +846,10 @@ fn concurrent_backups_gc_and_a_mount_never_lose_a_referenced_chunk() {
                         if r.code == Some(0) {
                             break;
                         }
-                        assert!(r.stderr.contains("busy"), "{}: {}", r.what, r.stderr);
-                        std::thread::sleep(Duration::from_millis(100));
+                        busy_retry(&r);
                     }
                 }
             }
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
             done
         });
         let gcs = s.spawn(|| {
@@ -844,7 +859,7 @@ fn concurrent_backups_gc_and_a_mount_never_lose_a_referenced_chunk() {
                 if r.code == Some(0) {
                     ok += 1;
                 } else {
-                    assert!(r.stderr.contains("busy"), "{}: {}", r.what, r.stderr);
+                    busy_retry(&r);
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }

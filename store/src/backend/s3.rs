@@ -686,21 +686,29 @@ impl Backend for S3Backend {
             format!("{}/", self.prefix)
         };
         let mut attempt = 0u32;
+        // Each page is a request with its own attempt timeout and retries; the
+        // whole listing of a large store takes many (1000 keys each). One limit for
+        // the listing with its repeats.
+        let limit = (self.io_timeout * 40).max(Duration::from_secs(600));
+        let started = Instant::now();
         let metas: Vec<object_store::ObjectMeta> = loop {
             let (store, path) = (self.store.clone(), path.clone());
-            // Each page is a request with its own attempt timeout and retries; the
-            // whole listing of a large store takes many (1000 keys each).
-            let r = self.run_for(
-                prefix,
-                (self.io_timeout * 40).max(Duration::from_secs(600)),
-                async move { store.list(Some(&path)).try_collect().await },
-            )?;
+            let left = limit
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(1));
+            let r = self.run_for(prefix, left, async move {
+                store.list(Some(&path)).try_collect().await
+            })?;
             match r {
                 Ok(m) => break m,
                 // A page whose body was cut off mid-stream: the client retries a
                 // request that fails, and resumes an object's body, but not a
                 // listing page it began to read. The listing is read again.
-                Err(e) if attempt < LIST_RETRIES && cut_off(&e.to_string()) => {
+                Err(e)
+                    if attempt < LIST_RETRIES
+                        && started.elapsed() < limit
+                        && cut_off(&e.to_string()) =>
+                {
                     attempt += 1;
                     std::thread::sleep(Duration::from_millis(100 << attempt));
                 }

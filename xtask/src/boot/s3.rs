@@ -4,13 +4,14 @@
 //!
 //! `lm-s3-testbed` (tests/src/bin) runs a single-node Garage behind the delay proxy
 //! (`LIVEMOUNT_BOOT_S3_RTT_MS`, default 20 ms; 1 Gbit/s each way). The Debian image
-//! is backed up into the bucket through it and the host-recorded boot profile of
-//! bench-boot attached to the series. Then, against a boot of the raw image file in
-//! the same run: a **cold** boot (a fresh `serve --daemon` with empty caches, no
-//! profile used) and a **pre-staged** one (`livemount prestage` fills a fresh disk
-//! cache from the bucket with the profile's chunks, then a fresh server with that
-//! cache). **Ready** is how long `serve --daemon` takes to return with the export
-//! served (the store opened, the index fetched, the lease taken). Table in
+//! is backed up into the bucket through it. Then, against a boot of the raw image
+//! file in the same run: a **cold** boot (a fresh `serve --daemon`, empty caches,
+//! no profile yet); bench-boot's host-recorded profile is attached to the series; a
+//! boot from a fresh server with empty caches that stages the attached profile
+//! itself from the bucket; and a **pre-staged** one (`livemount prestage` fills a
+//! fresh disk cache with the profile's chunks, then a fresh server on that cache).
+//! **Ready** is how long `serve --daemon` takes to return with the export served
+//! (the store opened, the index fetched, the lease taken). Table in
 //! results/boot-s3.md.
 
 use super::bench::{image_bash_md5, prepare, Prepared, SERIES};
@@ -148,8 +149,6 @@ pub fn run() -> Result<()> {
     let image = p.image.path.display().to_string();
     lm(&["backup", &image, "--name", SERIES, "-q"])?;
     let backup_s = t0.elapsed().as_secs_f64();
-    let prof = profile.display().to_string();
-    lm(&["profile", "attach", SERIES, &prof])?;
     eprintln!("boot-s3: backup into the bucket at {rtt} ms RTT in {backup_s:.1} s");
 
     eprintln!("boot-s3: reference boot from the raw image file");
@@ -159,6 +158,13 @@ pub fn run() -> Result<()> {
     )?;
     eprintln!("boot-s3: cold boot over NBD from the bucket (empty caches, no profile)");
     let (cold, cold_ready, cold_gets) = served_boot(&p, &dir, &store, &[], "cold", &want_bash)?;
+    // Only now: a server stages the series' attached profile on its own, and the
+    // cold boot must have none.
+    let prof = profile.display().to_string();
+    lm(&["profile", "attach", SERIES, &prof])?;
+    eprintln!("boot-s3: boot over NBD from a fresh server that stages the attached profile itself");
+    let (served, served_ready, served_gets) =
+        served_boot(&p, &dir, &store, &[], "profile", &want_bash)?;
     eprintln!("boot-s3: pre-staging a fresh disk cache from the bucket with the profile");
     let cache = dir.join("cache");
     let cache_s = cache.display().to_string();
@@ -174,7 +180,7 @@ pub fn run() -> Result<()> {
         "prestaged",
         &want_bash,
     )?;
-    for b in [&cold, &staged] {
+    for b in [&cold, &served, &staged] {
         if b.failed_units != local.failed_units {
             bail!(
                 "boot-s3: a boot over S3 had {} failed units, the raw file {}",
@@ -203,6 +209,12 @@ pub fn run() -> Result<()> {
             &cold,
             cold_ready,
             &cold_gets,
+        ),
+        (
+            "profile attached, staged by the server (empty caches)",
+            &served,
+            served_ready,
+            &served_gets,
         ),
         (
             "pre-staged (profile in the disk cache)",

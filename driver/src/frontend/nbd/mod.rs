@@ -389,18 +389,25 @@ impl InFlight {
 /// measured as a large share of a cold sequential read's CPU (docs/performance.md).
 /// A recycled buffer keeps this connection's earlier bytes until the read
 /// overwrites them; a failed read sends none of them (an error reply carries no
-/// data), and no buffer passes between connections.
+/// data), and no buffer passes between connections. Kept: at most
+/// [`RECYCLED_MAX`] buffers of at most [`RECYCLED_LARGEST`] bytes each, so an idle
+/// connection holds at most 4 MiB beyond the server's request budget.
 #[derive(Default)]
 struct Recycled(Mutex<Vec<Vec<u8>>>);
 
 /// Buffers kept per connection: as many as reads in flight usually are.
-const RECYCLED_MAX: usize = 8;
+const RECYCLED_MAX: usize = 4;
+/// Larger buffers are freed, not kept (clients read 1 MiB or less at a time).
+const RECYCLED_LARGEST: usize = 1 << 20;
 
 impl Recycled {
     /// A buffer of exactly `len` bytes (contents unspecified).
     fn take(&self, len: usize) -> Vec<u8> {
+        // The smallest that fits.
         let found = self.0.lock().ok().and_then(|mut v| {
-            let i = v.iter().position(|b| b.capacity() >= len)?;
+            let i = (0..v.len())
+                .filter(|&i| v[i].capacity() >= len)
+                .min_by_key(|&i| v[i].capacity())?;
             Some(v.swap_remove(i))
         });
         match found {
@@ -414,6 +421,9 @@ impl Recycled {
     }
 
     fn give(&self, b: Vec<u8>) {
+        if b.capacity() > RECYCLED_LARGEST {
+            return;
+        }
         if let Ok(mut v) = self.0.lock() {
             if v.len() < RECYCLED_MAX {
                 v.push(b);
@@ -690,6 +700,23 @@ fn transmission(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn recycled_buffers_are_bounded_and_the_smallest_fitting_one_is_reused() {
+        let r = Recycled::default();
+        r.give(vec![1u8; 64 << 10]);
+        r.give(vec![2u8; 1 << 20]);
+        r.give(vec![3u8; 2 << 20]); // too large to keep
+        let b = r.take(4096);
+        assert_eq!((b.len(), b[0]), (4096, 1), "not the smallest that fits");
+        let b = r.take(512 << 10);
+        assert_eq!((b.len(), b[0]), (512 << 10, 2));
+        assert!(r.0.lock().unwrap().is_empty(), "the 2 MiB buffer was kept");
+        for _ in 0..10 {
+            r.give(vec![0u8; 4096]);
+        }
+        assert_eq!(r.0.lock().unwrap().len(), RECYCLED_MAX);
+    }
     use crate::block::mem::MemDisk;
     use std::os::unix::net::UnixStream;
 
