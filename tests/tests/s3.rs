@@ -436,12 +436,21 @@ impl Drop for Killed {
 
 /// `livemount serve ARGS… --socket SOCK` against `g`, once its socket exists.
 fn serve_s3(g: &Garage, sock: &Path, args: &[&OsStr]) -> Killed {
+    serve_s3_logged(g, sock, args, None)
+}
+
+/// [`serve_s3`] with the server's stderr in `log` (else the test's).
+fn serve_s3_logged(g: &Garage, sock: &Path, args: &[&OsStr], log: Option<&Path>) -> Killed {
     let mut argv: Vec<OsString> = vec!["serve".into()];
     argv.extend(args.iter().map(|a| a.to_os_string()));
     argv.push("--socket".into());
     argv.push(sock.as_os_str().to_os_string());
     let mut c = cmd(&argv);
-    g.env(&mut c).stdout(Stdio::null()).stderr(Stdio::inherit());
+    let stderr = match log {
+        Some(l) => Stdio::from(std::fs::File::create(l).unwrap()),
+        None => Stdio::inherit(),
+    };
+    g.env(&mut c).stdout(Stdio::null()).stderr(stderr);
     let mut child = c.spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !sock.exists() {
@@ -706,33 +715,22 @@ fn throttling_and_cut_off_bodies_are_retried_never_wrong_bytes() {
     proxy.set_plan(FaultPlan::default());
     let log = t.path().join("serve.log");
     let sock = t.path().join("nbd2.sock");
-    let mut argv: Vec<OsString> = [
-        "serve",
-        "--store",
-        url,
-        "--s3-endpoint",
-        &purl,
-        "--export",
-        "vm",
-        "--read-only",
-        "--s3-timeout",
-        "3s",
-        "--socket",
-    ]
-    .iter()
-    .map(OsString::from)
-    .collect();
-    argv.push(sock.as_os_str().to_os_string());
-    let mut c = cmd(&argv);
-    g.env(&mut c)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let child = Killed(c.spawn().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "serve did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let child = serve_s3_logged(
+        &g,
+        &sock,
+        &os([
+            "--store",
+            url,
+            "--s3-endpoint",
+            &purl,
+            "--export",
+            "vm",
+            "--read-only",
+            "--s3-timeout",
+            "3s",
+        ]),
+        Some(&log),
+    );
     proxy.set_plan(FaultPlan {
         slow_down_every: 1,
         truncate_every: 0,

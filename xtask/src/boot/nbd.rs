@@ -85,6 +85,27 @@ impl Server {
         Ok(Server { pid })
     }
 
+    /// This server's entry of export [`SERIES`] in `livemount status --nbd --json`.
+    pub(super) fn export_status(&self, p: &Prepared) -> Result<serde_json::Value> {
+        let status = crate::util::run_livemount(&p.livemount, &["status", "--nbd", "--json"])?;
+        serde_json::from_str::<serde_json::Value>(&status)
+            .ok()
+            .and_then(|v| {
+                let s = v.as_array()?.iter().find(|s| s["pid"] == self.pid)?;
+                s["exports"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["name"] == SERIES)
+                    .cloned()
+            })
+            .with_context(|| {
+                format!(
+                    "no export {SERIES} of server {} in `livemount status --nbd --json`: {status}",
+                    self.pid
+                )
+            })
+    }
+
     /// SIGTERM and wait (up to 60 s) for the process to go.
     pub(super) fn stop(&mut self) -> Result<()> {
         if self.pid == 0 {
@@ -207,23 +228,12 @@ fn boot_while_migrating(
         "migrate", SERIES, "--server", &pid, "--to", &to, "--rate", &rate,
     ])?;
     let booted = run_boot(&boot(p, "NBD, migrating", drive, Some(STAMP_3)), want_bash)?;
-    let status = lm(&["status", "--nbd", "--json"])?;
-    let copied = serde_json::from_str::<serde_json::Value>(&status)
-        .ok()
-        .and_then(|v| {
-            let m = v.as_array()?.iter().find_map(|s| {
-                (s["pid"] == server.pid).then_some(())?;
-                s["exports"]
-                    .as_array()?
-                    .iter()
-                    .find(|e| e["name"] == SERIES)
-                    .map(|e| e["migration"].clone())
-            })?;
-            Some(m["copied_bytes"].as_f64()? / m["total_bytes"].as_f64()?)
-        })
-        .with_context(|| {
-            format!("no migration of {SERIES} in `livemount status --nbd --json`: {status}")
-        })?;
+    let m = server.export_status(p)?["migration"].clone();
+    let copied = m["copied_bytes"]
+        .as_f64()
+        .zip(m["total_bytes"].as_f64())
+        .map(|(c, t)| c / t)
+        .with_context(|| format!("no migration of {SERIES} in the server's status: {m}"))?;
     let waited = lm(&["migrate", SERIES, "--server", &pid, "--wait"])?;
     if !waited.contains("migrated to") {
         bail!("boot-nbd: `livemount migrate --wait` said: {waited}");

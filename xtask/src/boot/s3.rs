@@ -108,14 +108,8 @@ fn served_boot(
     let ready = t0.elapsed().as_secs_f64();
     let drive = format!("file=nbd+unix:///{SERIES}?socket={}", sock.display());
     let booted = run_boot(&boot(p, label, drive, None), want_bash)?;
-    let status = crate::util::run_livemount(&p.livemount, &["status", "--nbd", "--json"])?;
-    let gets = serde_json::from_str::<serde_json::Value>(&status)
-        .ok()
-        .and_then(|v| {
-            v.as_array()?.iter().find(|s| s["pid"] == server.pid)?["exports"][0]["store_requests"]
-                ["gets"]
-                .as_u64()
-        })
+    let gets = server.export_status(p)?["store_requests"]["gets"]
+        .as_u64()
         .map_or("?".into(), |g| g.to_string());
     server.stop()?;
     Ok((booted, ready, gets))
