@@ -10,9 +10,10 @@
 //! read, 4 KiB random write at QD32 (every writer on a scratch copy or its overlay).
 //! The server's CPU time per job is read from /proc (CPU seconds per GiB moved).
 //! [`ROUNDS`] interleaved rounds; each fio run's JSON goes to `results/bench-nbd/`,
-//! and the tables (medians, ratios) to `results/bench-nbd.md`.
+//! and the report (medians, ratios) to `results/bench-nbd.{json,md}`.
 
 use crate::bench_vm::{image, median, parse};
+use crate::report::{Report, Table};
 use crate::util::root;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -220,9 +221,12 @@ pub fn run() -> Result<()> {
             job(&s, &lm, j, args, &out("warm", j, r))?;
         }
     }
-    let mut table = report(&results)?;
+    let mut rep = report(&results)?;
     // The NBD fuzz budget: at least 1M executions of each target per benchmark run.
-    table.push_str("\nFuzz targets, without a finding:\n\n| target | executions | exec/s | s |\n|---|---:|---:|---:|\n");
+    let mut fuzz = Table::new(
+        "Fuzz targets, without a finding:",
+        &["target", "executions", "exec/s", "s"],
+    );
     for (target, runs) in FUZZ_RUNS {
         let f = crate::fuzz::run_target(target, *runs, None)?;
         if f.executions < *runs {
@@ -231,23 +235,21 @@ pub fn run() -> Result<()> {
                 f.executions
             );
         }
-        table.push_str(&format!(
-            "| `{target}` | {} | {} | {:.0} |\n",
-            f.executions, f.per_sec, f.seconds
-        ));
+        fuzz.row([
+            format!("`{target}`"),
+            f.executions.to_string(),
+            f.per_sec.to_string(),
+            format!("{:.0}", f.seconds),
+        ]);
     }
-    println!("\n{table}");
-    std::fs::write(root().join("results/bench-nbd.md"), &table)?;
-    eprintln!(
-        "bench-nbd: tables written to results/bench-nbd.md; fio JSON in {}",
-        results.display()
-    );
+    rep.tables.push(fuzz);
+    rep.save()?;
     Ok(())
 }
 
 /// The tables from the fio JSON files in `results`: figures with ratios, then the
 /// servers' CPU seconds per GiB moved.
-fn report(results: &Path) -> Result<String> {
+fn report(results: &Path) -> Result<Report> {
     let file = |t: &str, j: &str, r: usize| results.join(format!("{t}-{j}-r{r}.json"));
     let series = |t: &str, j: &str, f: fn(&crate::bench_vm::Figures) -> f64| -> Vec<f64> {
         (1..=ROUNDS)
@@ -260,10 +262,11 @@ fn report(results: &Path) -> Result<String> {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
         _ => "n/a".into(),
     };
-    let mut out = format!(
-        "Medians of {ROUNDS} interleaved rounds, fio --ioengine=nbd over a Unix socket (JSON in results/bench-nbd/).\n\n\
-         | job | qemu-nbd raw | qemu-nbd zstd qcow2 | nbdkit file | livemount cold | livemount warm | warm / qemu-nbd raw | warm / nbdkit | cold / zstd qcow2 |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    let mut rep = Report::new("bench-nbd", "cargo xtask bench-nbd");
+    let mut figures = Table::new(
+        format!("Medians of {ROUNDS} interleaved rounds, fio --ioengine=nbd over a Unix socket (fio JSON in results/bench-nbd/):"),
+        &["job", "qemu-nbd raw", "qemu-nbd zstd qcow2", "nbdkit file", "livemount cold",
+          "livemount warm", "warm / qemu-nbd raw", "warm / nbdkit", "cold / zstd qcow2"],
     );
     for (job, _) in JOBS {
         let seq = *job == "seq1m";
@@ -287,22 +290,22 @@ fn report(results: &Path) -> Result<String> {
         } else {
             String::new()
         };
-        out.push_str(&format!(
-            "| {job}{p50} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            fmt(c[0]),
-            fmt(c[1]),
-            fmt(c[2]),
-            fmt(c[3]),
-            fmt(c[4]),
-            ratio(c[4], c[0]),
-            ratio(c[4], c[2]),
-            ratio(c[3], c[1]),
-        ));
+        let mut row = vec![format!("{job}{p50}")];
+        row.extend(c.iter().map(|v| fmt(*v)));
+        row.extend([ratio(c[4], c[0]), ratio(c[4], c[2]), ratio(c[3], c[1])]);
+        figures.row(row);
     }
-    out.push_str(
-        "\nServer CPU seconds per GiB moved (user + system, from /proc; lower is better):\n\n\
-         | job | qemu-nbd raw | qemu-nbd zstd qcow2 | nbdkit file | livemount cold | livemount warm |\n\
-         |---|---:|---:|---:|---:|---:|\n",
+    rep.tables.push(figures);
+    let mut cpu = Table::new(
+        "Server CPU seconds per GiB moved (user + system, from /proc; lower is better):",
+        &[
+            "job",
+            "qemu-nbd raw",
+            "qemu-nbd zstd qcow2",
+            "nbdkit file",
+            "livemount cold",
+            "livemount warm",
+        ],
     );
     for (job, _) in JOBS {
         let per_gib = |t: &str| {
@@ -326,12 +329,12 @@ fn report(results: &Path) -> Result<String> {
                 .map(|x| format!("{x:.2}"))
                 .unwrap_or_else(|| "n/a".into())
         };
-        out.push_str(&format!(
-            "| {job} | {} |\n",
-            TARGETS.map(per_gib).join(" | ")
-        ));
+        let mut row = vec![job.to_string()];
+        row.extend(TARGETS.map(per_gib));
+        cpu.row(row);
     }
-    Ok(out)
+    rep.tables.push(cpu);
+    Ok(rep)
 }
 
 #[cfg(test)]
@@ -352,7 +355,7 @@ mod tests {
                 .unwrap();
             }
         }
-        let t = report(d.path()).unwrap();
+        let t = crate::report::render(&report(d.path()).unwrap());
         assert!(
             t.contains("| rr4k_qd32 | 200 IOPS | n/a | n/a | n/a | 100 IOPS | 0.50 | n/a | n/a |"),
             "{t}"

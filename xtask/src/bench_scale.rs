@@ -12,6 +12,7 @@
 //! `results/bench-scale.md`. `LIVEMOUNT_BENCH_SCALE_DIR` picks the work directory
 //! (default `.cache/bench-scale`, ~10 GiB while it runs; removed afterwards).
 
+use crate::report::{Report, Table};
 use crate::util::root;
 use anyhow::{bail, Context, Result};
 use std::fs::{File, OpenOptions};
@@ -147,16 +148,11 @@ pub fn run() -> Result<()> {
     std::fs::create_dir_all(&work)?;
     let res = measure(&work);
     let _ = std::fs::remove_dir_all(&work);
-    let table = res?;
-    println!("{table}");
-    let out = root().join("results/bench-scale.md");
-    std::fs::create_dir_all(root().join("results"))?;
-    std::fs::write(&out, &table)?;
-    println!("written to {}", out.display());
+    res?.save()?;
     Ok(())
 }
 
-fn measure(work: &Path) -> Result<String> {
+fn measure(work: &Path) -> Result<Report> {
     let (thin, dense) = (work.join("thin.img"), work.join("dense.img"));
     let (f, d) = (File::create(&thin)?, File::create(&dense)?);
     f.set_len(SIZE)?;
@@ -275,47 +271,79 @@ fn measure(work: &Path) -> Result<String> {
         let (rss, cached) = (g(v, "rss_bytes"), g(&v["cache"], "mem_bytes"));
         format!("{} (RSS {})", mib(rss - cached.min(rss)), mib(rss))
     };
-    let mut t = String::new();
-    t.push_str(&format!(
-        "4 TiB sparse image, {EXTENTS} scattered 1 MiB extents (2 GiB), 1 MiB chunks; `cargo xtask bench-scale`, commit {}\n\n",
-        crate::util::git_head()
-    ));
-    t.push_str(
-        "| figure | measured | reference (same run) | ratio | target |\n|---|---|---|---|---|\n",
+    let mut rep = Report::new("bench-scale", "sudo cargo xtask bench-scale");
+    let mut t = Table::new(
+        format!(
+            "4 TiB sparse image, {EXTENTS} scattered 1 MiB extents (2 GiB), 1 MiB chunks; commit {}:",
+            crate::util::git_head()
+        ),
+        &["figure", "measured", "reference (same run)", "ratio", "target"],
     );
-    t.push_str(&format!(
-        "| first backup | {t_thin:.2} s | 2 GiB dense file: {t_dense:.2} s | {:.2}× | ≤ 2× |\n",
-        t_thin / t_dense
-    ));
-    t.push_str(&format!(
-        "| changed-block incremental, 100 MiB (`--changed`) | {t_changed:.2} s | | | ≤ 5 s |\n"
-    ));
-    t.push_str(&format!(
-        "| `serve` with overlay: export ready | {t_ready:.2} s | | | ≤ 1 s |\n"
-    ));
-    t.push_str(&format!(
-        "| RSS beyond the cache budget, before writes | {} | | | ≤ 64 MiB |\n",
-        beyond(&before)
-    ));
-    t.push_str(&format!(
-        "| overlay map in memory / mirror on /run, before writes | {} / {} | | | /run ≤ 16 MiB |\n",
-        mib(g(&before, "overlay_map_bytes")),
-        mib(g(&before, "mirror_bytes"))
-    ));
-    t.push_str(&format!(
-        "| same after 48 MiB written at both ends and the middle, read back | RSS beyond budget {}, map {} / mirror {} | | | grows with writes |\n",
-        beyond(&after),
-        mib(g(&after, "overlay_map_bytes")),
-        mib(g(&after, "mirror_bytes"))
-    ));
-    t.push_str(&format!(
-        "| index in memory | {} | | | |\n",
-        mib(g(&before, "index_bytes"))
-    ));
-    t.push_str(&format!(
-        "| `restore` to a sparse file ({} allocated) | {t_restore:.2} s | writing 2 GiB + fsync: {t_write:.2} s ({w1:.2}, {w2:.2}) | {:.2}× | ≤ 2× |\n",
-        mib(restored_alloc as f64),
-        t_restore / t_write
-    ));
-    Ok(t)
+    t.row([
+        "first backup".to_string(),
+        format!("{t_thin:.2} s"),
+        format!("2 GiB dense file: {t_dense:.2} s"),
+        format!("{:.2}×", t_thin / t_dense),
+        "≤ 2×".into(),
+    ]);
+    t.row([
+        "changed-block incremental, 100 MiB (`--changed`)".to_string(),
+        format!("{t_changed:.2} s"),
+        String::new(),
+        String::new(),
+        "≤ 5 s".into(),
+    ]);
+    t.row([
+        "`serve` with overlay: export ready".to_string(),
+        format!("{t_ready:.2} s"),
+        String::new(),
+        String::new(),
+        "≤ 1 s".into(),
+    ]);
+    t.row([
+        "RSS beyond the cache budget, before writes".to_string(),
+        beyond(&before),
+        String::new(),
+        String::new(),
+        "≤ 64 MiB".into(),
+    ]);
+    t.row([
+        "overlay map in memory / mirror on /run, before writes".to_string(),
+        format!(
+            "{} / {}",
+            mib(g(&before, "overlay_map_bytes")),
+            mib(g(&before, "mirror_bytes"))
+        ),
+        String::new(),
+        String::new(),
+        "/run ≤ 16 MiB".into(),
+    ]);
+    t.row([
+        "same after 48 MiB written at both ends and the middle, read back".to_string(),
+        format!(
+            "RSS beyond budget {}, map {} / mirror {}",
+            beyond(&after),
+            mib(g(&after, "overlay_map_bytes")),
+            mib(g(&after, "mirror_bytes"))
+        ),
+        String::new(),
+        String::new(),
+        "grows with writes".into(),
+    ]);
+    t.row([
+        "index in memory".to_string(),
+        mib(g(&before, "index_bytes")),
+    ]);
+    t.row([
+        format!(
+            "`restore` to a sparse file ({} allocated)",
+            mib(restored_alloc as f64)
+        ),
+        format!("{t_restore:.2} s"),
+        format!("writing 2 GiB + fsync: {t_write:.2} s ({w1:.2}, {w2:.2})"),
+        format!("{:.2}×", t_restore / t_write),
+        "≤ 2×".into(),
+    ]);
+    rep.tables.push(t);
+    Ok(rep)
 }

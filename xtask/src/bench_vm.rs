@@ -11,6 +11,7 @@
 //! interleaved, and the table shows medians (with the per-round ratio ranges). Writes
 //! the table to `results/bench-vm.md`.
 
+use crate::report::{Report, Table};
 use crate::util::{cache_dir, root, run as sh};
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
@@ -198,18 +199,12 @@ pub fn run() -> Result<()> {
     if !r.success() {
         bail!("bench-vm: the VM script failed (exit {})", r.exit_code);
     }
-    let out = report(&results)?;
-    println!("\n{out}");
-    std::fs::write(root().join("results/bench-vm.md"), &out)?;
-    eprintln!(
-        "bench-vm: table written to results/bench-vm.md; raw fio JSON in {}",
-        results.display()
-    );
+    report(&results)?.save()?;
     Ok(())
 }
 
 /// The tables (figures and targets) from the per-round result files in `results`.
-fn report(results: &Path) -> Result<String> {
+fn report(results: &Path) -> Result<Report> {
     // Per (target, job): the figures of each round (None where a round failed), so
     // that per-round ratios pair the same round.
     let mut rounds: BTreeMap<(&str, &str), Vec<Option<Figures>>> = BTreeMap::new();
@@ -245,9 +240,18 @@ fn report(results: &Path) -> Result<String> {
             .unwrap_or_default()
     };
     let med = |v: &[Option<f64>]| median(v.iter().flatten().copied().collect());
-    let mut out = format!(
-        "Medians of {ROUNDS} interleaved rounds (per-round values in results/bench-vm/).\n\n\
-         | job | loop | rublk null | livemount cold | livemount warm |\n|---|---:|---:|---:|---:|\n"
+    let mut rep = Report::new("bench-vm", "cargo xtask bench-vm");
+    let mut figures = Table::new(
+        format!(
+            "Medians of {ROUNDS} interleaved rounds (per-round fio JSON in results/bench-vm/):"
+        ),
+        &[
+            "job",
+            "loop",
+            "rublk null",
+            "livemount cold",
+            "livemount warm",
+        ],
     );
     for (job, _) in JOBS {
         let cell = |t: &str| {
@@ -265,18 +269,19 @@ fn report(results: &Path) -> Result<String> {
                 _ => format!("{:.0} IOPS", med(&iops)),
             }
         };
-        out.push_str(&format!(
-            "| {job} | {} | {} | {} | {} |\n",
+        figures.row([
+            job.to_string(),
             cell("loop"),
             cell("null"),
             cell("cold"),
-            cell("warm")
-        ));
+            cell("warm"),
+        ]);
     }
-    out.push_str(&format!(
-        "| zstd -d -T1 (same image) | {:.0} MiB/s | | | |\n\n",
-        med(&zstd)
-    ));
+    figures.row([
+        "zstd -d -T1 (same image)".to_string(),
+        format!("{:.0} MiB/s", med(&zstd)),
+    ]);
+    rep.tables.push(figures);
     // The targets: (row, goal, measured (target, job), reference (target, job), metric).
     type Metric = fn(&Figures) -> f64;
     type Series<'a> = (&'a str, &'a str);
@@ -310,7 +315,7 @@ fn report(results: &Path) -> Result<String> {
             |f| f.mib_s,
         ),
     ];
-    out.push_str("| target (issue 3) | measured | goal |\n|---|---:|---:|\n");
+    let mut goals = Table::new("Targets:", &["target", "measured", "goal"]);
     for (row, goal, (t, j), (rt, rj), f) in targets {
         let (a, b) = (series(t, j, f), series(rt, rj, f));
         // The ratio of the medians, and the range of the ratios of rounds where both ran.
@@ -326,9 +331,10 @@ fn report(results: &Path) -> Result<String> {
             let hi = per.iter().copied().fold(0.0, f64::max);
             format!("{:.2} (rounds {lo:.2}-{hi:.2})", med(&a) / med(&b))
         };
-        out.push_str(&format!("| {row} | {cell} | {goal} |\n"));
+        goals.row([row.to_string(), cell, goal.to_string()]);
     }
-    Ok(out)
+    rep.tables.push(goals);
+    Ok(rep)
 }
 
 #[cfg(test)]
@@ -362,13 +368,13 @@ mod tests {
             }
             std::fs::write(d.path().join(format!("zstd-r{r}.txt")), "10 12").unwrap();
         }
-        let t = report(d.path()).unwrap();
+        let t = crate::report::render(&report(d.path()).unwrap());
         assert!(
-            t.contains("| rr4k_qd32 | 200 IOPS | n/a | n/a | 165 IOPS |"),
+            t.contains("| rr4k_qd32 | 200 IOPS | n/a | n/a | 165 IOPS |\n"),
             "{t}"
         );
         assert!(
-            t.contains("| zstd -d -T1 (same image) | 256 MiB/s |"),
+            t.contains("| zstd -d -T1 (same image) | 256 MiB/s |  |  |  |\n"),
             "{t}"
         );
         // 165 / 200, rounds 1 (0.90) and 3 (0.80); round 2 has no warm figure.

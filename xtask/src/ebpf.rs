@@ -223,15 +223,20 @@ fn bench_on(bin: &Path, dev: &str, dir: &Path) -> Result<()> {
     let lost: u64 = phases.iter().map(|p| p.lost).sum();
     let seen: u64 = phases.iter().map(|p| p.seen).sum();
     let ios: u64 = phases.iter().filter(|p| p.traced).map(|p| p.ios).sum();
-    println!("profiler benchmark on {dev} (fio randread 4k, io_uring, iodepth 32, 2 jobs, {BENCH_PHASE_SECS} s x {BENCH_ROUNDS} rounds)");
-    println!("  baseline IOPS (mean)   {base:.0}");
-    println!("  traced IOPS (mean)     {traced:.0}");
-    println!(
-        "  overhead               {:.2}%",
-        (base - traced) / base * 100.0
+    let mut rep = crate::report::Report::new("bench-profiler", "sudo cargo xtask bench-profiler");
+    let mut t = crate::report::Table::new(
+        format!("fio randread 4 KiB, io_uring, iodepth 32, 2 jobs on {dev}, {BENCH_PHASE_SECS} s × {BENCH_ROUNDS} rounds, alternating:"),
+        &["baseline IOPS (mean)", "traced IOPS (mean)", "overhead", "reads issued (traced)", "events seen / lost"],
     );
-    println!("  reads issued (traced)  {ios}");
-    println!("  events seen / lost     {seen} / {lost}");
+    t.row([
+        format!("{base:.0}"),
+        format!("{traced:.0}"),
+        format!("{:.2}%", (base - traced) / base * 100.0),
+        ios.to_string(),
+        format!("{seen} / {lost}"),
+    ]);
+    rep.tables.push(t);
+    rep.save()?;
     Ok(())
 }
 

@@ -12,6 +12,7 @@ mod demo;
 mod ebpf;
 mod fuzz;
 mod garage;
+mod report;
 mod setup;
 mod util;
 mod vm;
@@ -64,6 +65,11 @@ enum Cmd {
     },
     /// fio at max IOPS on a loop device with and without the eBPF profiler attached.
     BenchProfiler,
+    /// Print a saved benchmark report (results/NAME.json) as markdown tables.
+    Render {
+        /// The report's JSON file.
+        file: std::path::PathBuf,
+    },
     /// Build the bootable Debian image and its initramfs (cached in .cache/boot).
     BootImage,
     /// qemu on the host boots the Debian image twice from a `livemount serve` NBD
@@ -159,6 +165,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::BenchProfiler => ebpf::bench(),
+        Cmd::Render { file } => report::render_file(&file),
         Cmd::BootImage => {
             setup::run()?;
             boot::image_cmd()

@@ -366,12 +366,12 @@ impl Migrating {
         // (measured: one alone copied at 0.65x the speed of a 2-thread restore).
         // `wait_idle(k)` lets copier k go on: the first after the VM's fetches in
         // flight, the others only while the VM is not reading from the store.
-        std::thread::scope(|s| {
-            for k in 0..COPIERS {
-                let (me, job, shared, wait) = (&self, &job, &shared, wait_idle.as_ref());
-                s.spawn(move || me.copy_worker(job, shared, k, wait));
-            }
-        });
+        let wait = wait_idle.as_ref();
+        livemount_store::workers::with_workers(
+            COPIERS,
+            |k| self.copy_worker(&job, &shared, k, wait),
+            || (),
+        );
         let stopped = job.stop.load(SeqCst);
         let failed = job.failed.lock().map(|f| f.is_some()).unwrap_or(true);
         if !stopped && !failed && job.done_count.load(SeqCst) == job.regions {
@@ -578,12 +578,175 @@ struct Copiers {
     exhausted: AtomicBool,
 }
 
+/// Open TARGET: a block device (exclusively, at least the device's size) or a
+/// regular file (new, or this mount's earlier target: its map exists). Refuses the
+/// overlay itself, and a missing TARGET whose migration was complete.
+fn open_target(
+    config: &MigrationConfig,
+    key: &DeviceKey,
+    overlay: Option<&Path>,
+    resume: bool,
+) -> Result<OpenedTarget> {
+    let t = &config.target;
+    if let Some(a) = overlay.and_then(|o| std::fs::metadata(o).ok()) {
+        let b = std::fs::metadata(t).ok();
+        if b.is_some_and(|b| b.dev() == a.dev() && b.ino() == a.ino()) {
+            return Err(invalid(format!(
+                "{} is the mount's overlay; migrate to another file or device",
+                t.display()
+            )));
+        }
+    }
+    let existing = std::fs::symlink_metadata(t).ok();
+    if resume && existing.is_none() && completed(&config.map).is_some() {
+        // Every write since completion went to TARGET alone: copying again
+        // from below would bring back stale data.
+        return Err(invalid(format!(
+            "{} is missing, but its migration was complete and it alone held the disk; put it back (or remove the map {} to start over from the device's older state)",
+            t.display(),
+            config.map.display()
+        )));
+    }
+    let is_block = existing
+        .as_ref()
+        .is_some_and(|m| m.file_type().is_block_device());
+    let file = if is_block {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
+            .open(t)
+            .at(t)?
+    } else {
+        if existing.as_ref().is_some_and(|m| !m.file_type().is_file()) {
+            return Err(invalid(format!(
+                "{} is neither a regular file nor a block device",
+                t.display()
+            )));
+        }
+        if existing.is_some() && !config.map.exists() {
+            return Err(invalid(format!(
+                "{} exists and is not this mount's migration target; name a new file (created sparse) or a block device",
+                t.display()
+            )));
+        }
+        crate::paths::open_private_rw(t).at(t)?
+    };
+    let size = if is_block {
+        use std::io::Seek;
+        (&file).seek(std::io::SeekFrom::End(0)).at(t)?
+    } else {
+        file.metadata().at(t)?.len()
+    };
+    if is_block && size < key.size {
+        return Err(invalid(format!(
+            "{} holds {size} bytes, the device {}: too small",
+            t.display(),
+            key.size
+        )));
+    }
+    Ok(OpenedTarget {
+        file,
+        is_block,
+        size,
+        created: existing.is_none(),
+    })
+}
+
+/// The regions already copied, from the progress map, and whether it says the
+/// migration is complete; all zero where the map cannot be trusted for this
+/// TARGET (a new `migrate`, a new or shortened TARGET, another boot).
+fn read_map(
+    config: &MigrationConfig,
+    key: &DeviceKey,
+    map_file: &File,
+    resume: bool,
+    tg: &OpenedTarget,
+    short: bool,
+) -> Result<(Vec<u64>, bool)> {
+    let t = &config.target;
+    let regions = key.size.div_ceil(key.region);
+    let ml = map_len(regions);
+    let mut bits = vec![0u64; (ml / 8) as usize];
+    let mut h = vec![0u8; HEADER as usize];
+    if map_file.read_exact_at(&mut h, 0).is_err() {
+        return Ok((bits, false)); // a new map
+    }
+    let same_device = h[..8] == MAGIC
+        && crc32c::crc32c(&h[..4092]) == u32::from_le_bytes([h[4092], h[4093], h[4094], h[4095]])
+        && h[24..72] == header(key, false)[24..72];
+    if !same_device {
+        return Err(invalid(format!(
+            "{} is the progress map of another device or damaged; remove it (and the target) to start over",
+            config.map.display()
+        )));
+    }
+    let same_boot = h[8..24] == header(key, false)[8..24];
+    let was_done = u32::from_le_bytes([h[72], h[73], h[74], h[75]]) == 1;
+    if !resume || tg.created {
+        // A new `migrate` (the VM may have written while nothing mirrored its
+        // writes), or a TARGET that was just created: start over.
+        if resume {
+            eprintln!(
+                "livemount: warning: migration target {} was missing: copying everything again",
+                t.display()
+            );
+        }
+    } else if was_done && short {
+        // TARGET alone held the disk, and it lost its tail: nothing else has those
+        // bytes, and zeros in their place would be wrong data.
+        return Err(invalid(format!(
+            "{} holds {} bytes but its migration to a {}-byte device was complete: it was truncated since; restore it from a copy (the map {} says what it held)",
+            t.display(),
+            tg.size,
+            key.size,
+            config.map.display()
+        )));
+    } else if was_done {
+        // Complete: TARGET was synced whole and every later write went to it
+        // alone, so it is the disk, in any boot.
+        for r in 0..regions {
+            bits[(r / 64) as usize] |= 1 << (r % 64);
+        }
+        return Ok((bits, true));
+    } else if short {
+        // Bits for regions the file no longer holds would lie.
+        eprintln!(
+            "livemount: warning: migration target {} is shorter than the device: copying everything again",
+            t.display()
+        );
+    } else if same_boot {
+        let mut raw = vec![0u8; ml as usize];
+        map_file
+            .read_exact_at(&mut raw, HEADER)
+            .map_err(|_| invalid(format!("{}: truncated", config.map.display())))?;
+        for (w, c) in raw.chunks_exact(8).enumerate() {
+            bits[w] = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+        }
+    } else {
+        eprintln!(
+            "livemount: warning: the migration map {} is from another boot (a power cut may have kept writes in one place and not the other): copying everything again",
+            config.map.display()
+        );
+    }
+    Ok((bits, false))
+}
+
 /// Copier threads.
 const COPIERS: usize = 2;
 
 enum CopyError {
     Source(Error),
     Target(Error),
+}
+
+/// TARGET, opened and checked against the device.
+struct OpenedTarget {
+    file: File,
+    is_block: bool,
+    size: u64,
+    /// TARGET did not exist before this open.
+    created: bool,
 }
 
 impl Job {
@@ -594,135 +757,15 @@ impl Job {
         resume: bool,
     ) -> Result<Job> {
         let t = &config.target;
-        if let Some(a) = overlay.and_then(|o| std::fs::metadata(o).ok()) {
-            let b = std::fs::metadata(t).ok();
-            if b.is_some_and(|b| b.dev() == a.dev() && b.ino() == a.ino()) {
-                return Err(invalid(format!(
-                    "{} is the mount's overlay; migrate to another file or device",
-                    t.display()
-                )));
-            }
-        }
-        let existing = std::fs::symlink_metadata(t).ok();
-        if resume && existing.is_none() && completed(&config.map).is_some() {
-            // Every write since completion went to TARGET alone: copying again
-            // from below would bring back stale data.
-            return Err(invalid(format!(
-                "{} is missing, but its migration was complete and it alone held the disk; put it back (or remove the map {} to start over from the device's older state)",
-                t.display(),
-                config.map.display()
-            )));
-        }
-        let is_block = existing
-            .as_ref()
-            .is_some_and(|m| m.file_type().is_block_device());
-        let map_exists = config.map.exists();
-        let target = if is_block {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
-                .open(t)
-                .at(t)?
-        } else {
-            if existing.as_ref().is_some_and(|m| !m.file_type().is_file()) {
-                return Err(invalid(format!(
-                    "{} is neither a regular file nor a block device",
-                    t.display()
-                )));
-            }
-            if existing.is_some() && !map_exists {
-                return Err(invalid(format!(
-                    "{} exists and is not this mount's migration target; name a new file (created sparse) or a block device",
-                    t.display()
-                )));
-            }
-            crate::paths::open_private_rw(t).at(t)?
-        };
-        let size = if is_block {
-            use std::io::Seek;
-            (&target).seek(std::io::SeekFrom::End(0)).at(t)?
-        } else {
-            target.metadata().at(t)?.len()
-        };
-        if is_block && size < key.size {
-            return Err(invalid(format!(
-                "{} holds {size} bytes, the device {}: too small",
-                t.display(),
-                key.size
-            )));
-        }
+        let tg = open_target(config, key, overlay, resume)?;
         // A file shorter than the device: created just now, or cut short since.
-        let short = !is_block && size < key.size;
+        let short = !tg.is_block && tg.size < key.size;
         let regions = key.size.div_ceil(key.region);
         let ml = map_len(regions);
         let map_file = crate::paths::open_private_rw(&config.map).at(&config.map)?;
-        let mut bits = vec![0u64; (ml / 8) as usize];
-        let mut done_state = false;
-        let mut h = vec![0u8; HEADER as usize];
-        let fresh = map_file.read_exact_at(&mut h, 0).is_err();
-        if !fresh {
-            let same_device = h[..8] == MAGIC
-                && crc32c::crc32c(&h[..4092])
-                    == u32::from_le_bytes([h[4092], h[4093], h[4094], h[4095]])
-                && h[24..72] == header(key, false)[24..72];
-            if !same_device {
-                return Err(invalid(format!(
-                    "{} is the progress map of another device or damaged; remove it (and the target) to start over",
-                    config.map.display()
-                )));
-            }
-            let same_boot = h[8..24] == header(key, false)[8..24];
-            let was_done = u32::from_le_bytes([h[72], h[73], h[74], h[75]]) == 1;
-            let created = existing.is_none();
-            if !resume || created {
-                // A new `migrate` (the VM may have written while nothing mirrored
-                // its writes), or a TARGET that was just created: start over.
-                if resume {
-                    eprintln!(
-                        "livemount: warning: migration target {} was missing: copying everything again",
-                        t.display()
-                    );
-                }
-            } else if was_done && short {
-                // TARGET alone held the disk, and it lost its tail: nothing else
-                // has those bytes, and zeros in their place would be wrong data.
-                return Err(invalid(format!(
-                    "{} holds {size} bytes but its migration to a {}-byte device was complete: it was truncated since; restore it from a copy (the map {} says what it held)",
-                    t.display(),
-                    key.size,
-                    config.map.display()
-                )));
-            } else if was_done {
-                // Complete: TARGET was synced whole and every later write went to
-                // it alone, so it is the disk, in any boot.
-                for r in 0..regions {
-                    bits[(r / 64) as usize] |= 1 << (r % 64);
-                }
-                done_state = true;
-            } else if short {
-                // Bits for regions the file no longer holds would lie.
-                eprintln!(
-                    "livemount: warning: migration target {} is shorter than the device: copying everything again",
-                    t.display()
-                );
-            } else if same_boot {
-                let mut raw = vec![0u8; ml as usize];
-                map_file
-                    .read_exact_at(&mut raw, HEADER)
-                    .map_err(|_| invalid(format!("{}: truncated", config.map.display())))?;
-                for (w, c) in raw.chunks_exact(8).enumerate() {
-                    bits[w] = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
-                }
-            } else {
-                eprintln!(
-                    "livemount: warning: the migration map {} is from another boot (a power cut may have kept writes in one place and not the other): copying everything again",
-                    config.map.display()
-                );
-            }
-        }
+        let (bits, done_state) = read_map(config, key, &map_file, resume, &tg, short)?;
         if short {
-            target.set_len(key.size).at(t)?;
+            tg.file.set_len(key.size).at(t)?;
         }
         // Bits past the last region are never set.
         let done_count = bits
@@ -746,8 +789,8 @@ impl Job {
         stripes.resize_with(STRIPES, || Mutex::new(0));
         Ok(Job {
             config: config.clone(),
-            target,
-            is_block,
+            target: tg.file,
+            is_block: tg.is_block,
             map_file,
             regions,
             done: Mutex::new(DoneMap {

@@ -247,36 +247,33 @@ impl Prestager {
     }
 
     fn run_steps(&self, until_ns: Option<u64>, yield_to_demand: bool) {
-        std::thread::scope(|s| {
-            for _ in 0..self.threads {
-                s.spawn(|| loop {
-                    if self.progress.budget_reached.load(Relaxed) {
-                        return;
-                    }
-                    // Peek before claiming, so a step past the window stays for later.
-                    let i = self.next.load(Relaxed);
-                    let Some(step) = self.steps.get(i) else {
-                        return;
-                    };
-                    if until_ns.is_some_and(|u| step.first_access_ns > u) {
-                        return;
-                    }
-                    if self
-                        .next
-                        .compare_exchange(i, i + 1, Relaxed, Relaxed)
-                        .is_err()
-                    {
-                        continue;
-                    }
-                    if yield_to_demand {
-                        // Demand reads first: wait (bounded, so pre-staging still
-                        // progresses under a steady demand load) until none is fetching.
-                        self.cache.wait_for_demand_idle(DEMAND_YIELD_LIMIT);
-                    }
-                    self.run_step(step);
-                });
+        let each = |_| loop {
+            if self.progress.budget_reached.load(Relaxed) {
+                return;
             }
-        });
+            // Peek before claiming, so a step past the window stays for later.
+            let i = self.next.load(Relaxed);
+            let Some(step) = self.steps.get(i) else {
+                return;
+            };
+            if until_ns.is_some_and(|u| step.first_access_ns > u) {
+                return;
+            }
+            if self
+                .next
+                .compare_exchange(i, i + 1, Relaxed, Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            if yield_to_demand {
+                // Demand reads first: wait (bounded, so pre-staging still
+                // progresses under a steady demand load) until none is fetching.
+                self.cache.wait_for_demand_idle(DEMAND_YIELD_LIMIT);
+            }
+            self.run_step(step);
+        };
+        livemount_store::workers::with_workers(self.threads, each, || ());
     }
 
     fn run_step(&self, step: &Step) {

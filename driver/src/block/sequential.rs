@@ -35,8 +35,8 @@
 
 use crate::cache::ReadCache;
 use livemount_store::format::chunk::ChunkId;
+use livemount_store::workers::Pool;
 use std::ops::Range;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 /// Bytes a stream must have read before read-ahead starts: two 128 KiB guest
@@ -163,7 +163,7 @@ impl StreamDetector {
 /// Sequential read-ahead for one snapshot image: the detector plus its threads.
 pub struct SequentialReadAhead {
     detector: Mutex<StreamDetector>,
-    queue: SyncSender<(ChunkId, u32)>,
+    pool: Arc<Pool>,
     cache: Arc<ReadCache>,
     chunk_size: u32,
     /// Chunks handed to the threads so far (queued synchronously by the reader).
@@ -181,21 +181,9 @@ impl SequentialReadAhead {
         window: u64,
         threads: usize,
     ) -> Self {
-        let (queue, jobs) = sync_channel::<(ChunkId, u32)>(QUEUE);
-        let jobs = Arc::new(Mutex::new(jobs));
-        for n in 0..threads.max(1) {
-            let (cache, jobs) = (cache.clone(), jobs.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("lm-seq-ahead-{n}"))
-                .spawn(move || worker(&cache, &jobs));
-            if let Err(e) = spawned {
-                // Read-ahead is an optimisation: demand reads still work without it.
-                eprintln!("livemount: sequential read-ahead thread not started: {e}");
-            }
-        }
         SequentialReadAhead {
             detector: Mutex::new(StreamDetector::new(chunk_size, chunks, window)),
-            queue,
+            pool: Pool::bounded("lm-seq-ahead", threads, QUEUE),
             cache,
             chunk_size,
             requested: std::sync::atomic::AtomicU64::new(0),
@@ -224,27 +212,18 @@ impl SequentialReadAhead {
     /// Queue chunk `id` (`chunk_len` bytes of content) for read-ahead; dropped when
     /// the queue is full.
     pub fn request(&self, id: ChunkId, chunk_len: u32) {
-        // Full: the reader is far behind and fetches these itself. Disconnected: no
-        // thread could be started. Neither is an error for the reader.
-        if self.queue.try_send((id, chunk_len)).is_ok() {
+        // Full: the reader is far behind and fetches these itself. Refused after
+        // shut-down: the image is going away. Neither is an error for the reader.
+        let cache = self.cache.clone();
+        let queued = self.pool.try_spawn(move || {
+            if let Err(e) = cache.read_ahead(&id, chunk_len) {
+                // Not fatal: a demand read of these bytes fails with the chunk's name.
+                eprintln!("livemount: sequential read-ahead: {e}");
+            }
+        });
+        if queued {
             self.requested
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-}
-
-fn worker(cache: &ReadCache, jobs: &Mutex<Receiver<(ChunkId, u32)>>) {
-    loop {
-        let job = match jobs.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return,
-        };
-        let Ok((id, len)) = job else {
-            return; // the image is gone
-        };
-        if let Err(e) = cache.read_ahead(&id, len) {
-            // Not fatal: a demand read of these bytes fails with the chunk's name.
-            eprintln!("livemount: sequential read-ahead: {e}");
         }
     }
 }

@@ -85,8 +85,8 @@ fn stage(a: Args, quiet: bool) -> anyhow::Result<PrestageReport> {
     let p = Prestager::new(Arc::new(index), cache, &profile, false, 8)?;
     let total = p.progress.report().planned_bytes;
     let progress = StderrProgress::boxed("prestage", total, quiet);
-    std::thread::scope(|s| {
-        s.spawn(|| p.stage_before_ready(PrestageWindow::All));
+    let stage = |_| p.stage_before_ready(PrestageWindow::All);
+    livemount_store::workers::with_workers(1, stage, || {
         let mut last = 0;
         loop {
             let r = p.progress.report();

@@ -115,6 +115,95 @@ fn overlay_state(f: &mut fmt::Formatter<'_>, s: Option<OverlayState>) -> fmt::Re
 /// An overlay's bytes and state, for the metrics.
 type Overlay = (u64, Option<OverlayState>);
 
+/// A metric: name, Prometheus type, help text, value.
+type Metric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&CacheReport, &IoReport, Overlay) -> f64,
+);
+/// Every metric: name, type, help, and its value for one mount or export.
+const METRICS: [Metric; 13] = [
+    (
+        "livemount_reads_total",
+        "counter",
+        "Read requests.",
+        |_, i, _| i.reads as f64,
+    ),
+    (
+        "livemount_writes_total",
+        "counter",
+        "Write requests.",
+        |_, i, _| i.writes as f64,
+    ),
+    (
+        "livemount_flushes_total",
+        "counter",
+        "Flush requests (and FUA writes).",
+        |_, i, _| i.flushes as f64,
+    ),
+    (
+        "livemount_read_bytes_total",
+        "counter",
+        "Bytes read.",
+        |_, i, _| i.read_bytes as f64,
+    ),
+    (
+        "livemount_write_bytes_total",
+        "counter",
+        "Bytes written.",
+        |_, i, _| i.write_bytes as f64,
+    ),
+    (
+        "livemount_errors_total",
+        "counter",
+        "Requests completed with an error.",
+        |_, i, _| i.errors as f64,
+    ),
+    (
+        "livemount_read_p99_seconds",
+        "gauge",
+        "99th percentile read latency.",
+        |_, i, _| i.read_p99_us / 1e6,
+    ),
+    (
+        "livemount_cache_hit_ratio",
+        "gauge",
+        "Memory-tier hit rate.",
+        |c, _, _| c.mem_hit_rate,
+    ),
+    (
+        "livemount_store_bytes_total",
+        "counter",
+        "Compressed bytes fetched from the store.",
+        |c, _, _| c.store_bytes as f64,
+    ),
+    (
+        "livemount_corrupt_chunks_total",
+        "counter",
+        "Chunks that failed verification.",
+        |c, _, _| c.corrupt_chunks as f64,
+    ),
+    (
+        "livemount_overlay_bytes",
+        "gauge",
+        "Bytes held by the overlay.",
+        |_, _, o| o.0 as f64,
+    ),
+    (
+        "livemount_overlay_failed",
+        "gauge",
+        "1 when a flush of the overlay failed and it refuses I/O.",
+        |_, _, o| f64::from(u8::from(o.1 == Some(OverlayState::Failed))),
+    ),
+    (
+        "livemount_overlay_synchronous",
+        "gauge",
+        "1 when the overlay has no map mirror (/run full) and flushes every write.",
+        |_, _, o| f64::from(u8::from(o.1 == Some(OverlayState::Synchronous))),
+    ),
+];
+
 /// Prometheus text exposition of every mount and export.
 fn prometheus(mounts: &[MountStatus], servers: &[ServeStatus]) -> String {
     // The overlay's figures: bytes held and its state.
@@ -144,94 +233,8 @@ fn prometheus(mounts: &[MountStatus], servers: &[ServeStatus]) -> String {
             ));
         }
     }
-    type Metric = (
-        &'static str,
-        &'static str,
-        &'static str,
-        fn(&CacheReport, &IoReport, Overlay) -> f64,
-    );
-    let metrics: [Metric; 13] = [
-        (
-            "livemount_reads_total",
-            "counter",
-            "Read requests.",
-            |_, i, _| i.reads as f64,
-        ),
-        (
-            "livemount_writes_total",
-            "counter",
-            "Write requests.",
-            |_, i, _| i.writes as f64,
-        ),
-        (
-            "livemount_flushes_total",
-            "counter",
-            "Flush requests (and FUA writes).",
-            |_, i, _| i.flushes as f64,
-        ),
-        (
-            "livemount_read_bytes_total",
-            "counter",
-            "Bytes read.",
-            |_, i, _| i.read_bytes as f64,
-        ),
-        (
-            "livemount_write_bytes_total",
-            "counter",
-            "Bytes written.",
-            |_, i, _| i.write_bytes as f64,
-        ),
-        (
-            "livemount_errors_total",
-            "counter",
-            "Requests completed with an error.",
-            |_, i, _| i.errors as f64,
-        ),
-        (
-            "livemount_read_p99_seconds",
-            "gauge",
-            "99th percentile read latency.",
-            |_, i, _| i.read_p99_us / 1e6,
-        ),
-        (
-            "livemount_cache_hit_ratio",
-            "gauge",
-            "Memory-tier hit rate.",
-            |c, _, _| c.mem_hit_rate,
-        ),
-        (
-            "livemount_store_bytes_total",
-            "counter",
-            "Compressed bytes fetched from the store.",
-            |c, _, _| c.store_bytes as f64,
-        ),
-        (
-            "livemount_corrupt_chunks_total",
-            "counter",
-            "Chunks that failed verification.",
-            |c, _, _| c.corrupt_chunks as f64,
-        ),
-        (
-            "livemount_overlay_bytes",
-            "gauge",
-            "Bytes held by the overlay.",
-            |_, _, o| o.0 as f64,
-        ),
-        (
-            "livemount_overlay_failed",
-            "gauge",
-            "1 when a flush of the overlay failed and it refuses I/O.",
-            |_, _, o| f64::from(u8::from(o.1 == Some(OverlayState::Failed))),
-        ),
-        (
-            "livemount_overlay_synchronous",
-            "gauge",
-            "1 when the overlay has no map mirror (/run full) and flushes every write.",
-            |_, _, o| f64::from(u8::from(o.1 == Some(OverlayState::Synchronous))),
-        ),
-    ];
     let mut out = String::new();
-    for (name, kind, help, value) in metrics {
+    for (name, kind, help, value) in METRICS {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         for (labels, c, i, o) in &series {
             out.push_str(&format!("{name}{{{labels}}} {}\n", value(c, i, *o)));

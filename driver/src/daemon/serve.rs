@@ -11,9 +11,9 @@
 use crate::config::MountConfig;
 use crate::error::{Error, Result};
 use crate::frontend::nbd::{self, Export, Exports};
-use crate::frontend::pool::Pool;
 use crate::metrics::IoMetrics;
 use crate::stack::Stack;
+use livemount_store::workers::Pool;
 use livemount_store::StoreLocation;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -111,17 +111,60 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     };
     let (stacks, exports) = open_exports(&o)?;
     let exports = Arc::new(exports);
-    let pool = Pool::new(o.workers);
+    let shared = Shared {
+        exports: exports.clone(),
+        pool: Pool::new("livemount-io", o.workers),
+        budget: nbd::Budget::new(REQUEST_BUDGET),
+        connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    };
+    let socket = listen(&o, &tls, &shared)?;
+    // Status file and control socket exist before anyone is told the server is
+    // ready (`livemount migrate EXPORT` finds the server by its status file).
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+        .map_err(|e| Error::io("signal handler", e))?;
+    let stacks = Arc::new(stacks);
+    let ctl = super::control::serve_path(std::process::id());
+    {
+        let stacks = stacks.clone();
+        // Serving does not need it: without it only `livemount migrate` is missing.
+        if let Err(e) = super::control::listen(&ctl, move |r| migrate_export(&stacks, r)) {
+            eprintln!("livemount: warning: no control socket, so no `livemount migrate` for these exports: {e}");
+        }
+    }
+    let status_stop = Arc::new(std::sync::Mutex::new(false));
+    status_writer(
+        stacks.clone(),
+        exports.clone(),
+        socket.clone(),
+        o.tcp.clone(),
+        status_stop.clone(),
+    );
+    announce(&exports, socket.as_deref(), &o.tcp, tls.is_some());
+    signals.forever().next();
+    // The status file goes first, and is never written again.
+    if let Ok(mut stopped) = status_stop.lock() {
+        *stopped = true;
+        let _ = std::fs::remove_file(super::status::serve_status_path(std::process::id()));
+    }
+    let _ = std::fs::remove_file(&ctl);
+    let result = stop_exports(&stacks);
+    if let Some(s) = &socket {
+        let _ = std::fs::remove_file(s);
+    }
+    result
+}
+
+/// Start the accept threads: the Unix socket (`--socket`, or the default one when
+/// no `--tcp` is given) and every TCP address. Returns the socket's path.
+fn listen(
+    o: &ServeOptions,
+    tls: &Option<Arc<nbd::tls::TlsServer>>,
+    shared: &Shared,
+) -> Result<Option<PathBuf>> {
     let socket = match (&o.socket, o.tcp.is_empty()) {
         (Some(p), _) => Some(p.clone()),
         (None, true) => Some(Path::new(crate::paths::RUN_DIR).join("nbd.sock")),
         (None, false) => None,
-    };
-    let shared = Shared {
-        exports: exports.clone(),
-        pool,
-        budget: nbd::Budget::new(REQUEST_BUDGET),
-        connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     };
     if let Some(path) = &socket {
         let l = super::control::bind_private(path)?;
@@ -154,34 +197,19 @@ pub fn serve(o: ServeOptions) -> Result<()> {
             )
         });
     }
-    // Status file and control socket exist before anyone is told the server is
-    // ready (`livemount migrate EXPORT` finds the server by its status file).
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
-        .map_err(|e| Error::io("signal handler", e))?;
-    let stacks = Arc::new(stacks);
-    let ctl = super::control::serve_path(std::process::id());
-    {
-        let stacks = stacks.clone();
-        // Serving does not need it: without it only `livemount migrate` is missing.
-        if let Err(e) = super::control::listen(&ctl, move |r| migrate_export(&stacks, r)) {
-            eprintln!("livemount: warning: no control socket, so no `livemount migrate` for these exports: {e}");
-        }
-    }
-    let status_stop = Arc::new(std::sync::Mutex::new(false));
-    status_writer(
-        stacks.clone(),
-        exports.clone(),
-        socket.clone(),
-        o.tcp.clone(),
-        status_stop.clone(),
-    );
+    Ok(socket)
+}
+
+/// One line per export with its URIs on stdout, then readiness to a `--daemon`
+/// parent.
+fn announce(exports: &Exports, socket: Option<&Path>, tcp: &[SocketAddr], tls: bool) {
     for (name, e) in exports.iter() {
         let mut uris = Vec::new();
-        if let Some(s) = &socket {
+        if let Some(s) = socket {
             uris.push(format!("nbd+unix:///{name}?socket={}", s.display()));
         }
-        let scheme = if tls.is_some() { "nbds" } else { "nbd" };
-        uris.extend(o.tcp.iter().map(|a| format!("{scheme}://{a}/{name}")));
+        let scheme = if tls { "nbds" } else { "nbd" };
+        uris.extend(tcp.iter().map(|a| format!("{scheme}://{a}/{name}")));
         println!(
             "export {name}: {} ({} bytes{}) at {}",
             e.description,
@@ -197,20 +225,16 @@ pub fn serve(o: ServeOptions) -> Result<()> {
     let _ = std::io::Write::flush(&mut std::io::stdout());
     super::ready::notify(&super::ready::Readiness::Ready {
         device: socket
-            .as_ref()
             .map(|s| s.display().to_string())
-            .unwrap_or_else(|| o.tcp.first().map(|a| a.to_string()).unwrap_or_default()),
+            .unwrap_or_else(|| tcp.first().map(|a| a.to_string()).unwrap_or_default()),
         pid: std::process::id(),
     });
-    signals.forever().next();
-    // The status file goes first, and is never written again.
-    if let Ok(mut stopped) = status_stop.lock() {
-        *stopped = true;
-        let _ = std::fs::remove_file(super::status::serve_status_path(std::process::id()));
-    }
-    // Stop: every completed write durable, mirrors removed, the socket gone.
+}
+
+/// Stop every export: every completed write durable, mirrors removed, leases
+/// released; a completed migration's map removed once its final flush succeeded.
+fn stop_exports(stacks: &Stacks) -> Result<()> {
     let mut result = Ok(());
-    let _ = std::fs::remove_file(&ctl);
     for s in stacks.values() {
         s.migrating.stop();
         let r = s.top.flush().and_then(|()| match &s.overlay {
@@ -236,9 +260,6 @@ pub fn serve(o: ServeOptions) -> Result<()> {
             result = Err(e);
         }
         s.release_lease();
-    }
-    if let Some(s) = &socket {
-        let _ = std::fs::remove_file(s);
     }
     result
 }

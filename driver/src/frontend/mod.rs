@@ -10,7 +10,6 @@
 //! that request alone.
 
 pub mod nbd;
-pub mod pool;
 pub mod ublk;
 
 use crate::block::BlockDevice;
@@ -81,11 +80,7 @@ pub fn errno(e: &Error) -> i32 {
 /// panics must fail one request with EIO, never hang the device or kill the daemon.
 pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
     catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
-        let msg = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
+        let msg = livemount_store::workers::panic_message(&*p);
         eprintln!("livemount: {what} panicked: {msg}; failing the request with EIO");
         msg
     })

@@ -14,6 +14,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -308,24 +309,21 @@ pub struct SourceInfo<'a> {
     pub description: &'a str,
 }
 
-/// Back up the `info.size` bytes read sequentially from `reader` as a new snapshot
-/// (only the `changed` ranges, when given: [`backup_changed`]).
-// One function (~120 lines) on purpose: the reader loop and the result collector
-// share the bounded queues and drain results while reading, so that a worker's
-// error stops the reading early; split, the channels and tallies would be threaded
-// through every piece.
-pub fn backup_from(
+/// What a backup builds on: the series' latest snapshot, the chunks known to be in
+/// the store, the chunk size, and (for a changed-block backup) the base index.
+struct Prior {
+    previous: Option<SnapshotRef>,
+    known: HashSet<ChunkId>,
+    chunk_size: u32,
+    base: Option<SnapshotIndex>,
+}
+
+fn prior(
     store: &Store,
-    reader: &mut dyn SourceRead,
-    info: SourceInfo<'_>,
     opts: &BackupOptions,
+    image_size: u64,
     changed: Option<&[std::ops::Range<u64>]>,
-    progress: &dyn Progress,
-) -> Result<BackupReport> {
-    let (image_size, source, description) = (info.size, info.path, info.description);
-    let start = Instant::now();
-    crate::store::validate_series(&opts.series)?;
-    let file = reader;
+) -> Result<Prior> {
     let previous = store.list(Some(&opts.series))?.pop();
     // The previous index supplies the series' chunk size and, for a remote store,
     // the chunks known to be there (no per-chunk HEAD for an unchanged re-backup;
@@ -373,12 +371,35 @@ pub fn backup_from(
             Some(i)
         }
     };
+    Ok(Prior {
+        previous,
+        known,
+        chunk_size,
+        base,
+    })
+}
+
+/// Back up the `info.size` bytes read sequentially from `reader` as a new snapshot
+/// (only the `changed` ranges, when given: [`backup_changed`]).
+pub fn backup_from(
+    store: &Store,
+    reader: &mut dyn SourceRead,
+    info: SourceInfo<'_>,
+    opts: &BackupOptions,
+    changed: Option<&[std::ops::Range<u64>]>,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let (image_size, description) = (info.size, info.description);
+    let start = Instant::now();
+    crate::store::validate_series(&opts.series)?;
     let level = opts.level;
     if !(1..=22).contains(&level) {
         return Err(Error::Invalid(format!(
             "invalid zstd level {level}: use 1 to 22"
         )));
     }
+    let prior = prior(store, opts, image_size, changed)?;
+    let (chunk_size, frame_size) = (prior.chunk_size, store.config().frame_size);
     let count = SnapshotIndex::chunk_count(image_size, chunk_size) as usize;
     let threads = opts.threads.max(1);
 
@@ -386,143 +407,73 @@ pub fn backup_from(
     let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(threads * 2);
     let work_rx = Mutex::new(work_rx);
     let (done_tx, done_rx) = mpsc::channel::<Result<(usize, Outcome, u64)>>();
-    // Stored chunks by position (the rest are zero): memory follows the data, not
-    // the image size.
-    let mut refs: std::collections::BTreeMap<usize, ChunkId> = Default::default();
-    let mut report = BackupReport::empty(previous.as_ref(), image_size, chunk_size);
-    // Every chunk the index will name, new or reused: a reused chunk may have been
-    // renamed into place by a concurrent backup that has not synced its directory yet.
-    let mut synced_ids = Vec::new();
-    let mut first_err: Option<Error> = None;
-
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            let done_tx = done_tx.clone();
-            let work_rx = &work_rx;
-            let known = &known;
-            s.spawn(move || encode_worker(store, known, frame_size, level, work_rx, &done_tx));
-        }
-        drop(done_tx);
-
-        // Reader: sequential reads, in this thread. Results are drained as they come so
-        // a worker error stops reading early.
-        let mut collect = |r: Result<(usize, Outcome, u64)>,
-                           report: &mut BackupReport,
-                           first_err: &mut Option<Error>| match r {
-            Ok((i, outcome, len)) => {
-                progress.inc(len);
-                match outcome {
-                    Outcome::Zero => {
-                        report.chunks_zero += 1;
-                        report.bytes_zero += len;
-                    }
-                    Outcome::Reused(id) => {
-                        report.chunks_reused += 1;
-                        report.bytes_reused += len;
-                        refs.insert(i, id);
-                        synced_ids.push(id);
-                    }
-                    Outcome::New { id, stored } => {
-                        report.chunks_new += 1;
-                        report.bytes_new += len;
-                        report.bytes_stored += stored;
-                        refs.insert(i, id);
-                        synced_ids.push(id);
-                    }
-                }
-            }
-            Err(e) => {
-                first_err.get_or_insert(e);
-            }
-        };
+    let mut tally = Tally {
+        refs: Default::default(),
+        report: BackupReport::empty(prior.previous.as_ref(), image_size, chunk_size),
+        synced_ids: Vec::new(),
+        first_err: None,
+        progress,
+    };
+    let known = &prior.known;
+    let encoder = |_| encode_worker(store, known, frame_size, level, &work_rx, &done_tx);
+    // Reader: sequential reads, in this thread, beside the encoders. Results are
+    // drained as they come so a worker error stops reading early; every chunk sent
+    // gets exactly one result, which is how the reader knows it has them all.
+    crate::workers::with_workers(threads, encoder, || {
+        let (mut sent, mut received) = (0usize, 0usize);
         for i in 0..count {
-            if first_err.is_some() {
+            if tally.first_err.is_some() {
                 break;
             }
             let start = i as u64 * chunk_size as u64;
             let len = (image_size - start).min(chunk_size as u64) as usize;
-            let span = start..start + len as u64;
-            let unchanged = match (changed, &base) {
-                (Some(ranges), Some(base)) if !crate::ops::changed::touches(ranges, &span) => {
-                    Some((base.chunks[i], "the previous snapshot"))
+            match read_next(
+                store,
+                reader,
+                &info,
+                &prior,
+                changed,
+                i,
+                start..start + len as u64,
+            ) {
+                Err(e) => tally.first_err = Some(e),
+                Ok(Next::Known(outcome)) => {
+                    tally.report.bytes_unchanged += len as u64;
+                    tally.collect(Ok((i, outcome, len as u64)));
                 }
-                _ => file
-                    .unchanged(span.start, span.end)
-                    .map(|c| (c, "the base snapshot")),
-            };
-            if let Some((entry, whose)) = unchanged {
-                {
-                    let outcome = match entry {
-                        ChunkRef::Zero => Outcome::Zero,
-                        ChunkRef::Stored(id) => {
-                            // The chunk must still be there (verify --repair may have
-                            // moved it aside): a stat locally, the trusted set (or a
-                            // HEAD) remotely.
-                            let present = match store.local_root() {
-                                Some(_) => matches!(store.has_chunk(&id), Ok(true)),
-                                None => {
-                                    known.contains(&id) || matches!(store.has_chunk(&id), Ok(true))
-                                }
-                            };
-                            if !present {
-                                first_err = Some(Error::Invalid(format!(
-                                    "chunk {} of {whose} is missing: run a full backup",
-                                    id.to_hex()
-                                )));
-                                break;
-                            }
-                            Outcome::Reused(id)
-                        }
-                    };
-                    collect(Ok((i, outcome, len as u64)), &mut report, &mut first_err);
-                    report.bytes_unchanged += len as u64;
-                    if let Err(e) = file.skip(len as u64) {
-                        first_err = Some(Error::io(source, e));
+                Ok(Next::Hole) => {
+                    tally.report.bytes_holes += len as u64;
+                    tally.collect(Ok((i, Outcome::Zero, len as u64)));
+                }
+                Ok(Next::Data(buf)) => {
+                    tally.report.bytes_read += len as u64;
+                    if work_tx.send((i, buf)).is_err() {
                         break;
                     }
-                    continue;
+                    sent += 1;
                 }
-            }
-            match file.skip_hole(start, start + len as u64) {
-                Ok(true) => {
-                    report.bytes_holes += len as u64;
-                    report.chunks_zero += 1;
-                    report.bytes_zero += len as u64;
-                    progress.inc(len as u64);
-                    continue;
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    first_err = Some(Error::io(source, e));
-                    break;
-                }
-            }
-            let mut buf = vec![0u8; len];
-            if let Err(e) = file.read_exact(&mut buf) {
-                first_err = Some(if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    Error::Invalid(format!(
-                        "source {} shrank while it was being read",
-                        source.display()
-                    ))
-                } else {
-                    Error::io(source, e)
-                });
-                break;
-            }
-            report.bytes_read += len as u64;
-            if work_tx.send((i, buf)).is_err() {
-                break;
             }
             while let Ok(r) = done_rx.try_recv() {
-                collect(r, &mut report, &mut first_err);
+                received += 1;
+                tally.collect(r);
             }
         }
+        // The encoders end once the queue is drained and closed.
         drop(work_tx);
-        for r in done_rx.iter() {
-            collect(r, &mut report, &mut first_err);
+        while received < sent {
+            let Ok(r) = done_rx.recv() else { break };
+            received += 1;
+            tally.collect(r);
         }
     });
     progress.finish();
+    let Tally {
+        refs,
+        report,
+        synced_ids,
+        first_err,
+        ..
+    } = tally;
     if let Some(e) = first_err {
         return Err(e);
     }
@@ -541,6 +492,125 @@ pub fn backup_from(
         chunks,
     };
     commit(store, &opts.series, index, &synced_ids, report, start)
+}
+
+/// A backup's running results.
+struct Tally<'p> {
+    /// Stored chunks by position (the rest are zero): memory follows the data, not
+    /// the image size.
+    refs: std::collections::BTreeMap<usize, ChunkId>,
+    report: BackupReport,
+    /// Every chunk the index will name, new or reused: a reused chunk may have been
+    /// renamed into place by a concurrent backup that has not synced its directory.
+    synced_ids: Vec<ChunkId>,
+    first_err: Option<Error>,
+    progress: &'p dyn Progress,
+}
+
+impl Tally<'_> {
+    /// Count one chunk's outcome (or keep the first error).
+    fn collect(&mut self, r: Result<(usize, Outcome, u64)>) {
+        let (i, outcome, len) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                self.first_err.get_or_insert(e);
+                return;
+            }
+        };
+        self.progress.inc(len);
+        let report = &mut self.report;
+        match outcome {
+            Outcome::Zero => {
+                report.chunks_zero += 1;
+                report.bytes_zero += len;
+            }
+            Outcome::Reused(id) => {
+                report.chunks_reused += 1;
+                report.bytes_reused += len;
+                self.refs.insert(i, id);
+                self.synced_ids.push(id);
+            }
+            Outcome::New { id, stored } => {
+                report.chunks_new += 1;
+                report.bytes_new += len;
+                report.bytes_stored += stored;
+                self.refs.insert(i, id);
+                self.synced_ids.push(id);
+            }
+        }
+    }
+}
+
+/// The next chunk of the source, as the reader found it.
+enum Next {
+    /// Unchanged since a snapshot (not read; skipped).
+    Known(Outcome),
+    /// A hole of the source (not read).
+    Hole,
+    /// Read, for the encoders.
+    Data(Vec<u8>),
+}
+
+/// Chunk `i` (`span` of the source), from the reader's position at its start.
+fn read_next(
+    store: &Store,
+    file: &mut dyn SourceRead,
+    info: &SourceInfo<'_>,
+    prior: &Prior,
+    changed: Option<&[std::ops::Range<u64>]>,
+    i: usize,
+    span: std::ops::Range<u64>,
+) -> Result<Next> {
+    let source = info.path;
+    let len = span.end - span.start;
+    let unchanged = match (changed, &prior.base) {
+        (Some(ranges), Some(base)) if !crate::ops::changed::touches(ranges, &span) => {
+            Some((base.chunks[i], "the previous snapshot"))
+        }
+        _ => file
+            .unchanged(span.start, span.end)
+            .map(|c| (c, "the base snapshot")),
+    };
+    if let Some((entry, whose)) = unchanged {
+        let outcome = match entry {
+            ChunkRef::Zero => Outcome::Zero,
+            ChunkRef::Stored(id) => {
+                // The chunk must still be there (verify --repair may have moved it
+                // aside): a stat locally, the trusted set (or a HEAD) remotely.
+                let present = match store.local_root() {
+                    Some(_) => matches!(store.has_chunk(&id), Ok(true)),
+                    None => prior.known.contains(&id) || matches!(store.has_chunk(&id), Ok(true)),
+                };
+                if !present {
+                    return Err(Error::Invalid(format!(
+                        "chunk {} of {whose} is missing: run a full backup",
+                        id.to_hex()
+                    )));
+                }
+                Outcome::Reused(id)
+            }
+        };
+        file.skip(len).map_err(|e| Error::io(source, e))?;
+        return Ok(Next::Known(outcome));
+    }
+    if file
+        .skip_hole(span.start, span.end)
+        .map_err(|e| Error::io(source, e))?
+    {
+        return Ok(Next::Hole);
+    }
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact(&mut buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::Invalid(format!(
+                "source {} shrank while it was being read",
+                source.display()
+            ))
+        } else {
+            Error::io(source, e)
+        }
+    })?;
+    Ok(Next::Data(buf))
 }
 
 /// Make every chunk `index` names durable (`synced`: new and reused alike), then
@@ -601,41 +671,58 @@ fn encode_worker(
     work_rx: &Mutex<mpsc::Receiver<(usize, Vec<u8>)>>,
     done_tx: &mpsc::Sender<Result<(usize, Outcome, u64)>>,
 ) {
-    let mut compressor = match zstd::bulk::Compressor::new(level) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = done_tx.send(Err(Error::Invalid(format!("zstd: {e}"))));
-            return;
-        }
-    };
+    let mut compressor = None;
     loop {
-        let item = match work_rx.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return,
-        };
+        // Nothing panics while holding the lock, so a poisoned one is still sound;
+        // leaving here with chunks queued would leave the reader waiting for them.
+        let item = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok((i, buf)) = item else { return };
         let len = buf.len() as u64;
-        let res = (|| {
-            if is_zero(&buf) {
-                return Ok(Outcome::Zero);
-            }
-            let digest = chunk::digest(&buf, frame_size);
-            if known.contains(&digest.id) || store.has_chunk(&digest.id)? {
-                return Ok(Outcome::Reused(digest.id));
-            }
-            let bytes = chunk::encode(&buf, frame_size, &digest, &mut compressor)
-                .map_err(|e| Error::Invalid(format!("zstd: {e}")))?;
-            let stored = bytes.len() as u64;
-            store.put_chunk(&digest.id, bytes)?;
-            Ok(Outcome::New {
-                id: digest.id,
-                stored,
-            })
-        })();
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            encode_one(store, known, frame_size, level, &mut compressor, &buf)
+        }))
+        .unwrap_or_else(|p| {
+            Err(Error::Invalid(format!(
+                "backup worker panicked on chunk {i}: {}",
+                crate::workers::panic_message(&*p)
+            )))
+        });
         if done_tx.send(res.map(|o| (i, o, len))).is_err() {
             return;
         }
     }
+}
+
+/// Hash one chunk; store it unless it is all zeros or already known.
+fn encode_one(
+    store: &Store,
+    known: &HashSet<ChunkId>,
+    frame_size: u32,
+    level: i32,
+    compressor: &mut Option<zstd::bulk::Compressor<'static>>,
+    buf: &[u8],
+) -> Result<Outcome> {
+    if is_zero(buf) {
+        return Ok(Outcome::Zero);
+    }
+    let digest = chunk::digest(buf, frame_size);
+    if known.contains(&digest.id) || store.has_chunk(&digest.id)? {
+        return Ok(Outcome::Reused(digest.id));
+    }
+    let c = match compressor {
+        Some(c) => c,
+        None => compressor.insert(
+            zstd::bulk::Compressor::new(level).map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
+        ),
+    };
+    let bytes = chunk::encode(buf, frame_size, &digest, c)
+        .map_err(|e| Error::Invalid(format!("zstd: {e}")))?;
+    let stored = bytes.len() as u64;
+    store.put_chunk(&digest.id, bytes)?;
+    Ok(Outcome::New {
+        id: digest.id,
+        stored,
+    })
 }
 
 /// a / b, or 1 when b is 0.

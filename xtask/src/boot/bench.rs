@@ -6,6 +6,7 @@
 
 use super::image::{self, boot_dir, Image};
 use super::qemu::{boot_kernel, require_marker, Console, Qemu};
+use crate::report::{Report, Table};
 use crate::util::{root, run, sh_quote};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -1078,15 +1079,12 @@ pub fn bench(opts: &Options) -> Result<()> {
         let v: Vec<Value> = runs.iter().map(BootRun::to_json).collect();
         fs::write(&runs_file, serde_json::to_string_pretty(&v)?)?;
     }
-    let mut report = report(&p, &profiles, &all, &runs, opts, t0.elapsed());
+    let mut rep = report(&p, &profiles, &all, &runs, opts, t0.elapsed());
+    rep.bench = name.to_string();
     if !failed.is_empty() {
-        report.push_str(&format!("\nFailed boots: {}.\n", failed.join("; ")));
+        rep.note(format!("Failed boots: {}.", failed.join("; ")));
     }
-    println!("{report}");
-    let out = root().join(format!("results/{name}.md"));
-    fs::create_dir_all(out.parent().context("results dir")?)?;
-    fs::write(&out, &report)?;
-    eprintln!("bench-boot: written to {}", out.display());
+    rep.save()?;
     if !failed.is_empty() {
         bail!(
             "bench-boot: {} boot(s) failed: {}",
@@ -1101,6 +1099,9 @@ fn first_line(e: &anyhow::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_owned()
 }
 
+/// The report: one table of every case, the host's profiles, the targets; notes
+/// of the side-by-side variants. What the cases and the store model are is in
+/// docs/performance.md ("Boot").
 fn report(
     p: &Prepared,
     profiles: &[ProfileInfo],
@@ -1108,7 +1109,7 @@ fn report(
     runs: &[BootRun],
     opts: &Options,
     elapsed: Duration,
-) -> String {
+) -> Report {
     let of = |id: &str| -> Vec<&BootRun> { runs.iter().filter(|r| r.case == id).collect() };
     let med = |id: &str, f: &dyn Fn(&BootRun) -> Option<f64>| -> Option<f64> {
         median(of(id).into_iter().filter_map(f).collect())
@@ -1116,34 +1117,30 @@ fn report(
     let boot = |id: &str| med(id, &|r| Some(r.boot_s));
     let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("–".to_string(), f);
     let secs = |v: f64| format!("{v:.2}");
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "# bench-boot\n\n\
-         Debian bookworm minbase (systemd 252) in a {} MiB ext4 image, booted by Debian's backports \
-         kernel {} inside the ublk test VM (qemu TCG, 2 vCPU, {VM_MEMORY_MB} MiB). **boot** = guest \
-         uptime from the initramfs's `switch_root` onto the root device to the marker unit ordered \
-         after multi-user.target (real kernel, systemd as PID 1, udev, journald, getty). \
-         **device ready** = `livemount mount --daemon` started → returned (pre-staging included). \
-         Medians of {} round(s); within a round the cases boot one after another, each in a fresh VM \
-         (cold page caches).\n",
-        image::IMAGE_SIZE >> 20,
-        p.image.kver,
-        opts.rounds
+    let count = |v: f64| format!("{v:.0}");
+    let mut rep = Report::new(
+        "bench-boot",
+        format!(
+            "cargo xtask bench-boot --rounds {} (root; {:.0} min here)",
+            opts.rounds,
+            elapsed.as_secs_f64() / 60.0
+        ),
     );
-    let _ = writeln!(
-        s,
-        "Remote-storage model (`…20` cases): `--store-latency {STORE_LATENCY} --store-bandwidth \
-         {STORE_BANDWIDTH}`: every chunk-source request costs {STORE_LATENCY} (requests in flight \
-         overlap) and all share one {STORE_BANDWIDTH}B/s link. `…0` cases: unthrottled. The store is \
-         an ext4 virtio disk of the test VM (host page cache behind it). Live mounts: `--cache-mem \
-         {CACHE_MEM}`, no disk tier, 1 queue, overlay in guest RAM; L's image is in guest RAM too, \
-         so L is the fastest local disk this VM has.\n"
-    );
-    let _ = writeln!(
-        s,
-        "| case | what | boot (s) | per round (s) | fastest (s) | device ready (s) | ready + boot (s) | store requests | fetched (compressed) | decoded | device reads | read requests, time in them |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|"
+    let mut t = Table::new(
+        format!(
+            "Debian minbase, {} MiB ext4, kernel {}, in the ublk test VM (TCG, 2 vCPU, {VM_MEMORY_MB} MiB); \
+             medians of {} round(s); `…20` cases: `--store-latency {STORE_LATENCY} --store-bandwidth {STORE_BANDWIDTH}`, \
+             `--cache-mem {CACHE_MEM}`; commit {}:",
+            image::IMAGE_SIZE >> 20,
+            p.image.kver,
+            opts.rounds,
+            crate::util::git_head()
+        ),
+        &[
+            "case", "what", "boot (s)", "per round (s)", "fastest (s)", "device ready (s)",
+            "ready + boot (s)", "store requests", "fetched (compressed)", "decoded",
+            "device reads", "read requests", "time in them (s)",
+        ],
     );
     for c in cases {
         let rs = of(&c.id);
@@ -1151,34 +1148,28 @@ fn report(
             continue;
         }
         let per: Vec<String> = rs.iter().map(|r| format!("{:.2}", r.boot_s)).collect();
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            c.id,
-            c.what,
+        t.row([
+            c.id.clone(),
+            c.what.clone(),
             opt(boot(&c.id), &secs),
             per.join(", "),
             opt(rs.iter().map(|r| r.boot_s).min_by(f64::total_cmp), &secs),
             opt(med(&c.id, &|r| r.ready_s), &secs),
             opt(
                 med(&c.id, &|r| Some(r.ready_s.unwrap_or(0.0) + r.boot_s)),
-                &secs
+                &secs,
             ),
-            opt(med(&c.id, &|r| r.cache("store_reads")), &|v| format!(
-                "{v:.0}"
-            )),
+            opt(med(&c.id, &|r| r.cache("store_reads")), &count),
             opt(med(&c.id, &|r| r.cache("store_bytes")), &mib),
             opt(med(&c.id, &|r| r.cache("decoded_bytes")), &mib),
             mib(med(&c.id, &|r| Some(r.dev_read_bytes as f64)).unwrap_or(0.0)),
-            format_args!(
-                "{}, {} s",
-                opt(med(&c.id, &|r| Some(r.dev_reads as f64)), &|n| format!(
-                    "{n:.0}"
-                )),
-                opt(med(&c.id, &|r| Some(r.dev_read_ms as f64 / 1000.0)), &secs)
-            ),
-        );
+            opt(med(&c.id, &|r| Some(r.dev_reads as f64)), &count),
+            opt(med(&c.id, &|r| Some(r.dev_read_ms as f64 / 1000.0)), &secs),
+        ]);
     }
+    rep.tables.push(t);
+    rep.tables.push(profile_table(p, profiles));
+    rep.tables.push(targets(p, profiles, runs, opts));
     let loads: Vec<String> = (1..=opts.rounds)
         .map(|round| {
             let l: Vec<String> = runs
@@ -1189,65 +1180,124 @@ fn report(
             format!("round {round}: {}", l.join(", "))
         })
         .collect();
-    let _ = writeln!(
-        s,
-        "\nHost load (1-min load average on the 2-core host when each boot started; other \
-         engineers' builds and VMs share it, and TCG slows down with them): {}.\n",
+    rep.note(format!(
+        "Host 1-min load average when each boot started: {}.",
         loads.join("; ")
+    ));
+    rep.note(format!(
+        "The snapshot in the store: {} of compressed chunks.",
+        mib(p.store_bytes as f64)
+    ));
+    let (c, pp) = (boot("C20"), boot("P20"));
+    if let (Some(lv), Some(c), Some(p)) = (boot("Lv"), c, pp) {
+        rep.note(format!(
+            "Against Lv (virtio disk, served outside the guest's vCPUs) instead of L: P/Lv = {:.2}, (C − P) / (C − Lv) = {:.2}, C/Lv = {:.2}.",
+            p / lv,
+            (c - p) / (c - lv),
+            c / lv
+        ));
+    }
+    if let (Some(m), Some(pv)) = (boot("M20"), pp) {
+        let extra = match (profiles.first(), profiles.get(2)) {
+            (Some(a), Some(b)) => mib(b.working_set as f64 - a.working_set as f64),
+            _ => "?".into(),
+        };
+        rep.note(format!("One host profile vs two merged: P20 {pv:.2} s, M20 {m:.2} s (merged: {extra} more working set)."));
+    }
+    let reads = |id: &str| opt(med(id, &|r| r.cache("store_reads")), &count);
+    if let (Some(c), Some(nr)) = (c, boot("C20nr")) {
+        rep.note(format!(
+            "Chunk read-ahead vs `--no-readahead`: C20 {c:.2} s ({} store requests), C20nr {nr:.2} s ({}).",
+            reads("C20"),
+            reads("C20nr")
+        ));
+    }
+    let decoded = |id: &str| opt(med(id, &|r| r.cache("decoded_bytes")), &mib);
+    if let (Some(c), Some(ns)) = (c, boot("C20ns")) {
+        rep.note(format!(
+            "Sequential read-ahead vs `--seq-readahead 0`: C20 {c:.2} s ({} decoded), C20ns {ns:.2} s ({}).",
+            decoded("C20"),
+            decoded("C20ns")
+        ));
+    }
+    if let Some(r) = boot("R20") {
+        rep.note(format!(
+            "Learned profile (`--record-profile` during C20, no eBPF): R20 {r:.2} s vs P20 {} s.",
+            opt(pp, &secs)
+        ));
+    }
+    if let Some(v) = med("P20", &|r| r.prestage("staged_bytes")) {
+        rep.note(format!(
+            "P20 pre-staged {} in {} steps, {} ms of its device-ready time; {} demand frame reads were served from pre-staged frames.",
+            mib(v),
+            opt(med("P20", &|r| r.prestage("steps_done")), &count),
+            opt(med("P20", &|r| r.prestage("ready_ms")), &count),
+            opt(med("P20", &|r| r.cache("prestage_saved_reads")), &count)
+        ));
+    }
+    rep
+}
+
+/// The profiles recorded on the host (and the one C20 learned).
+fn profile_table(p: &Prepared, profiles: &[ProfileInfo]) -> Table {
+    let mut t = Table::new(
+        "Profiles: `livemount-profiler record --disk /dev/loopN` while qemu booted the image from that loop device on the host, stopped at the marker:",
+        &["profile", "runs", "extents", "working set", "share of the image", "recording boot (s)"],
     );
-    let _ = writeln!(
-        s,
-        "Profiles recorded on the host: `livemount-profiler record --disk /dev/loopN` while qemu TCG \
-         booted the same image from that loop device (`-drive file=/dev/loopN,if=virtio,cache=none`, \
-         same kernel and initramfs), stopped at the marker:\n\n\
-         | profile | runs | extents | working set | share of the image | recording boot (s) |\n|---|---|---|---|---|---|"
-    );
-    let mut all_profiles: Vec<ProfileInfo> = profiles.to_vec();
+    let mut all: Vec<ProfileInfo> = profiles.to_vec();
     if let Ok(l) = ProfileInfo::load(&p.work.join("profiles/learned.json"), None) {
-        all_profiles.push(l);
+        all.push(l);
     }
-    for pi in &all_profiles {
-        let _ = writeln!(
-            s,
-            "| {}{} | {} | {} | {} | {:.2}% | {} |",
-            pi.path
-                .file_name()
-                .map_or("?".into(), |f| f.to_string_lossy()),
-            if pi.path.ends_with("learned.json") {
-                " (learned by C20's live mount)"
-            } else {
-                ""
-            },
-            pi.runs,
-            pi.extents,
+    for pi in &all {
+        let name = pi
+            .path
+            .file_name()
+            .map_or("?".into(), |f| f.to_string_lossy());
+        let learned = if pi.path.ends_with("learned.json") {
+            " (learned by C20's live mount)"
+        } else {
+            ""
+        };
+        t.row([
+            format!("{name}{learned}"),
+            pi.runs.to_string(),
+            pi.extents.to_string(),
             mib(pi.working_set as f64),
-            100.0 * pi.working_set as f64 / pi.disk_size.max(1) as f64,
-            opt(pi.boot_s, &secs)
-        );
+            format!(
+                "{:.2}%",
+                100.0 * pi.working_set as f64 / pi.disk_size.max(1) as f64
+            ),
+            pi.boot_s.map_or("–".into(), |v| format!("{v:.2}")),
+        ]);
     }
-    let _ = writeln!(
-        s,
-        "\nThe snapshot in the store: {} of compressed chunks for the {} MiB image.\n",
-        mib(p.store_bytes as f64),
-        image::IMAGE_SIZE >> 20
-    );
-    // Targets.
-    // The verdict is against L (a loop device over the image in guest RAM: like
-    // the live mount, served by the guest's own CPUs); Lv (served by qemu outside
-    // the guest's CPUs, which TCG makes comparatively cheap) is shown after.
-    let base = "L";
-    let _ = writeln!(
-        s,
-        "Targets (20 ms model; L = the loop device over the image in guest RAM, C = C20, P = P20). \
-         Boot-time ratios three ways: of the medians (the verdict), per round (cases of one round \
-         ran minutes apart), and of each case's fastest boot (host contention only ever adds \
-         time, so the minimum is the least disturbed estimate):\n\n\
-         | target | medians | per round | fastest boots | met (medians / fastest) |\n|---|---|---|---|---|"
+    t
+}
+
+/// The targets of the 20 ms model, against L (a loop device over the image in guest
+/// RAM: like the live mount, served by the guest's own CPUs). Ratios of the
+/// medians (the verdict), per round, and of each case's fastest boot (contention
+/// only adds time, so the minimum is the least disturbed estimate).
+fn targets(p: &Prepared, profiles: &[ProfileInfo], runs: &[BootRun], opts: &Options) -> Table {
+    let of = |id: &str| -> Vec<&BootRun> { runs.iter().filter(|r| r.case == id).collect() };
+    let med = |id: &str, f: &dyn Fn(&BootRun) -> Option<f64>| -> Option<f64> {
+        median(of(id).into_iter().filter_map(f).collect())
+    };
+    let boot = |id: &str| med(id, &|r| Some(r.boot_s));
+    let secs = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}"));
+    let mut t = Table::new(
+        "Targets (20 ms model; L = loop device over the image in guest RAM, C = C20, P = P20):",
+        &[
+            "target",
+            "medians",
+            "per round",
+            "fastest boots",
+            "met (medians / fastest)",
+        ],
     );
     let yes = |b: bool| if b { "yes" } else { "**no**" };
     let fastest = |id: &str| of(id).iter().map(|r| r.boot_s).min_by(f64::total_cmp);
     let triple = |get: &dyn Fn(&str) -> Option<f64>| -> Option<(f64, f64, f64)> {
-        Some((get(base)?, get("C20")?, get("P20")?))
+        Some((get("L")?, get("C20")?, get("P20")?))
     };
     let rounds_of = |round: u32| {
         move |id: &str| {
@@ -1275,131 +1325,53 @@ fn report(
                 Some(format!("{:.2}", f(l, c, p)))
             })
             .collect();
-        let _ = match (m, fast) {
-            (Some(m), Some(fv)) => writeln!(
-                s,
-                "| {name} | {m:.2} | {} | {fv:.2} | {} / {} |",
+        match (m, fast) {
+            (Some(m), Some(fv)) => t.row([
+                name.to_string(),
+                format!("{m:.2}"),
                 per.join(", "),
-                yes(ok(m)),
-                yes(ok(fv))
-            ),
-            _ => writeln!(s, "| {name} | not measured | | | – |"),
-        };
+                format!("{fv:.2}"),
+                format!("{} / {}", yes(ok(m)), yes(ok(fv))),
+            ]),
+            _ => t.row([name, "not measured"]),
+        }
     }
-    let (c, pp) = (boot("C20"), boot("P20"));
-    let lv_line = match (boot("Lv"), c, pp) {
-        (Some(lv), Some(c), Some(p)) => format!(
-            "Against Lv instead (medians): P/Lv = {:.2}, (C − P) / (C − Lv) = {:.2}, C/Lv = {:.2}. \
-             Under TCG a virtio disk is served by qemu's own threads outside the guest's vCPUs, \
-             while a loop device and the ublk daemon run on the emulated CPUs, so Lv is \
-             comparatively cheap here.\n",
-            p / lv,
-            (c - p) / (c - lv),
-            c / lv
-        ),
-        _ => String::new(),
-    };
-    let mut target = |name: &str, v: Option<(String, bool)>| {
-        let _ = match v {
-            Some((val, ok)) => writeln!(s, "| {name} | {val} | | | {} |", yes(ok)),
-            None => writeln!(s, "| {name} | not measured | | | – |"),
-        };
-    };
-    target(
-        "device ready (mount + pre-staging) ≤ 1 s",
-        med("P20", &|r| r.ready_s).map(|v| {
-            (
-                format!(
-                    "{v:.2} s with the default `--prestage {}` (P20); {} s with `all`, {} s with `none`; \
-                     {} s without a profile (C20)",
-                    p.caps.default_prestage,
-                    opt(med("P20all", &|r| r.ready_s), &secs),
-                    opt(med("P20n", &|r| r.ready_s), &secs),
-                    opt(med("C20", &|r| r.ready_s), &secs)
-                ),
-                v <= 1.0,
+    let ready = med("P20", &|r| r.ready_s);
+    t.row([
+        "device ready (mount + pre-staging) ≤ 1 s".to_string(),
+        ready.map_or("not measured".into(), |v| {
+            format!(
+                "{v:.2} s (P20, `--prestage {}`); `all` {} s, `none` {} s, no profile (C20) {} s",
+                p.caps.default_prestage,
+                secs(med("P20all", &|r| r.ready_s)),
+                secs(med("P20n", &|r| r.ready_s)),
+                secs(med("C20", &|r| r.ready_s)),
             )
         }),
-    );
+        String::new(),
+        String::new(),
+        ready.map_or("–".into(), |v| yes(v <= 1.0).to_string()),
+    ]);
     let ws = profiles.first().map(|p| p.working_set as f64);
-    target(
-        "fetched during a pre-staged boot ≤ 1.2 × working set",
-        med("P20", &|r| r.cache("store_bytes"))
-            .zip(ws)
-            .map(|(f, w)| {
-                let d = med("P20", &|r| r.cache("decoded_bytes")).unwrap_or(0.0);
-                (
-                    format!(
-                        "{} compressed = {:.2} × the {} working set ({} decoded = {:.2} ×)",
-                        mib(f),
-                        f / w,
-                        mib(w),
-                        mib(d),
-                        d / w
-                    ),
-                    f <= 1.2 * w,
-                )
-            }),
-    );
-    let _ = writeln!(s);
-    s.push_str(&lv_line);
-    if let (Some(m), Some(pv)) = (boot("M20"), pp) {
-        let _ = writeln!(
-            s,
-            "One host profile vs two merged (20 ms model): P20 {pv:.2} s, M20 {m:.2} s (merged \
-             profile: {} more working set than one).",
-            match (profiles.first(), profiles.get(2)) {
-                (Some(a), Some(b)) => mib(b.working_set as f64 - a.working_set as f64),
-                _ => "?".into(),
-            }
-        );
-    }
-    if let (Some(c), Some(nr)) = (c, boot("C20nr")) {
-        let _ =
-            writeln!(
-            s,
-            "\nCold path with chunk read-ahead (driver default) vs `--no-readahead`: C20 {c:.2} s \
-             ({} store requests) vs C20nr {nr:.2} s ({} store requests).",
-            opt(med("C20", &|r| r.cache("store_reads")), &|x| format!("{x:.0}")),
-            opt(med("C20nr", &|r| r.cache("store_reads")), &|x| format!("{x:.0}"))
-        );
-    }
-    if let (Some(c), Some(ns)) = (c, boot("C20ns")) {
-        let _ = writeln!(
-            s,
-            "\nCold path with sequential read-ahead (driver default) vs `--seq-readahead 0`: C20 {c:.2} s \
-             ({} MiB decoded) vs C20ns {ns:.2} s ({} MiB decoded).",
-            opt(med("C20", &|r| r.cache("decoded_bytes")), &|x| format!("{:.1}", x / 1048576.0)),
-            opt(med("C20ns", &|r| r.cache("decoded_bytes")), &|x| format!("{:.1}", x / 1048576.0))
-        );
-    }
-    if let Some(r) = boot("R20") {
-        let _ = writeln!(
-            s,
-            "\nLearned profile (`--record-profile` during C20, no eBPF): R20 {r:.2} s vs P20 {} s.",
-            opt(pp, &secs)
-        );
-    }
-    if let Some(v) = med("P20", &|r| r.prestage("staged_bytes")) {
-        let _ = writeln!(
-            s,
-            "\nP20 pre-staged {} in {} steps, {} ms of the device-ready time; {} demand frame reads \
-             were served from pre-staged frames.",
-            mib(v),
-            opt(med("P20", &|r| r.prestage("steps_done")), &|x| format!("{x:.0}")),
-            opt(med("P20", &|r| r.prestage("ready_ms")), &|x| format!("{x:.0}")),
-            opt(med("P20", &|r| r.cache("prestage_saved_reads")), &|x| format!("{x:.0}"))
-        );
-    }
-    let _ = writeln!(
-        s,
-        "\nReproduce: `cargo xtask bench-boot --rounds {}` (root; {:.0} min here, image, host \
-         profiles and backup included). Per-boot console logs and status: add `--keep` \
-         (`.cache/boot/work/runs/`).",
-        opts.rounds,
-        elapsed.as_secs_f64() / 60.0
-    );
-    s
+    let fetched = med("P20", &|r| r.cache("store_bytes")).zip(ws);
+    t.row([
+        "fetched during a pre-staged boot ≤ 1.2 × working set".to_string(),
+        fetched.map_or("not measured".into(), |(f, w)| {
+            let d = med("P20", &|r| r.cache("decoded_bytes")).unwrap_or(0.0);
+            format!(
+                "{} compressed = {:.2} × the {} working set ({} decoded = {:.2} ×)",
+                mib(f),
+                f / w,
+                mib(w),
+                mib(d),
+                d / w
+            )
+        }),
+        String::new(),
+        String::new(),
+        fetched.map_or("–".into(), |(f, w)| yes(f <= 1.2 * w).to_string()),
+    ]);
+    t
 }
 
 /// `q`'s qemu command line for a guest shell script: quoted, except that `$dev`

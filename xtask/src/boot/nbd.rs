@@ -17,11 +17,11 @@
 
 use super::bench::{backup_into, boot_seconds, image_bash_md5, prepare, verbose, Prepared, SERIES};
 use super::qemu::{require_marker, Console, Qemu};
-use crate::util::root;
+use crate::report::{Report, Table};
 use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -333,13 +333,13 @@ pub fn run() -> Result<()> {
         }
     }
 
-    let mut md = String::new();
-    let _ = writeln!(
-        md,
-        "# boot-nbd ({})\n\nqemu TCG on the host (2 vCPU, 2 GiB), the Debian image, \
-         boot = switch_root → multi-user marker (guest seconds); wall = qemu start → exit.\n\n\
-         | boot | boot s | wall s | boot / raw file |\n|---|---:|---:|---:|",
-        crate::util::git_head()
+    let mut rep = Report::new("boot-nbd", "cargo xtask boot-nbd");
+    let mut t = Table::new(
+        format!(
+            "qemu TCG on the host (2 vCPU, 2 GiB), the Debian image; boot = switch_root → multi-user marker (guest s), wall = qemu start → exit; commit {}:",
+            crate::util::git_head()
+        ),
+        &["boot", "boot s", "wall s", "boot / raw file"],
     );
     for (name, b) in [
         ("raw image file (reference)", &local),
@@ -348,24 +348,19 @@ pub fn run() -> Result<()> {
         ("NBD, while migrating to a local file", &migrating),
         ("the migrated local file", &migrated),
     ] {
-        let _ = writeln!(
-            md,
-            "| {name} | {:.2} | {:.1} | {:.2} |",
-            b.boot_s,
-            b.con.elapsed.as_secs_f64(),
-            b.boot_s / local.boot_s
-        );
+        t.row([
+            name.to_string(),
+            format!("{:.2}", b.boot_s),
+            format!("{:.1}", b.con.elapsed.as_secs_f64()),
+            format!("{:.2}", b.boot_s / local.boot_s),
+        ]);
     }
-    let _ = writeln!(
-        md,
-        "\nThe migration had copied {:.0} % of the disk when the guest of the third boot shut down.",
+    rep.tables.push(t);
+    rep.note(format!(
+        "The migration had copied {:.0} % of the disk when the guest of the third boot shut down.",
         copied_at_shutdown * 100.0
-    );
-    let results = root().join("results");
-    fs::create_dir_all(&results)?;
-    let path: PathBuf = results.join("boot-nbd.md");
-    fs::write(&path, &md)?;
-    print!("{md}");
+    ));
+    let path = rep.save()?;
     println!(
         "boot-nbd passed: Debian booted three times from the NBD export and once from the file it was migrated to (failed units {}); each boot found the write of the one before, across a server restart and the migration ({})",
         local.failed_units,

@@ -16,10 +16,10 @@
 
 use super::bench::{image_bash_md5, prepare, Prepared, SERIES};
 use super::nbd::{boot, run_boot, Booted, Server};
+use crate::report::{Report, Table};
 use crate::util::root;
 use anyhow::{bail, Context, Result};
 use std::ffi::OsStr;
-use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -183,20 +183,21 @@ pub fn run() -> Result<()> {
             );
         }
     }
-    let mut md = String::new();
-    let _ = writeln!(
-        md,
-        "# boot-s3 ({})\n\nGarage behind the delay proxy at {rtt} ms RTT, 1 Gbit/s; qemu TCG on \
-         the host (2 vCPU), the Debian image over NBD from `livemount serve`; boot = switch_root \
-         → multi-user marker (guest s); ready = `serve --daemon` start → return.\n\n\
-         | boot | boot s | boot / raw file | ready s | store GETs |\n|---|---:|---:|---:|---:|",
-        crate::util::git_head()
+    let mut rep = Report::new("boot-s3", "cargo xtask boot-s3");
+    let mut t = Table::new(
+        format!(
+            "Garage behind the delay proxy at {rtt} ms RTT, 1 Gbit/s; qemu TCG on the host (2 vCPU), \
+             the Debian image over NBD from `livemount serve`; boot = switch_root → multi-user marker \
+             (guest s); ready = `serve --daemon` start → return; commit {}:",
+            crate::util::git_head()
+        ),
+        &["boot", "boot s", "boot / raw file", "ready s", "store GETs"],
     );
-    let _ = writeln!(
-        md,
-        "| raw image file (reference) | {:.2} | 1.00 | | |",
-        local.boot_s
-    );
+    t.row([
+        "raw image file (reference)".to_string(),
+        format!("{:.2}", local.boot_s),
+        "1.00".into(),
+    ]);
     for (name, b, ready, gets) in [
         (
             "cold (no profile, empty caches)",
@@ -217,21 +218,17 @@ pub fn run() -> Result<()> {
             &staged_gets,
         ),
     ] {
-        let _ = writeln!(
-            md,
-            "| {name} | {:.2} | {:.2} | {ready:.2} | {gets} |",
-            b.boot_s,
-            b.boot_s / local.boot_s
-        );
+        t.row([
+            name.to_string(),
+            format!("{:.2}", b.boot_s),
+            format!("{:.2}", b.boot_s / local.boot_s),
+            format!("{ready:.2}"),
+            gets.to_string(),
+        ]);
     }
-    let _ = writeln!(
-        md,
-        "\nBackup of the image into the bucket: {backup_s:.1} s; `livemount prestage` of the profile: {prestage_s:.1} s."
-    );
-    let results = root().join("results");
-    fs::create_dir_all(&results)?;
-    fs::write(results.join("boot-s3.md"), &md)?;
-    print!("{md}");
+    rep.tables.push(t);
+    rep.note(format!("Backup of the image into the bucket: {backup_s:.1} s; `livemount prestage` of the profile: {prestage_s:.1} s."));
+    rep.save()?;
     drop(tb);
     Ok(())
 }

@@ -186,6 +186,8 @@ fn would_block(e: &io::Error) -> bool {
 
 /// Move TLS records between `sock` and plaintext on `plain` until either side is
 /// done. Ending drops both: the server sees EOF, the client a closed socket.
+// One poll loop on purpose (~120 lines): both directions share the TLS session's
+// buffers and the poll set, and each step depends on what the other left pending.
 fn relay(sock: File, mut tls: ServerConnection, plain: UnixStream) {
     if nonblocking(&sock).is_err() || plain.set_nonblocking(true).is_err() {
         return;
@@ -314,7 +316,7 @@ pub(crate) mod tests {
         chunk, go_only, hello, option, read_reply, request, striped,
     };
     use crate::frontend::nbd::{serve_connection, Budget, ListenerTls};
-    use crate::frontend::pool::Pool;
+    use livemount_store::workers::Pool;
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     use std::os::unix::fs::PermissionsExt;
 
@@ -421,7 +423,13 @@ pub(crate) mod tests {
         };
         let (mut c, b) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || {
-            serve_connection(Box::new(b), &e, &lt, &Pool::new(1), &Budget::new(1 << 20))
+            serve_connection(
+                Box::new(b),
+                &e,
+                &lt,
+                &Pool::new("test-io", 1),
+                &Budget::new(1 << 20),
+            )
         });
         hello(&mut c);
         option(&mut c, OPT_STARTTLS, &[]);

@@ -6,7 +6,7 @@
 //! with `rublk add null` vs `rublk add null -a`; docs/performance.md). Reads that hit
 //! the memory tier and writes (which land in the overlay's page cache) complete on the
 //! queue thread at once; everything that may block — store reads, decoding, fsync —
-//! goes to the [`crate::frontend::pool::Pool`], whose worker signals an eventfd that the queue reads
+//! goes to the [`livemount_store::workers::Pool`], whose worker signals an eventfd that the queue reads
 //! through its own io_uring (a target I/O of the request's tag), so other tags keep
 //! being served meanwhile (the pattern of rublk's compress target).
 //!
@@ -14,17 +14,17 @@
 //! if the daemon dies, the device stays, I/O waits, and a new daemon can take over
 //! (`livemount mount --recover`). Re-issued writes are harmless for the overlay.
 
-pub mod pool;
+pub mod completion;
 
 use crate::block::BlockDevice;
 use crate::error::Result as LmResult;
-use crate::frontend::pool::Pool;
 use crate::frontend::{self, Op, Request, Step};
 use crate::metrics::IoMetrics;
+use completion::Completion;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, UblkFlags, UblkIORes};
-use pool::Completion;
+use livemount_store::workers::Pool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -279,7 +279,7 @@ pub fn serve(
 ) -> LmResult<()> {
     let size = backend.size();
     let read_only = backend.read_only();
-    let pool = Pool::new(workers);
+    let pool = Pool::new("livemount-io", workers);
     let tgt_init = move |dev: &mut UblkDev| {
         dev.set_default_params(size);
         let p = &mut dev.tgt.params;

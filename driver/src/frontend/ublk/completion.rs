@@ -1,4 +1,4 @@
-//! How a job on the worker pool ([`crate::frontend::pool`]) tells a ublk queue it is
+//! How a job on the worker pool ([`livemount_store::workers::Pool`]) tells a ublk queue it is
 //! done: an eventfd that the waiting I/O task reads through the queue's io_uring, so
 //! the queue thread keeps serving other tags meanwhile (the pattern of rublk's
 //! compress target).
