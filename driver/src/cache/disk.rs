@@ -14,6 +14,13 @@
 //! DIR/.evict     flock: held by the one process evicting at a time
 //! ```
 //!
+//! A fetch from the store holds an OFD byte-range lock on the range of the chunk
+//! file it fills ([`DiskTier::lock_fill`]): a mount of this or another process that
+//! misses the same bytes meanwhile waits for it and then reads them here, so N
+//! mounts of clones of one template fetch a shared chunk once, not N times.
+//! Disjoint ranges do not wait for each other; the wait is bounded
+//! ([`FILL_WAIT`]) and a killed holder's lock goes with its process.
+//!
 //! Nothing here is trusted: every read is verified by the caller against the chunk
 //! id (a hole, a damaged range, or a file another process evicted between open and
 //! read fails verification or reads nothing, and is fetched again). Files are only
@@ -28,6 +35,7 @@ use crate::error::{IoContext, Result};
 use hashbrown::HashMap;
 use livemount_store::format::chunk::ChunkId;
 use std::fs::{self, File, OpenOptions};
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -35,6 +43,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// How often one process refreshes a chunk file's last-use time.
 pub const TOUCH_EVERY: Duration = Duration::from_secs(10);
+
+/// How long a fetch waits for another mount's fill of the same bytes before it
+/// fetches them itself (a holder waiting on a store that went away must not hold
+/// every other mount for the whole store timeout).
+pub const FILL_WAIT: Duration = Duration::from_secs(5);
+
+/// A held fill lock ([`DiskTier::lock_fill`]); released when dropped.
+pub struct FillLock {
+    _file: File,
+    /// Another fill held the range first: its bytes may be in the tier now.
+    pub waited: bool,
+}
 
 /// The on-disk tier.
 pub struct DiskTier {
@@ -211,6 +231,44 @@ impl DiskTier {
             let _ = f.set_modified(SystemTime::now());
         }
         Some(buf)
+    }
+
+    /// Take the host-wide fill lock of `range` of chunk `id`'s file, waiting at most
+    /// `limit` while another fill (this process or another) holds an overlapping
+    /// range. `None` when it cannot be had (timed out, or the file system has no
+    /// OFD locks): the caller fetches anyway; the lock only saves duplicate fetches,
+    /// correctness never depends on it (every read is verified).
+    pub fn lock_fill(&self, id: &ChunkId, range: Range<u64>, limit: Duration) -> Option<FillLock> {
+        use std::os::fd::AsRawFd;
+        let f = open_private(&self.path(id), false).ok()?;
+        // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = i64::try_from(range.start).ok()?;
+        fl.l_len = i64::try_from(range.end.saturating_sub(range.start).max(1)).ok()?;
+        let started = Instant::now();
+        let mut pause = Duration::from_micros(200);
+        let mut waited = false;
+        loop {
+            // SAFETY: fcntl on a descriptor `f` owns, with a pointer to a live flock.
+            let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+            if r == 0 {
+                return Some(FillLock { _file: f, waited });
+            }
+            let busy = matches!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EAGAIN | libc::EACCES)
+            );
+            if !busy || started.elapsed() >= limit {
+                return None;
+            }
+            // Polled, not blocking: a blocking lock could not be given up after
+            // `limit`. The pause stays far below a store request's latency.
+            waited = true;
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(2));
+        }
     }
 
     /// Store bytes of chunk `id`'s file at `offset` (verified ranges, or a whole chunk

@@ -139,16 +139,25 @@ impl ReadCache {
         // process, an earlier run fetched it): a hit costs no request. Its frames are
         // verified when decoded, like any read-ahead bytes; a file with holes fails
         // there and the frames are fetched again by range.
-        if let Some(bytes) = self.whole_from_disk(id, chunk_len) {
+        let from_disk = || {
+            let bytes = self.whole_from_disk(id, chunk_len)?;
             self.stats.disk_hits.fetch_add(1, Relaxed);
             if let Some(c) = &self.compressed {
                 c.insert(*id, bytes);
             }
+            Some(())
+        };
+        if from_disk().is_some() {
+            return Ok(());
+        }
+        let limit = ChunkLayout::max_file_len(chunk_len, self.frame_size);
+        // Another mount on the host may be fetching this chunk: wait for it.
+        let _fill = self.lock_fill(id, 0..limit);
+        if _fill.as_ref().is_some_and(|f| f.waited) && from_disk().is_some() {
             return Ok(());
         }
         let _demand = demand.then(|| self.demand.enter());
         let started = Instant::now();
-        let limit = ChunkLayout::max_file_len(chunk_len, self.frame_size);
         let res = self
             .origin
             .read_all_as(id, limit, class_of(demand))
@@ -184,6 +193,16 @@ impl ReadCache {
                 Ok(())
             });
         res
+    }
+
+    /// The disk tier's fill lock on `range` of chunk `id`'s file, waited for as
+    /// long as [`disk::FILL_WAIT`]; counted when it had to wait.
+    fn lock_fill(&self, id: &ChunkId, range: Range<u64>) -> Option<disk::FillLock> {
+        let lock = self.disk.as_ref()?.lock_fill(id, range, disk::FILL_WAIT);
+        if lock.as_ref().is_some_and(|l| l.waited) {
+            self.stats.fill_waits.fetch_add(1, Relaxed);
+        }
+        lock
     }
 
     /// Chunk `id`'s whole file from the disk tier, if its verified layout is there
@@ -322,6 +341,7 @@ impl ReadCache {
                 h as f64 / (h + m) as f64
             },
             disk_hits: s.disk_hits.load(Relaxed),
+            fill_waits: s.fill_waits.load(Relaxed),
             store_reads: s.store_reads.load(Relaxed),
             store_bytes: s.store_bytes.load(Relaxed),
             decoded_bytes: s.decoded_bytes.load(Relaxed),
@@ -365,13 +385,21 @@ impl ReadCache {
                 }
             }
         }
-        if let Some(d) = &self.disk {
-            if let Some(bytes) = d.read(id, range.start, len) {
-                if let Ok(v) = check(&bytes) {
-                    self.stats.disk_hits.fetch_add(1, Relaxed);
-                    return Ok(v);
-                }
-                // A hole (never fetched) or damage: fetch again from the store below.
+        // A hole (never fetched) or damage: fetched again from the store below.
+        let from_disk = || {
+            let v = check(&self.disk.as_ref()?.read(id, range.start, len)?).ok()?;
+            self.stats.disk_hits.fetch_add(1, Relaxed);
+            Some(v)
+        };
+        if let Some(v) = from_disk() {
+            return Ok(v);
+        }
+        // Another mount on the host may be fetching these bytes: wait for it (the
+        // lock is held until they are in the disk tier, below).
+        let _fill = self.lock_fill(id, range.clone());
+        if _fill.as_ref().is_some_and(|f| f.waited) {
+            if let Some(v) = from_disk() {
+                return Ok(v);
             }
         }
         self.stats.store_reads.fetch_add(1, Relaxed);
@@ -847,6 +875,108 @@ mod tests {
             .unwrap();
         assert_eq!(out, data[200_000..300_000]);
         assert_eq!(src.reads.load(Relaxed) - before, 2);
+    }
+
+    /// Two mounts (their own caches and disk-tier handles, as in two processes)
+    /// over one host cache directory miss the same frame at once: one store fetch,
+    /// the other waits for it and reads it from the disk tier.
+    #[test]
+    fn two_mounts_sharing_a_host_cache_fetch_a_chunk_once() {
+        let (src, data) = source();
+        let id = src.id;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = |_| {
+            let disk = DiskTier::open(dir.path(), 64 << 20).unwrap();
+            ReadCache::new(src.clone(), 8 << 20, Some(disk), 65536)
+        };
+        let (a, b) = (cache(0), cache(1));
+        a.layout(&id, 1 << 20).unwrap();
+        b.layout(&id, 1 << 20).unwrap();
+        let before = src.reads.load(Relaxed);
+        assert_eq!(
+            before, 1,
+            "the second mount's layout came from the disk tier"
+        );
+        let go = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            for c in [&a, &b] {
+                let (go, data) = (&go, &data);
+                s.spawn(move || {
+                    go.wait();
+                    let mut out = vec![0u8; 4096];
+                    c.read(&id, 1 << 20, 70_000..74_096, &mut out).unwrap();
+                    assert_eq!(out, data[70_000..74_096]);
+                });
+            }
+        });
+        assert_eq!(
+            src.reads.load(Relaxed) - before,
+            1,
+            "one fetch for both mounts"
+        );
+        let (ra, rb) = (a.report(), b.report());
+        assert_eq!(ra.fill_waits + rb.fill_waits, 1, "{ra:?} {rb:?}");
+    }
+
+    /// Whole-chunk fetches share the same way: one request for the file.
+    #[test]
+    fn two_mounts_sharing_a_host_cache_fetch_a_whole_chunk_once() {
+        let (src, data) = source();
+        let id = src.id;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = |_| {
+            let disk = DiskTier::open(dir.path(), 64 << 20).unwrap();
+            ReadCache::new(src.clone(), 8 << 20, Some(disk), 65536)
+                .with_chunk_readahead(ReadAheadMode::Always, 4 << 20)
+        };
+        let (a, b) = (cache(0), cache(1));
+        let go = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            for c in [&a, &b] {
+                let (go, data) = (&go, &data);
+                s.spawn(move || {
+                    go.wait();
+                    let mut out = vec![0u8; 4096];
+                    c.read(&id, 1 << 20, 500_000..504_096, &mut out).unwrap();
+                    assert_eq!(out, data[500_000..504_096]);
+                });
+            }
+        });
+        assert_eq!(src.reads.load(Relaxed), 1, "one whole-chunk fetch for both");
+        assert_eq!(a.report().fill_waits + b.report().fill_waits, 1);
+    }
+
+    #[test]
+    fn a_fill_lock_excludes_overlapping_ranges_only_and_its_wait_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            DiskTier::open(dir.path(), 1 << 20).unwrap(),
+            DiskTier::open(dir.path(), 1 << 20).unwrap(),
+        );
+        let id = ChunkId([7; 32]);
+        let held = a.lock_fill(&id, 0..100, Duration::ZERO).expect("free");
+        assert!(!held.waited);
+        let t = Instant::now();
+        assert!(b
+            .lock_fill(&id, 50..150, Duration::from_millis(50))
+            .is_none());
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        let other = b
+            .lock_fill(&id, 100..200, Duration::ZERO)
+            .expect("disjoint");
+        assert!(!other.waited);
+        drop(other);
+        // Released by the holder (or by its process's death): taken after a wait.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(30));
+                drop(held);
+            });
+            let l = b
+                .lock_fill(&id, 0..100, Duration::from_secs(10))
+                .expect("released");
+            assert!(l.waited);
+        });
     }
 
     #[test]

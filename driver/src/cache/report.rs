@@ -14,6 +14,8 @@ pub struct CacheStats {
     pub mem_misses: AtomicU64,
     /// Range reads served by the disk tier (verified).
     pub disk_hits: AtomicU64,
+    /// Fetches that waited for another mount's fill of the same bytes.
+    pub fill_waits: AtomicU64,
     /// Range reads that went to the chunk source.
     pub store_reads: AtomicU64,
     /// Compressed bytes read from the chunk source.
@@ -45,6 +47,9 @@ pub struct CacheReport {
     pub mem_hit_rate: f64,
     /// Disk-tier hits.
     pub disk_hits: u64,
+    /// Fetches that waited for another mount on the host to fill the same bytes
+    /// into the disk tier (the shared host cache saving a store request).
+    pub fill_waits: u64,
     /// Range reads from the store.
     pub store_reads: u64,
     /// Compressed bytes fetched from the store.
