@@ -2,7 +2,8 @@
 //! unchanged re-backup) and full restore of the same image, into a directory and
 //! into a single-node Garage reached through the delay proxy of
 //! `livemount_tests::netem` (default 10 ms each way = 20 ms RTT, 1 Gbit/s per
-//! direction). Prints a markdown table of rates and ratios to the local store.
+//! direction). Writes its report (rates and ratios to the local store) as JSON to
+//! `$LIVEMOUNT_BENCH_OUT` for xtask to render, or prints it.
 //!
 //! `cargo bench -p livemount-benches --bench s3` (or `cargo xtask bench-s3`);
 //! `LIVEMOUNT_BENCH_S3_MIB` (default 256) sets the image size, `…_RTT_MS` the RTT.
@@ -125,30 +126,40 @@ fn main() {
     let l = run(&local, &img, &out);
     let direct = run(&s3("s3://lm-bench/direct", g.endpoint.clone()), &img, &out);
     let remote = run(&s3("s3://lm-bench/remote", proxy.url()), &img, &out);
-    println!(
-        "\n{mib} MiB image, {} cores; MiB/s (ratio to the local directory store)\n",
-        livemount_store::workers::default_threads()
-    );
-    println!("| store | first backup | unchanged re-backup | restore |");
-    println!("|---|---|---|---|");
+    let cell = |v: f64, local: f64| format!("{v:.0} ({:.2}×)", v / local);
     let row = |name: &str, f: &Figures| {
-        println!(
-            "| {name} | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) |",
-            f.first,
-            f.first / l.first,
-            f.again,
-            f.again / l.again,
-            f.restore,
-            f.restore / l.restore
-        );
+        serde_json::json!([
+            name,
+            cell(f.first, l.first),
+            cell(f.again, l.again),
+            cell(f.restore, l.restore)
+        ])
     };
-    row("local directory", &l);
-    row("Garage, loopback", &direct);
-    row(&format!("Garage, {rtt} ms RTT, 1 Gbit/s (proxy)"), &remote);
     let (up, down) = proxy.bytes();
-    println!(
-        "\nthrough the proxy: {:.1} MiB up, {:.1} MiB down",
-        up as f64 / 1048576.0,
-        down as f64 / 1048576.0
-    );
+    let report = serde_json::json!({
+        "bench": "bench-s3",
+        "reproduce": "cargo xtask bench-s3",
+        "tables": [{
+            "title": format!(
+                "{mib} MiB image, {} cores; MiB/s (ratio to the local directory store):",
+                livemount_store::workers::default_threads()
+            ),
+            "columns": ["store", "first backup", "unchanged re-backup", "restore"],
+            "rows": [
+                row("local directory", &l),
+                row("Garage, loopback", &direct),
+                row(&format!("Garage, {rtt} ms RTT, 1 Gbit/s (proxy)"), &remote),
+            ],
+        }],
+        "notes": [format!(
+            "Through the proxy: {:.1} MiB up, {:.1} MiB down.",
+            up as f64 / 1048576.0,
+            down as f64 / 1048576.0
+        )],
+    });
+    let text = serde_json::to_string_pretty(&report).expect("json");
+    match std::env::var_os("LIVEMOUNT_BENCH_OUT") {
+        Some(out) => std::fs::write(&out, &text).expect("write the report"),
+        None => println!("{text}"),
+    }
 }

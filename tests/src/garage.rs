@@ -58,14 +58,67 @@ impl Garage {
     /// Start a server, apply its layout, create a key. Panics with the server's
     /// output if any step fails (a broken test server is a failed test).
     pub fn start(bin: &Path) -> Garage {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (s3, rpc, admin) = (free_port(), free_port(), free_port());
+        Self::cluster(bin, 1).remove(0)
+    }
+
+    /// Start `n` nodes that form one cluster with replication factor `n` (a zone
+    /// per node, so every object is on every node), its layout applied and a key
+    /// created. The first node is the endpoint to use (every node serves S3) and
+    /// holds the key; all are stopped when dropped.
+    pub fn cluster(bin: &Path, n: usize) -> Vec<Garage> {
         let secret: String = (0..32)
             .map(|i| format!("{:02x}", (i * 37 + 11) % 256))
             .collect();
+        let mut nodes: Vec<(Garage, u16)> = (0..n.max(1))
+            .map(|_| Self::node(bin, n.max(1), &secret))
+            .collect();
+        let ids: Vec<String> = nodes
+            .iter()
+            .map(|(g, _)| {
+                let id = g.cli_ok(&["node", "id", "-q"]);
+                id.trim().split('@').next().unwrap_or("").to_string()
+            })
+            .collect();
+        let first = &nodes[0].0;
+        for (k, (_, rpc)) in nodes.iter().enumerate().skip(1) {
+            first.cli_ok(&["node", "connect", &format!("{}@127.0.0.1:{rpc}", ids[k])]);
+        }
+        for (k, id) in ids.iter().enumerate() {
+            first.cli_ok(&[
+                "layout",
+                "assign",
+                "-z",
+                &format!("dc{}", k + 1),
+                "-c",
+                "1G",
+                id,
+            ]);
+        }
+        first.cli_ok(&["layout", "apply", "--version", "1"]);
+        let out = first.cli_ok(&["key", "create", "livemount-test"]);
+        let g = &mut nodes[0].0;
+        for line in out.lines() {
+            let val = || line.split(':').nth(1).unwrap_or("").trim().to_string();
+            if line.trim_start().starts_with("Key ID") {
+                g.key_id = val();
+            } else if line.trim_start().starts_with("Secret key") {
+                g.secret = val();
+            }
+        }
+        assert!(
+            !g.key_id.is_empty() && !g.secret.is_empty(),
+            "garage key create printed no key:\n{out}"
+        );
+        nodes.into_iter().map(|(g, _)| g).collect()
+    }
+
+    /// One node of a cluster with replication factor `rf`, started; its RPC port.
+    fn node(bin: &Path, rf: usize, secret: &str) -> (Garage, u16) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s3, rpc, admin) = (free_port(), free_port(), free_port());
         let cfg = format!(
             "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
-             replication_factor = 1\ncompression_level = \"none\"\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+             replication_factor = {rf}\ncompression_level = \"none\"\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
              rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
              [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
              root_domain = \".s3.garage.localhost\"\n\
@@ -83,24 +136,7 @@ impl Garage {
             secret: String::new(),
         };
         g.spawn();
-        let id = g.cli_ok(&["node", "id", "-q"]);
-        let id = id.trim().split('@').next().unwrap_or("").to_string();
-        g.cli_ok(&["layout", "assign", "-z", "dc1", "-c", "1G", &id]);
-        g.cli_ok(&["layout", "apply", "--version", "1"]);
-        let out = g.cli_ok(&["key", "create", "livemount-test"]);
-        for line in out.lines() {
-            let val = || line.split(':').nth(1).unwrap_or("").trim().to_string();
-            if line.trim_start().starts_with("Key ID") {
-                g.key_id = val();
-            } else if line.trim_start().starts_with("Secret key") {
-                g.secret = val();
-            }
-        }
-        assert!(
-            !g.key_id.is_empty() && !g.secret.is_empty(),
-            "garage key create printed no key:\n{out}"
-        );
-        g
+        (g, rpc)
     }
 
     fn config(&self) -> PathBuf {

@@ -904,3 +904,89 @@ fn concurrent_backups_gc_and_a_mount_never_lose_a_referenced_chunk() {
         );
     }
 }
+
+/// Where real backups live: a 3-node cluster with every object on every node.
+/// With one node down, backups, verify and restore still work (quorum 2 of 3);
+/// with two down a restore fails within `--s3-timeout` naming the store, never
+/// writing wrong bytes; with a node back, it works again.
+#[test]
+fn a_three_node_cluster_keeps_serving_with_a_node_down() {
+    let test = "a_three_node_cluster_keeps_serving_with_a_node_down";
+    let Some(bin) = garage_bin() else {
+        livemount_tests::skip(
+            test,
+            livemount_tests::Tier::Machine,
+            "no garage binary: run `cargo xtask setup` (it builds Garage into .cache/tools)",
+        );
+        return;
+    };
+    let mut nodes = Garage::cluster(&bin, 3);
+    nodes[0].bucket("lm-cluster");
+    let t = tempfile::tempdir().unwrap();
+    let url = "s3://lm-cluster/site";
+    let (_, data, snap) = backed_up(&nodes[0], t.path(), url, 6, 11);
+    nodes[2].kill();
+    let out = t.path().join("restored");
+    let restore = |g: &Garage| {
+        let _ = std::fs::remove_file(&out);
+        let args = [
+            OsStr::new("restore"),
+            OsStr::new("--store"),
+            OsStr::new(url),
+            OsStr::new("--s3-timeout"),
+            OsStr::new("5s"),
+            OsStr::new(&snap),
+            out.as_os_str(),
+        ];
+        lm_s3(g, &args)
+    };
+    restore(&nodes[0]).ok();
+    assert!(
+        std::fs::read(&out).unwrap() == data,
+        "restored with a node down"
+    );
+    lm_s3(&nodes[0], &os(["verify", "--store", url])).ok();
+    let mut v2 = data.clone();
+    v2[1 << 20..(1 << 20) + 4096].fill(0xa5);
+    let img2 = t.path().join("v2");
+    std::fs::write(&img2, &v2).unwrap();
+    let r = backup_s3(&nodes[0], img2.as_os_str(), url);
+    assert_eq!(r["chunks_new"], 1, "an incremental with a node down: {r}");
+
+    nodes[1].kill();
+    let started = Instant::now();
+    let r = restore(&nodes[0]);
+    assert_ne!(
+        r.code,
+        Some(0),
+        "a restore with two of three nodes down succeeded"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "the failure took {:?}",
+        started.elapsed()
+    );
+    assert!(r.stderr.contains("lm-cluster"), "{}", r.stderr);
+    assert!(
+        std::fs::read(&out).map_or(true, |b| b != data),
+        "a failed restore left a file claiming to be complete"
+    );
+    nodes[1].restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = restore(&nodes[0]);
+        if r.code == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no restore after the node came back: {}",
+            r.stderr
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        std::fs::read(&out).unwrap() == data,
+        "restored after the node came back"
+    );
+}

@@ -53,6 +53,10 @@ enum Cmd {
     /// The store on Garage (loopback, and 20 ms RTT through the delay proxy) vs a
     /// local directory: backup, re-backup, restore.
     BenchS3,
+    /// Mass recovery: 8 clones of a template on a 3-node Garage cluster at 20 ms
+    /// RTT, mounted together sharing one host cache, each replaying a boot-like
+    /// trace, against one alone (results/bench-mass.{json,md}).
+    BenchMass,
     /// A 4 TiB thin disk on the host: backup, changed-block incremental, serve's
     /// ready time and memory, restore (vs 2 GiB references, same run).
     BenchScale,
@@ -137,7 +141,11 @@ fn main() -> Result<()> {
         }
         Cmd::BenchS3 => {
             setup::run()?;
-            util::cargo(&["bench", "-p", "livemount-benches", "--bench", "s3"])
+            report::run_bench("s3")
+        }
+        Cmd::BenchMass => {
+            setup::run()?;
+            report::run_bench("mass")
         }
         Cmd::BenchScale => {
             setup::run()?;

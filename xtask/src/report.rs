@@ -135,6 +135,23 @@ pub fn render(r: &Report) -> String {
     s
 }
 
+/// Run the criterion-free benchmark `benches/benches/NAME.rs`, which writes its
+/// report as JSON to `$LIVEMOUNT_BENCH_OUT`; save and render it.
+pub fn run_bench(name: &str) -> Result<()> {
+    let out = tempfile::NamedTempFile::new()?;
+    let st = std::process::Command::new("cargo")
+        .args(["bench", "-p", "livemount-benches", "--bench", name])
+        .env("LIVEMOUNT_BENCH_OUT", out.path())
+        .current_dir(crate::util::root())
+        .status()?;
+    anyhow::ensure!(st.success(), "benchmark {name} failed: {st}");
+    let text = std::fs::read_to_string(out.path())?;
+    let r: Report =
+        serde_json::from_str(&text).with_context(|| format!("benchmark {name} wrote no report"))?;
+    r.save()?;
+    Ok(())
+}
+
 /// `cargo xtask render FILE.json`: print a saved report as markdown.
 pub fn render_file(path: &Path) -> Result<()> {
     let text =

@@ -310,11 +310,12 @@ fn migration(f: &mut fmt::Formatter<'_>, m: &MigrationReport) -> fmt::Result {
 fn requests(f: &mut fmt::Formatter<'_>, r: &RequestReport) -> fmt::Result {
     writeln!(
         f,
-        "  store: {} GETs ({} hedged), {:.1} MiB in, {} in flight, GET p50 {:.1} ms, p99 {:.1} ms",
+        "  store: {} GETs ({} hedged), {:.1} MiB in, {} in flight (at most {}), GET p50 {:.1} ms, p99 {:.1} ms",
         r.gets,
         r.hedged,
         mib(r.bytes_in),
         r.in_flight,
+        r.peak_in_flight,
         r.get_p50_ms,
         r.get_p99_ms
     )

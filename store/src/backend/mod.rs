@@ -139,6 +139,8 @@ pub struct RequestReport {
     pub bytes_in: u64,
     /// Requests in flight now.
     pub in_flight: u64,
+    /// The most requests that were in flight at once.
+    pub peak_in_flight: u64,
     /// Median latency of the recent successful GETs, milliseconds.
     pub get_p50_ms: f64,
     /// 99th percentile of the same, milliseconds.

@@ -202,6 +202,8 @@ struct Gate {
 
 struct GateState {
     busy: usize,
+    /// The most requests that were in flight at once.
+    peak: usize,
     demand_waiting: usize,
 }
 
@@ -212,6 +214,7 @@ impl Gate {
         Gate {
             state: Mutex::new(GateState {
                 busy: 0,
+                peak: 0,
                 demand_waiting: 0,
             }),
             freed: Condvar::new(),
@@ -245,6 +248,7 @@ impl Gate {
             s.demand_waiting -= 1;
         }
         s.busy += 1;
+        s.peak = s.peak.max(s.busy);
         Slot(self)
     }
 }
@@ -755,13 +759,19 @@ impl Backend for S3Backend {
                 .map(|d| d.as_secs_f64() * 1000.0)
                 .unwrap_or(0.0)
         };
-        let in_flight = self.gate.state.lock().map(|s| s.busy as u64).unwrap_or(0);
+        let (in_flight, peak) = self
+            .gate
+            .state
+            .lock()
+            .map(|s| (s.busy as u64, s.peak as u64))
+            .unwrap_or((0, 0));
         Some(RequestReport {
             gets: c.gets,
             hedged: c.hedged,
             puts: c.puts,
             bytes_in: c.bytes_in,
             in_flight,
+            peak_in_flight: peak,
             get_p50_ms: pct(50),
             get_p99_ms: pct(99),
         })
