@@ -11,7 +11,9 @@
 //!   others send when throttling), without reaching the server;
 //! - every `truncate_every`-th GET that the server answers with a body (200 or 206)
 //!   gets its status line, headers and the first half of the body, then both
-//!   connections are closed: a body cut off mid-stream, as by a reset connection.
+//!   connections are closed: a body cut off mid-stream, as by a reset connection;
+//! - every `stall_every`-th GET is held for `stall` before it is forwarded: a
+//!   request stuck behind a slow disk or a busy node of the store.
 //!
 //! Bodies are framed by `Content-Length` or chunked transfer encoding, both
 //! parsed; HEAD responses and 204/304 carry none; interim 1xx responses are
@@ -33,6 +35,10 @@ pub struct FaultPlan {
     pub slow_down_every: u64,
     /// Every n-th GET answered with a body is cut off half way.
     pub truncate_every: u64,
+    /// Every n-th GET waits `stall` before it is forwarded.
+    pub stall_every: u64,
+    /// How long a stalled GET waits.
+    pub stall: Duration,
 }
 
 /// What the proxy did.
@@ -44,6 +50,8 @@ pub struct FaultCounts {
     pub slowed: u64,
     /// Responses cut off mid-body.
     pub truncated: u64,
+    /// GETs held for the stall.
+    pub stalled: u64,
 }
 
 #[derive(Default)]
@@ -53,6 +61,7 @@ struct Shared {
     bodies: AtomicU64,
     slowed: AtomicU64,
     truncated: AtomicU64,
+    stalled: AtomicU64,
 }
 
 /// A running proxy; stops accepting when dropped.
@@ -109,6 +118,7 @@ impl FaultProxy {
             gets: self.shared.gets.load(SeqCst),
             slowed: self.shared.slowed.load(SeqCst),
             truncated: self.shared.truncated.load(SeqCst),
+            stalled: self.shared.stalled.load(SeqCst),
         }
     }
 }
@@ -253,6 +263,10 @@ fn relay(client: TcpStream, upstream: SocketAddr, sh: &Shared) -> io::Result<()>
                 )?;
                 continue;
             }
+            if plan.stall_every > 0 && n.is_multiple_of(plan.stall_every) {
+                sh.stalled.fetch_add(1, SeqCst);
+                std::thread::sleep(plan.stall);
+            }
         }
         if up.is_none() {
             let s = TcpStream::connect(upstream)?;
@@ -358,6 +372,7 @@ mod tests {
             FaultPlan {
                 slow_down_every: 2,
                 truncate_every: 0,
+                ..Default::default()
             },
         );
         let mut c = TcpStream::connect(p.addr).unwrap();
@@ -373,6 +388,7 @@ mod tests {
         p.set_plan(FaultPlan {
             slow_down_every: 0,
             truncate_every: 1,
+            ..Default::default()
         });
         let (start, body) = get(&mut c, &mut r);
         assert!(start.contains("200"));
@@ -382,7 +398,8 @@ mod tests {
             FaultCounts {
                 gets: 4,
                 slowed: 1,
-                truncated: 1
+                truncated: 1,
+                ..Default::default()
             }
         );
     }

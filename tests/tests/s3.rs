@@ -13,6 +13,7 @@ use livemount_store::backend::s3::{S3Backend, S3Options};
 use livemount_store::backend::{chunk_key, Backend, PutMode};
 use livemount_store::{Access, Store, StoreLocation};
 use livemount_tests::garage::{garage_bin, Garage};
+use livemount_tests::httpfault::{FaultPlan, FaultProxy};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -649,7 +650,6 @@ fn throttling_and_cut_off_bodies_are_retried_never_wrong_bytes() {
     let Some(g) = server(name, "lm-faults") else {
         return;
     };
-    use livemount_tests::httpfault::{FaultPlan, FaultProxy};
     let t = tempfile::tempdir().unwrap();
     let url = "s3://lm-faults/f";
     let (_, data, snap) = backed_up(&g, t.path(), url, 8, 21);
@@ -659,6 +659,7 @@ fn throttling_and_cut_off_bodies_are_retried_never_wrong_bytes() {
         FaultPlan {
             slow_down_every: 3,
             truncate_every: 4,
+            ..Default::default()
         },
     );
     let purl = proxy.url();
@@ -734,6 +735,7 @@ fn throttling_and_cut_off_bodies_are_retried_never_wrong_bytes() {
     proxy.set_plan(FaultPlan {
         slow_down_every: 1,
         truncate_every: 0,
+        ..Default::default()
     });
     let start = Instant::now();
     let uri = format!("nbd+unix:///vm?socket={}", sock.display());
@@ -988,5 +990,122 @@ fn a_three_node_cluster_keeps_serving_with_a_node_down() {
     assert!(
         std::fs::read(&out).unwrap() == data,
         "restored after the node came back"
+    );
+}
+
+/// Virtual-host style (`--s3-virtual-host`): requests go to BUCKET.ENDPOINT-HOST.
+/// That name does not resolve here, so the client reaches Garage (root domain
+/// `.s3.garage.localhost`) as its HTTP proxy (HTTP_PROXY, honoured by the client
+/// like any proxy an operator sets): the request line names the virtual host and
+/// Garage routes by it. Backup, verify and restore work that way.
+#[test]
+fn virtual_host_style_requests_name_the_bucket_in_the_host() {
+    let Some(g) = server(
+        "virtual_host_style_requests_name_the_bucket_in_the_host",
+        "lm-vh",
+    ) else {
+        return;
+    };
+    let port = g.endpoint.rsplit(':').next().unwrap().to_string();
+    let endpoint = format!("http://s3.garage.localhost:{port}");
+    let t = tempfile::tempdir().unwrap();
+    let data = compressible_image(4, 5);
+    let img = t.path().join("img");
+    std::fs::write(&img, &data).unwrap();
+    let url = "s3://lm-vh/vhost";
+    let vh = |args: &[&OsStr]| {
+        let mut all: Vec<OsString> = args.iter().map(|a| a.to_os_string()).collect();
+        all.extend(["--s3-virtual-host", "--s3-endpoint", &endpoint].map(OsString::from));
+        let mut c = cmd(&all);
+        g.env(&mut c)
+            .env("HTTP_PROXY", &g.endpoint)
+            .env_remove("NO_PROXY");
+        run_cmd(c, &all)
+    };
+    let r = vh(&os([
+        "backup",
+        img.to_str().unwrap(),
+        "--store",
+        url,
+        "--name",
+        "vm",
+        "--json",
+    ]));
+    let snap = r.ok().json()["snapshot"].as_str().unwrap().to_string();
+    vh(&os(["verify", "--store", url])).ok();
+    let out = t.path().join("restored");
+    vh(&[
+        OsStr::new("restore"),
+        OsStr::new("--store"),
+        OsStr::new(url),
+        OsStr::new(&snap),
+        out.as_os_str(),
+    ])
+    .ok();
+    assert!(std::fs::read(&out).unwrap() == data);
+    // The objects are in bucket lm-vh under the prefix (path style sees them).
+    let b = backend(&g, url);
+    assert!(
+        !b.list("chunks/").unwrap().is_empty(),
+        "no chunks under s3://lm-vh/vhost"
+    );
+}
+
+/// A GET stuck at the store (the proxy holds every 4th for 3 s) is hedged once it
+/// is slower than the recent p95: a second request answers, byte-exact, long before
+/// the stuck one would have.
+#[test]
+fn a_stuck_get_is_hedged_and_answered_by_the_second_request() {
+    let Some(g) = server(
+        "a_stuck_get_is_hedged_and_answered_by_the_second_request",
+        "lm-hedge",
+    ) else {
+        return;
+    };
+    let upstream = g.endpoint.trim_start_matches("http://").parse().unwrap();
+    let proxy = FaultProxy::start(upstream, FaultPlan::default());
+    let mut o = options(&g);
+    o.endpoint = Some(proxy.url());
+    let b = S3Backend::open("s3://lm-hedge/h", &o).unwrap();
+    let body = |i: usize| -> Vec<u8> { (0..20_000).map(|j| ((i * 31 + j) % 251) as u8).collect() };
+    for i in 0..24 {
+        b.put(&format!("objects/{i}"), &body(i), PutMode::Overwrite)
+            .unwrap();
+    }
+    let get = |i: usize| {
+        b.get(
+            &format!("objects/{i}"),
+            1 << 20,
+            livemount_store::backend::ReadClass::Demand,
+        )
+        .unwrap()
+        .unwrap()
+    };
+    // Enough answers for a p95 to hedge by.
+    for i in 0..24 {
+        assert!(get(i) == body(i));
+    }
+    let stall = Duration::from_secs(3);
+    proxy.set_plan(FaultPlan {
+        stall_every: 4,
+        stall,
+        ..Default::default()
+    });
+    for i in 0..24 {
+        let t = Instant::now();
+        assert!(get(i) == body(i), "object {i}");
+        assert!(
+            t.elapsed() < stall,
+            "GET {i} waited for the stuck request ({:?})",
+            t.elapsed()
+        );
+    }
+    let stalled = proxy.counts().stalled;
+    let r = b.requests().unwrap();
+    assert!(stalled >= 5, "{stalled} GETs held");
+    assert!(
+        r.hedged >= stalled,
+        "{} hedged, {stalled} held: {r:?}",
+        r.hedged
     );
 }

@@ -41,6 +41,17 @@ pub const HEDGE_MIN: Duration = Duration::from_millis(50);
 /// Latencies kept for the hedging percentile.
 const LATENCY_WINDOW: usize = 256;
 
+/// The virtual-host endpoint of `bucket` on `endpoint` (`http://HOST:PORT` →
+/// `http://BUCKET.HOST:PORT`); an endpoint whose host already starts with the
+/// bucket's name is taken as the bucket's own.
+fn bucket_endpoint(endpoint: &str, bucket: &str) -> String {
+    let (scheme, rest) = endpoint.split_once("://").unwrap_or(("https", endpoint));
+    if rest.starts_with(&format!("{bucket}.")) {
+        return endpoint.to_string();
+    }
+    format!("{scheme}://{bucket}.{rest}")
+}
+
 /// Where and how to reach a bucket (everything but the secrets).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct S3Options {
@@ -354,7 +365,13 @@ impl S3Backend {
                     "--s3-endpoint {ep:?}: use http://HOST:PORT or https://HOST:PORT"
                 )));
             }
-            b = b.with_endpoint(ep.trim_end_matches('/'));
+            let ep = ep.trim_end_matches('/');
+            b = match opts.virtual_host {
+                // The client sends virtual-host requests to the endpoint as given:
+                // it must name the bucket's own host.
+                true => b.with_endpoint(bucket_endpoint(ep, &bucket)),
+                false => b.with_endpoint(ep),
+            };
         }
         match credentials(opts)? {
             Some(c) => {
@@ -798,6 +815,22 @@ impl Backend for S3Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_virtual_host_endpoint_names_the_bucket_once() {
+        assert_eq!(
+            bucket_endpoint("http://s3.example.com:3900", "vms"),
+            "http://vms.s3.example.com:3900"
+        );
+        assert_eq!(
+            bucket_endpoint("https://vms.s3.example.com", "vms"),
+            "https://vms.s3.example.com"
+        );
+        assert_eq!(
+            bucket_endpoint("https://vmsx.host", "vms"),
+            "https://vms.vmsx.host"
+        );
+    }
 
     #[test]
     fn urls_and_bucket_names() {
