@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use livemount::block::mem::MemDisk;
 use livemount::block::{BlockDevice, Extents};
 use livemount::frontend::nbd::{serve_connection, Budget, Export, Exports, ListenerTls};
-use livemount::frontend::pool::Pool;
+use livemount_store::workers::Pool;
 use livemount::metrics::IoMetrics;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -89,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
             libc::signal(libc::SIGPIPE, libc::SIG_IGN);
         }
     });
-    let pool = POOL.get_or_init(|| Pool::new(2)).clone();
+    let pool = POOL.get_or_init(|| Pool::new("fuzz-io", 2)).clone();
     let Some((&mode, stream)) = data.split_first() else {
         return;
     };

@@ -93,7 +93,12 @@ pub fn run_target(target: &str, runs: u64, seconds: Option<u64>) -> Result<Stats
     }
     eprintln!("fuzz: {target}: {}", out.status);
     if !out.status.success() {
-        bail!("fuzz target {target} failed (crashing input in fuzz/artifacts/{target}/)");
+        // libFuzzer names what it found in a line starting "artifact_prefix" /
+        // "Test unit written to"; without one the target did not build or start.
+        if err.contains("Test unit written to") {
+            bail!("fuzz target {target} found a failing input (in fuzz/artifacts/{target}/)");
+        }
+        bail!("fuzz target {target} did not build or run (its output is above)");
     }
     let stat = |name: &str| {
         lines
@@ -113,15 +118,12 @@ pub fn run_target(target: &str, runs: u64, seconds: Option<u64>) -> Result<Stats
 pub fn run_all(runs: u64, seconds: Option<u64>) -> Result<()> {
     let mut failed = Vec::new();
     for t in TARGETS {
-        if run_target(t, runs, seconds).is_err() {
-            failed.push(*t);
+        if let Err(e) = run_target(t, runs, seconds) {
+            failed.push(e.to_string());
         }
     }
     if !failed.is_empty() {
-        bail!(
-            "fuzz targets failed: {} (crashing inputs in fuzz/artifacts/)",
-            failed.join(", ")
-        );
+        bail!("fuzzing failed: {}", failed.join("; "));
     }
     Ok(())
 }
