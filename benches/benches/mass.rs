@@ -103,7 +103,7 @@ struct Run {
     seconds: f64,
     store_bytes: u64,
     requests: Vec<RequestReport>,
-    fill_waits: u64,
+    fill_hits: u64,
     bytes_read: u64,
 }
 
@@ -150,13 +150,13 @@ fn replay(
         seconds,
         store_bytes: 0,
         requests: Vec::new(),
-        fill_waits: 0,
+        fill_hits: 0,
         bytes_read,
     };
     for (_, st) in &stacks {
         let c = st.image.cache().report();
         run.store_bytes += c.store_bytes;
-        run.fill_waits += c.fill_waits;
+        run.fill_hits += c.fill_hits;
         run.requests.extend(st.backend.requests());
         st.release_lease();
     }
@@ -250,7 +250,7 @@ fn main() {
                 r.store_bytes as f64 / alone.store_bytes.max(1) as f64
             ),
             format!("{} ({} hedged)", gets(r), hedged(r)),
-            r.fill_waits.to_string(),
+            r.fill_hits.to_string(),
             peak(r).to_string(),
             format!("{p50:.1}"),
             format!("{p99:.1}"),
@@ -270,7 +270,7 @@ fn main() {
                 git_head()
             ),
             "columns": ["run", "time until all done (s)", "/ one alone", "fetched from the store",
-                        "/ one alone (its working set)", "GETs", "waits for another mount's fill",
+                        "/ one alone (its working set)", "GETs", "fetches another mount filled",
                         "most GETs in flight (one mount)", "GET p50 ms (median of mounts)",
                         "GET p99 ms (worst mount)", "read by the VMs"],
             "rows": [

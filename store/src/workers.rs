@@ -74,13 +74,19 @@ impl Pool {
     /// Queue `job`, waiting for room in a bounded queue; false once the pool is
     /// shut down.
     pub fn spawn(&self, job: impl FnOnce() + Send + 'static) -> bool {
-        let Ok(q) = self.queue.lock() else {
-            return false;
+        // The wait for room happens outside the lock, so `try_spawn` and
+        // `shut_down` never wait behind it.
+        let q = match self.queue.lock() {
+            Ok(q) => match q.as_ref() {
+                Some(Queue::Unbounded(tx)) => Queue::Unbounded(tx.clone()),
+                Some(Queue::Bounded(tx)) => Queue::Bounded(tx.clone()),
+                None => return false,
+            },
+            Err(_) => return false,
         };
-        match q.as_ref() {
-            Some(Queue::Unbounded(tx)) => tx.send(Box::new(job)).is_ok(),
-            Some(Queue::Bounded(tx)) => tx.send(Box::new(job)).is_ok(),
-            None => false,
+        match q {
+            Queue::Unbounded(tx) => tx.send(Box::new(job)).is_ok(),
+            Queue::Bounded(tx) => tx.send(Box::new(job)).is_ok(),
         }
     }
 

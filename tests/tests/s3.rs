@@ -909,8 +909,9 @@ fn concurrent_backups_gc_and_a_mount_never_lose_a_referenced_chunk() {
 
 /// Where real backups live: a 3-node cluster with every object on every node.
 /// With one node down, backups, verify and restore still work (quorum 2 of 3);
-/// with two down a restore fails within `--s3-timeout` naming the store, never
-/// writing wrong bytes; with a node back, it works again.
+/// with two down a restore fails (bounded: `--s3-timeout 5s` per request) naming
+/// the bucket, never leaving a file that claims to be complete; with a node back,
+/// it works again.
 #[test]
 fn a_three_node_cluster_keeps_serving_with_a_node_down() {
     let test = "a_three_node_cluster_keeps_serving_with_a_node_down";
@@ -964,7 +965,7 @@ fn a_three_node_cluster_keeps_serving_with_a_node_down() {
         "a restore with two of three nodes down succeeded"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(120),
+        started.elapsed() < Duration::from_secs(60),
         "the failure took {:?}",
         started.elapsed()
     );

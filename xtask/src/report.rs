@@ -120,9 +120,15 @@ pub fn render(r: &Report) -> String {
             .collect();
         let _ = writeln!(s, "|{}|", align.join("|"));
         for row in &t.rows {
-            let mut cells = row.clone();
-            cells.resize(t.columns.len(), String::new());
-            let _ = writeln!(s, "| {} |", cells.join(" | ").replace('\n', " "));
+            // A cell's own `|` would end it; a short row is padded, never cut.
+            let mut cells: Vec<String> = row
+                .iter()
+                .map(|c| c.replace('|', "\\|").replace('\n', " "))
+                .collect();
+            if cells.len() < t.columns.len() {
+                cells.resize(t.columns.len(), String::new());
+            }
+            let _ = writeln!(s, "| {} |", cells.join(" | "));
         }
     }
     if !r.notes.is_empty() {
@@ -208,8 +214,11 @@ mod tests {
         let mut r = Report::new("b", "c");
         let mut t = Table::new("t", &["a", "b", "c"]);
         t.row(["1"]);
+        t.row(["a|b", "2", "3", "4"]);
         r.tables.push(t);
-        assert!(render(&r).contains("| 1 |  |  |\n"));
+        let md = render(&r);
+        assert!(md.contains("| 1 |  |  |\n"), "{md}");
+        assert!(md.contains("| a\\|b | 2 | 3 | 4 |\n"), "{md}");
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("x.json");
         std::fs::write(&f, "{\"nope\": 1}").unwrap();

@@ -49,6 +49,18 @@ pub const TOUCH_EVERY: Duration = Duration::from_secs(10);
 /// every other mount for the whole store timeout).
 pub const FILL_WAIT: Duration = Duration::from_secs(5);
 
+/// After a wait for a chunk's fill timed out, fetches of that chunk do not wait
+/// for this long (a stopped or stuck holder must not cost every later read
+/// [`FILL_WAIT`] again).
+const STUCK_FOR: Duration = Duration::from_secs(60);
+
+/// Background fills (pre-staging, read-ahead, a migration's copier) lock their
+/// ranges this far into the file's lock space, so a demand fetch never waits behind
+/// one: the store holds background requests back while demand reads wait, which
+/// would make the two wait for each other. A background fill does wait while a
+/// demand fill of its bytes runs.
+const BACKGROUND_LANE: i64 = 1 << 62;
+
 /// A held fill lock ([`DiskTier::lock_fill`]); released when dropped.
 pub struct FillLock {
     _file: File,
@@ -65,6 +77,8 @@ pub struct DiskTier {
     /// Held (shared) for the tier's life: see the module docs.
     _users: File,
     touched: Mutex<HashMap<ChunkId, Instant>>,
+    /// Chunks whose fill lock a wait timed out on, and when.
+    stuck: Mutex<HashMap<ChunkId, Instant>>,
     /// flock excludes other open files, not this process's threads (they share one
     /// descriptor): updates and evictions also take this.
     local: Mutex<()>,
@@ -92,6 +106,32 @@ fn open_private(path: &Path, read: bool) -> Result<File> {
 
 fn lock(f: &File, exclusive: bool, wait: bool) -> std::io::Result<()> {
     livemount_store::fsutil::flock(f, exclusive, wait)
+}
+
+/// Set the OFD lock `fl` on `f` without waiting: None when taken, Some(true) when
+/// another holds an overlapping range, Some(false) when it cannot be had at all.
+fn set_lock(f: &File, fl: &libc::flock) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor `f` owns, with a pointer to a live flock.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, fl) } == 0 {
+        return None;
+    }
+    Some(matches!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EAGAIN | libc::EACCES)
+    ))
+}
+
+/// Some(true) while another open file holds a lock overlapping `fl` (a demand
+/// fill of those bytes), None when there is none; Some(false) on an error.
+fn demand_filling(f: &File, mut fl: libc::flock) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor `f` owns, with a pointer to a live flock it
+    // fills in.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } != 0 {
+        return Some(false);
+    }
+    (fl.l_type != libc::F_UNLCK as libc::c_short).then_some(true)
 }
 
 fn unlock(f: &File) {
@@ -136,6 +176,7 @@ impl DiskTier {
             evict,
             _users: users,
             touched: Mutex::new(HashMap::new()),
+            stuck: Mutex::new(HashMap::new()),
             local: Mutex::new(()),
             evicting: Mutex::new(()),
         };
@@ -233,34 +274,59 @@ impl DiskTier {
         Some(buf)
     }
 
-    /// Take the host-wide fill lock of `range` of chunk `id`'s file, waiting at most
-    /// `limit` while another fill (this process or another) holds an overlapping
-    /// range. `None` when it cannot be had (timed out, or the file system has no
-    /// OFD locks): the caller fetches anyway; the lock only saves duplicate fetches,
+    /// Take the host-wide fill lock of `range` of chunk `id`'s file (in the demand
+    /// or the background lane, see [`BACKGROUND_LANE`]), waiting at most `limit`
+    /// while another fill (this process or another) holds an overlapping range.
+    /// `None` when it cannot be had (timed out, or the file system has no OFD
+    /// locks): the caller fetches anyway; the lock only saves duplicate fetches,
     /// correctness never depends on it (every read is verified).
-    pub fn lock_fill(&self, id: &ChunkId, range: Range<u64>, limit: Duration) -> Option<FillLock> {
-        use std::os::fd::AsRawFd;
+    pub fn lock_fill(
+        &self,
+        id: &ChunkId,
+        range: Range<u64>,
+        demand: bool,
+        limit: Duration,
+    ) -> Option<FillLock> {
         let f = open_private(&self.path(id), false).ok()?;
-        // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = libc::F_WRLCK as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
-        fl.l_start = i64::try_from(range.start).ok()?;
-        fl.l_len = i64::try_from(range.end.saturating_sub(range.start).max(1)).ok()?;
+        let start = i64::try_from(range.start)
+            .ok()
+            .filter(|s| *s < BACKGROUND_LANE)?;
+        let len = i64::try_from(range.end.saturating_sub(range.start).max(1)).ok()?;
+        let lock = |at: i64| {
+            // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+            let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+            fl.l_type = libc::F_WRLCK as libc::c_short;
+            fl.l_whence = libc::SEEK_SET as libc::c_short;
+            (fl.l_start, fl.l_len) = (at, len);
+            fl
+        };
+        let limit = match self.stuck.lock() {
+            Ok(s) if s.get(id).is_some_and(|t| t.elapsed() < STUCK_FOR) => Duration::ZERO,
+            _ => limit,
+        };
         let started = Instant::now();
         let mut pause = Duration::from_micros(200);
         let mut waited = false;
         loop {
-            // SAFETY: fcntl on a descriptor `f` owns, with a pointer to a live flock.
-            let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-            if r == 0 {
-                return Some(FillLock { _file: f, waited });
+            let busy = if demand {
+                set_lock(&f, &lock(start))
+            } else {
+                // A demand fill of these bytes first, then our own lane.
+                demand_filling(&f, lock(start))
+                    .or_else(|| set_lock(&f, &lock(start + BACKGROUND_LANE)))
+            };
+            match busy {
+                None => return Some(FillLock { _file: f, waited }),
+                Some(false) => return None,
+                Some(true) => {}
             }
-            let busy = matches!(
-                std::io::Error::last_os_error().raw_os_error(),
-                Some(libc::EAGAIN | libc::EACCES)
-            );
-            if !busy || started.elapsed() >= limit {
+            if started.elapsed() >= limit {
+                if limit > Duration::ZERO {
+                    if let Ok(mut s) = self.stuck.lock() {
+                        s.retain(|_, t| t.elapsed() < STUCK_FOR);
+                        s.insert(*id, Instant::now());
+                    }
+                }
                 return None;
             }
             // Polled, not blocking: a blocking lock could not be given up after

@@ -14,8 +14,10 @@ pub struct CacheStats {
     pub mem_misses: AtomicU64,
     /// Range reads served by the disk tier (verified).
     pub disk_hits: AtomicU64,
-    /// Fetches that waited for another mount's fill of the same bytes.
+    /// Fetches that waited for another fill of the same bytes.
     pub fill_waits: AtomicU64,
+    /// Fetches served from the disk tier once another fill of them ended.
+    pub fill_hits: AtomicU64,
     /// Range reads that went to the chunk source.
     pub store_reads: AtomicU64,
     /// Compressed bytes read from the chunk source.
@@ -36,8 +38,10 @@ pub struct CacheStats {
     pub seq_readahead_frames: AtomicU64,
 }
 
-/// A snapshot of [`CacheStats`] plus sizes, for `status`.
+/// A snapshot of [`CacheStats`] plus sizes, for `status`. Fields missing from a
+/// status file (written by a daemon of an older version, still running) read as 0.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct CacheReport {
     /// Memory-tier frame hits.
     pub mem_hits: u64,
@@ -47,9 +51,12 @@ pub struct CacheReport {
     pub mem_hit_rate: f64,
     /// Disk-tier hits.
     pub disk_hits: u64,
-    /// Fetches that waited for another mount on the host to fill the same bytes
-    /// into the disk tier (the shared host cache saving a store request).
+    /// Fetches that waited for another fill of the same bytes (another mount on
+    /// the host, or a whole-chunk fetch of this one).
     pub fill_waits: u64,
+    /// Fetches served from the disk tier once another fill of them ended: store
+    /// requests the shared host cache saved.
+    pub fill_hits: u64,
     /// Range reads from the store.
     pub store_reads: u64,
     /// Compressed bytes fetched from the store.

@@ -336,9 +336,9 @@ fn memory(f: &mut fmt::Formatter<'_>, m: &MemoryReport) -> fmt::Result {
 fn cache(f: &mut fmt::Formatter<'_>, c: &CacheReport) -> fmt::Result {
     writeln!(
         f,
-        "  cache: hit rate {:.1}%, memory {:.1}/{:.1} MiB, disk {:.1}/{:.1} MiB ({} hits, {} shared fills), fetched {:.1} MiB in {} reads, decoded {:.1} MiB",
+        "  cache: hit rate {:.1}%, memory {:.1}/{:.1} MiB, disk {:.1}/{:.1} MiB ({} hits, {} filled by another mount), fetched {:.1} MiB in {} reads, decoded {:.1} MiB",
         100.0 * c.mem_hit_rate, mib(c.mem_bytes), mib(c.mem_budget), mib(c.disk_bytes),
-        mib(c.disk_budget), c.disk_hits, c.fill_waits, mib(c.store_bytes), c.store_reads,
+        mib(c.disk_budget), c.disk_hits, c.fill_hits, mib(c.store_bytes), c.store_reads,
         mib(c.decoded_bytes)
     )?;
     let r = &c.readahead;

@@ -126,8 +126,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// What a remote back end's requests did, for `status`.
+/// What a remote back end's requests did, for `status`. Fields missing from a
+/// status file (a daemon of an older version) read as 0.
 #[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RequestReport {
     /// GET requests sent (hedges included).
     pub gets: u64,

@@ -43,13 +43,19 @@ const LATENCY_WINDOW: usize = 256;
 
 /// The virtual-host endpoint of `bucket` on `endpoint` (`http://HOST:PORT` →
 /// `http://BUCKET.HOST:PORT`); an endpoint whose host already starts with the
-/// bucket's name is taken as the bucket's own.
-fn bucket_endpoint(endpoint: &str, bucket: &str) -> String {
+/// bucket's name is taken as the bucket's own. An IP address has no subdomains.
+fn bucket_endpoint(endpoint: &str, bucket: &str) -> Result<String> {
     let (scheme, rest) = endpoint.split_once("://").unwrap_or(("https", endpoint));
-    if rest.starts_with(&format!("{bucket}.")) {
-        return endpoint.to_string();
+    let host = rest.split(['/', ':']).next().unwrap_or("");
+    if rest.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok() {
+        return Err(Error::Invalid(format!(
+            "--s3-virtual-host needs an endpoint with a host name (BUCKET.HOST), not the address in {endpoint}; drop --s3-virtual-host for path-style requests"
+        )));
     }
-    format!("{scheme}://{bucket}.{rest}")
+    if rest.starts_with(&format!("{bucket}.")) {
+        return Ok(endpoint.to_string());
+    }
+    Ok(format!("{scheme}://{bucket}.{rest}"))
 }
 
 /// Where and how to reach a bucket (everything but the secrets).
@@ -369,7 +375,7 @@ impl S3Backend {
             b = match opts.virtual_host {
                 // The client sends virtual-host requests to the endpoint as given:
                 // it must name the bucket's own host.
-                true => b.with_endpoint(bucket_endpoint(ep, &bucket)),
+                true => b.with_endpoint(bucket_endpoint(ep, &bucket)?),
                 false => b.with_endpoint(ep),
             };
         }
@@ -818,18 +824,28 @@ mod tests {
 
     #[test]
     fn a_virtual_host_endpoint_names_the_bucket_once() {
+        let e = |ep: &str| bucket_endpoint(ep, "vms").map_err(|e| e.to_string());
         assert_eq!(
-            bucket_endpoint("http://s3.example.com:3900", "vms"),
+            e("http://s3.example.com:3900").unwrap(),
             "http://vms.s3.example.com:3900"
         );
         assert_eq!(
-            bucket_endpoint("https://vms.s3.example.com", "vms"),
+            e("https://vms.s3.example.com").unwrap(),
             "https://vms.s3.example.com"
         );
-        assert_eq!(
-            bucket_endpoint("https://vmsx.host", "vms"),
-            "https://vms.vmsx.host"
-        );
+        assert_eq!(e("https://vmsx.host").unwrap(), "https://vms.vmsx.host");
+        for ip in [
+            "http://127.0.0.1:3900",
+            "http://[::1]:3900",
+            "http://127.0.0.2",
+        ] {
+            assert!(
+                e(ip)
+                    .unwrap_err()
+                    .contains("needs an endpoint with a host name"),
+                "{ip}"
+            );
+        }
     }
 
     #[test]

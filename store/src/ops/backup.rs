@@ -682,6 +682,8 @@ fn encode_worker(
             encode_one(store, known, frame_size, level, &mut compressor, &buf)
         }))
         .unwrap_or_else(|p| {
+            // The compressor may be mid-frame: the next chunk gets a new one.
+            compressor = None;
             Err(Error::Invalid(format!(
                 "backup worker panicked on chunk {i}: {}",
                 crate::workers::panic_message(&*p)
