@@ -1118,14 +1118,18 @@ fn report(
     let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("–".to_string(), f);
     let secs = |v: f64| format!("{v:.2}");
     let count = |v: f64| format!("{v:.0}");
+    let only = match opts.only.is_empty() {
+        true => String::new(),
+        false => format!(" --only {}", opts.only.join(",")),
+    };
     let mut rep = Report::new(
         "bench-boot",
-        format!(
-            "cargo xtask bench-boot --rounds {} (root; {:.0} min here)",
-            opts.rounds,
-            elapsed.as_secs_f64() / 60.0
-        ),
+        format!("cargo xtask bench-boot --rounds {}{only}", opts.rounds),
     );
+    rep.note(format!(
+        "The run took {:.0} min (root; image, host profiles and backup included).",
+        elapsed.as_secs_f64() / 60.0
+    ));
     let mut t = Table::new(
         format!(
             "Debian minbase, {} MiB ext4, kernel {}, in the ublk test VM (TCG, 2 vCPU, {VM_MEMORY_MB} MiB); \
