@@ -707,6 +707,11 @@ fn encode_one(
     if is_zero(buf) {
         return Ok(Outcome::Zero);
     }
+    // The unit tests' stand-in for a bug in hashing or compression.
+    #[cfg(test)]
+    if buf.starts_with(tests::PANIC_MARK) {
+        panic!("test: a chunk that makes the encoder panic");
+    }
     let digest = chunk::digest(buf, frame_size);
     if known.contains(&digest.id) || store.has_chunk(&digest.id)? {
         return Ok(Outcome::Reused(digest.id));
@@ -739,6 +744,44 @@ pub fn ratio(a: u64, b: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A chunk starting with this makes `encode_one` panic (test builds only).
+    pub(super) const PANIC_MARK: &[u8] = b"livemount-test: panic in the encoder";
+
+    /// A bug that panics in an encoder fails the backup with an error naming the
+    /// chunk: no hang (the reader counts one result per chunk sent), no snapshot.
+    #[test]
+    fn a_panicking_encoder_fails_the_backup_and_does_not_hang_it() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path().join("s"), crate::store::Access::Write).unwrap();
+        let src = d.path().join("img");
+        let mut data: Vec<u8> = (0..8u32 << 20).map(|i| (i * 13 % 251) as u8).collect();
+        let at = 5 << 20;
+        data[at..at + PANIC_MARK.len()].copy_from_slice(PANIC_MARK);
+        std::fs::write(&src, &data).unwrap();
+        let opts = BackupOptions {
+            series: "vm".into(),
+            chunk_size: Some(1 << 20),
+            level: 1,
+            threads: 2,
+        };
+        // On its own thread, so that a hang fails the test instead of stalling it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (dir, p) = (d.path().join("s"), src.clone());
+        std::thread::spawn(move || {
+            let st = Store::open(dir, crate::store::Access::Write).unwrap();
+            let _ = tx.send(backup(&st, &p, &opts, &crate::progress::NoProgress).map(|_| ()));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the backup returned");
+        let e = r.expect_err("a backup with a panicking encoder succeeded");
+        assert!(e.to_string().contains("panicked on chunk 5"), "{e}");
+        assert!(
+            store.list(Some("vm")).unwrap().is_empty(),
+            "a snapshot was written"
+        );
+    }
 
     #[test]
     fn zero_detection() {
