@@ -567,13 +567,16 @@ fn cut_off(e: &str) -> bool {
 fn reason(e: &str) -> String {
     // Never a response body: a server's error document may echo the request.
     let head = e.split('<').next().unwrap_or(e);
+    // A status code only where the client reports one: the text also holds URLs,
+    // ports and object names, whose digits may spell any code.
+    let status = |code: &str| e.contains(&format!("status code: {code}"));
     let plain = if e.contains("NoSuchBucket") {
         Some("no such bucket")
-    } else if e.contains("403") || e.contains("AccessDenied") || e.contains("InvalidAccessKeyId") {
+    } else if status("403") || e.contains("AccessDenied") || e.contains("InvalidAccessKeyId") {
         Some("access denied (wrong credentials, or the key may not use this bucket)")
     } else if e.contains("error sending request") || e.contains("onnection refused") {
         Some("cannot reach the server")
-    } else if e.contains("SlowDown") || e.contains("503") {
+    } else if e.contains("SlowDown") || status("503") {
         Some("the server is throttling requests (503 SlowDown) and retries ran out")
     } else {
         None
@@ -821,6 +824,24 @@ impl Backend for S3Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Seen in CI: a 503 through a proxy on port 40381 was reported as "access
+    /// denied" (the port contains 403).
+    #[test]
+    fn a_status_code_is_read_where_the_client_reports_it_not_in_a_port() {
+        let e = "Error performing GET http://127.0.0.1:40381/b/chunks/7c/7c64 in 1.2s, after 8 retries - Server returned non-2xx status code: 503 Service Unavailable: ";
+        assert!(
+            reason(e).starts_with("the server is throttling"),
+            "{}",
+            reason(e)
+        );
+        let e = "Error performing GET http://127.0.0.1:5031/b/k - Server returned non-2xx status code: 403 Forbidden: <Error><Code>SignatureDoesNotMatch</Code>";
+        assert!(reason(e).starts_with("access denied"), "{}", reason(e));
+        assert!(
+            !reason(e).contains("SignatureDoesNotMatch"),
+            "a response body was shown"
+        );
+    }
 
     #[test]
     fn a_virtual_host_endpoint_names_the_bucket_once() {
