@@ -33,7 +33,8 @@ pub fn garage_bin() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn free_port() -> u16 {
+/// A free TCP port on loopback (bound and released: good enough for a test server).
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -240,36 +241,53 @@ impl Garage {
 
     /// A 0600 credentials file (AWS INI format) holding the test key.
     pub fn credentials_file(&self) -> PathBuf {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.dir.path().join("credentials");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .expect("credentials file");
-        std::io::Write::write_all(
-            &mut f,
-            format!(
-                "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
-                self.key_id, self.secret
-            )
-            .as_bytes(),
+        write_credentials(
+            &self.dir.path().join("credentials"),
+            &self.key_id,
+            &self.secret,
         )
-        .expect("write credentials");
-        path
     }
 
     /// The environment a livemount command needs for this server.
     pub fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command {
-        c.env("AWS_ACCESS_KEY_ID", &self.key_id)
-            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
-            .env("LIVEMOUNT_S3_ENDPOINT", &self.endpoint)
-            .env("LIVEMOUNT_S3_REGION", "garage")
-            .env_remove("AWS_PROFILE")
-            .env_remove("AWS_SESSION_TOKEN")
+        s3_env(c, &self.endpoint, "garage", &self.key_id, &self.secret)
     }
+}
+
+/// Write a 0600 AWS INI credentials file at `path` holding one key; its path.
+pub fn write_credentials(path: &Path, key_id: &str, secret: &str) -> PathBuf {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("credentials file");
+    std::io::Write::write_all(
+        &mut f,
+        format!("[default]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n")
+            .as_bytes(),
+    )
+    .expect("write credentials");
+    path.to_path_buf()
+}
+
+/// Point a livemount command at an S3 server: endpoint, region and key in the
+/// environment, nothing inherited that could name another.
+pub fn s3_env<'a>(
+    c: &'a mut Command,
+    endpoint: &str,
+    region: &str,
+    key_id: &str,
+    secret: &str,
+) -> &'a mut Command {
+    c.env("AWS_ACCESS_KEY_ID", key_id)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("LIVEMOUNT_S3_ENDPOINT", endpoint)
+        .env("LIVEMOUNT_S3_REGION", region)
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN")
 }
 
 impl Drop for Garage {

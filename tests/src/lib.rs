@@ -5,6 +5,8 @@ pub mod garage;
 pub mod httpfault;
 pub mod logwrites;
 pub mod netem;
+pub mod rgw;
+pub mod s3server;
 
 use std::io::Write;
 

@@ -1,5 +1,6 @@
-//! The store on a real S3 server: a single-node Garage started by each test on
-//! loopback (tests/common/garage.rs; `cargo xtask setup` builds it). Every command
+//! The store on a real S3 server started by each test on loopback: a single-node
+//! Garage, or Ceph's radosgw with `LIVEMOUNT_S3_ENGINE=rgw` (`cargo xtask test` runs
+//! these tests against both; tests/src/s3server.rs). Every command
 //! against the bucket, the leases that replace flock between hosts, the errors a
 //! user meets (wrong credentials, missing bucket, server down, damaged objects),
 //! and an NBD export of a snapshot in the bucket, read byte-exact by qemu's tools,
@@ -14,6 +15,7 @@ use livemount_store::backend::{chunk_key, Backend, PutMode};
 use livemount_store::{Access, Store, StoreLocation};
 use livemount_tests::garage::{garage_bin, Garage};
 use livemount_tests::httpfault::{FaultPlan, FaultProxy};
+use livemount_tests::s3server::{Engine, S3Server};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -21,22 +23,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A started server with bucket `bucket`, or a reported skip.
-fn server(test: &str, bucket: &str) -> Option<Garage> {
-    let Some(bin) = garage_bin() else {
-        livemount_tests::skip(
-            test,
-            livemount_tests::Tier::Machine,
-            "no garage binary: run `cargo xtask setup` (it builds Garage into .cache/tools)",
-        );
+fn server(test: &str, bucket: &str) -> Option<S3Server> {
+    let engine = Engine::from_env();
+    if let Some(why) = engine.missing() {
+        livemount_tests::skip(test, livemount_tests::Tier::Machine, why);
         return None;
-    };
-    let g = Garage::start(&bin);
+    }
+    let g = S3Server::start(engine);
     g.bucket(bucket);
     Some(g)
 }
 
 /// `livemount ARGS…` with the server's endpoint and credentials in the environment.
-fn lm_s3(g: &Garage, args: &[&OsStr]) -> Run {
+fn lm_s3(g: &S3Server, args: &[&OsStr]) -> Run {
     let args: Vec<OsString> = args.iter().map(|a| a.to_os_string()).collect();
     let mut c = cmd(&args);
     g.env(&mut c);
@@ -55,7 +54,7 @@ fn os<const N: usize>(a: [&str; N]) -> Vec<&OsStr> {
 }
 
 /// `livemount backup SOURCE --store URL --name vm --json`.
-fn backup_s3(g: &Garage, source: impl AsRef<OsStr>, url: &str) -> serde_json::Value {
+fn backup_s3(g: &S3Server, source: impl AsRef<OsStr>, url: &str) -> serde_json::Value {
     lm_s3(
         g,
         &[
@@ -73,25 +72,25 @@ fn backup_s3(g: &Garage, source: impl AsRef<OsStr>, url: &str) -> serde_json::Va
 
 /// How the library reaches `g`: a credentials file, not the environment (tests
 /// run in parallel threads, each with a server and key of its own).
-fn options(g: &Garage) -> S3Options {
+fn options(g: &S3Server) -> S3Options {
     S3Options {
         credentials_file: Some(g.credentials_file()),
         endpoint: Some(g.endpoint.clone()),
-        region: Some("garage".into()),
+        region: Some(g.region().into()),
         io_timeout: Duration::from_secs(5),
         ..Default::default()
     }
 }
 
 /// The library's view of the bucket (for damaging objects and holding leases).
-fn backend(g: &Garage, url: &str) -> Arc<dyn Backend> {
+fn backend(g: &S3Server, url: &str) -> Arc<dyn Backend> {
     Arc::new(S3Backend::open(url, &options(g)).unwrap())
 }
 
 /// A `mib` MiB image (of `seed`) in `dir`, backed up into `url` as series vm:
 /// the image's path, its bytes and the backup's snapshot.
 fn backed_up(
-    g: &Garage,
+    g: &S3Server,
     dir: &Path,
     url: &str,
     mib: usize,
@@ -126,8 +125,8 @@ fn every_store_command_works_on_a_bucket() {
     let r2 = backup_s3(&g, p(&i2), url);
     assert_eq!(r2["chunks_new"], 1, "{r2}");
     // A third right away (same second, same data): a snapshot of its own, not a
-    // replacement of the second (Garage ignores If-None-Match; the commit lease
-    // keeps names unique).
+    // replacement of the second (Garage ignores If-None-Match, radosgw honours it;
+    // the commit lease keeps names unique either way).
     let r3 = backup_s3(&g, p(&i2), url);
     assert_eq!(r3["chunks_new"], 0, "{r3}");
     assert_ne!(r2["snapshot"], r3["snapshot"]);
@@ -436,12 +435,12 @@ impl Drop for Killed {
 }
 
 /// `livemount serve ARGS… --socket SOCK` against `g`, once its socket exists.
-fn serve_s3(g: &Garage, sock: &Path, args: &[&OsStr]) -> Killed {
+fn serve_s3(g: &S3Server, sock: &Path, args: &[&OsStr]) -> Killed {
     serve_s3_logged(g, sock, args, None)
 }
 
 /// [`serve_s3`] with the server's stderr in `log` (else the test's).
-fn serve_s3_logged(g: &Garage, sock: &Path, args: &[&OsStr], log: Option<&Path>) -> Killed {
+fn serve_s3_logged(g: &S3Server, sock: &Path, args: &[&OsStr], log: Option<&Path>) -> Killed {
     let mut argv: Vec<OsString> = vec!["serve".into()];
     argv.extend(args.iter().map(|a| a.to_os_string()));
     argv.push("--socket".into());
@@ -923,14 +922,17 @@ fn a_three_node_cluster_keeps_serving_with_a_node_down() {
         );
         return;
     };
-    let mut nodes = Garage::cluster(&bin, 3);
+    let mut nodes: Vec<S3Server> = Garage::cluster(&bin, 3)
+        .into_iter()
+        .map(S3Server::from)
+        .collect();
     nodes[0].bucket("lm-cluster");
     let t = tempfile::tempdir().unwrap();
     let url = "s3://lm-cluster/site";
     let (_, data, snap) = backed_up(&nodes[0], t.path(), url, 6, 11);
     nodes[2].kill();
     let out = t.path().join("restored");
-    let restore = |g: &Garage| {
+    let restore = |g: &S3Server| {
         let _ = std::fs::remove_file(&out);
         let args = [
             OsStr::new("restore"),
@@ -995,10 +997,10 @@ fn a_three_node_cluster_keeps_serving_with_a_node_down() {
 }
 
 /// Virtual-host style (`--s3-virtual-host`): requests go to BUCKET.ENDPOINT-HOST.
-/// That name does not resolve here, so the client reaches Garage (root domain
-/// `.s3.garage.localhost`) as its HTTP proxy (HTTP_PROXY, honoured by the client
+/// That name does not resolve here, so the client reaches the server (Garage's
+/// root domain `.s3.garage.localhost`, radosgw's `rgw dns name`) as its HTTP proxy (HTTP_PROXY, honoured by the client
 /// like any proxy an operator sets): the request line names the virtual host and
-/// Garage routes by it. Backup, verify and restore work that way.
+/// the server routes by it. Backup, verify and restore work that way.
 #[test]
 fn virtual_host_style_requests_name_the_bucket_in_the_host() {
     let Some(g) = server(
@@ -1008,7 +1010,7 @@ fn virtual_host_style_requests_name_the_bucket_in_the_host() {
         return;
     };
     let port = g.endpoint.rsplit(':').next().unwrap().to_string();
-    let endpoint = format!("http://s3.garage.localhost:{port}");
+    let endpoint = format!("http://{}:{port}", g.vhost_domain());
     let t = tempfile::tempdir().unwrap();
     let data = compressible_image(4, 5);
     let img = t.path().join("img");

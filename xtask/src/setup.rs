@@ -27,6 +27,14 @@ const HOST_PACKAGES: &[(&str, &str)] = &[
     // not commit other directories' entries the way ext4's journal does.
     ("dmsetup", "dmsetup"),
     ("mkfs.btrfs", "btrfs-progs"),
+    // The second S3 engine of the tests: Ceph's radosgw on a one-OSD memstore
+    // cluster (tests/src/rgw.rs); curl creates its buckets.
+    ("ceph-mon", "ceph-mon"),
+    ("ceph-osd", "ceph-osd"),
+    ("monmaptool", "ceph-base"),
+    ("radosgw", "radosgw"),
+    ("radosgw-admin", "ceph-common"),
+    ("curl", "curl"),
 ];
 
 /// Install every Debian package in `pkgs` whose probe binary is missing.
