@@ -13,7 +13,7 @@ use livemount_store::ops::backup::{backup, BackupOptions, BackupReport};
 use livemount_store::ops::restore::restore;
 use livemount_store::progress::NoProgress;
 use livemount_store::{Access, Store, StoreLocation};
-use livemount_tests::garage::{garage_bin, Garage};
+use livemount_tests::s3server::{Engine, S3Server};
 use livemount_tests::netem::DelayProxy;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -93,39 +93,16 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let Some(bin) = garage_bin() else {
-        eprintln!("no garage binary: run `cargo xtask setup`");
-        std::process::exit(1);
-    };
     let mib = env_u64("LIVEMOUNT_BENCH_S3_MIB", 256);
     let rtt = env_u64("LIVEMOUNT_BENCH_S3_RTT_MS", 20);
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("img");
     image(&img, mib);
-    let g = Garage::start(&bin);
-    g.bucket("lm-bench");
-    let upstream = g
-        .endpoint
-        .trim_start_matches("http://")
-        .parse()
-        .expect("addr");
-    let proxy = DelayProxy::start(upstream, Duration::from_millis(rtt / 2), Some(125_000_000));
-    let s3 = |url: &str, endpoint: String| StoreLocation::S3 {
-        url: url.into(),
-        options: S3Options {
-            endpoint: Some(endpoint),
-            region: Some("garage".into()),
-            credentials_file: Some(g.credentials_file()),
-            ..Default::default()
-        },
-    };
     let local = StoreLocation::Dir {
         path: dir.path().join("store"),
     };
     let out = dir.path().join("restored");
     let l = run(&local, &img, &out);
-    let direct = run(&s3("s3://lm-bench/direct", g.endpoint.clone()), &img, &out);
-    let remote = run(&s3("s3://lm-bench/remote", proxy.url()), &img, &out);
     let cell = |v: f64, local: f64| format!("{v:.0} ({:.2}×)", v / local);
     let row = |name: &str, f: &Figures| {
         serde_json::json!([
@@ -135,7 +112,49 @@ fn main() {
             cell(f.restore, l.restore)
         ])
     };
-    let (up, down) = proxy.bytes();
+    let mut rows = vec![row("local directory", &l)];
+    let mut notes = Vec::new();
+    for engine in [Engine::Garage, Engine::Rgw] {
+        if let Some(why) = engine.missing() {
+            eprintln!("bench-s3: {why}");
+            std::process::exit(1);
+        }
+        let g = S3Server::start(engine);
+        g.bucket("lm-bench");
+        let s3 = |url: &str, endpoint: String| StoreLocation::S3 {
+            url: url.into(),
+            options: S3Options {
+                endpoint: Some(endpoint),
+                region: Some(g.region().into()),
+                credentials_file: Some(g.credentials_file()),
+                ..Default::default()
+            },
+        };
+        let name = engine.name();
+        let direct = run(&s3("s3://lm-bench/direct", g.endpoint.clone()), &img, &out);
+        rows.push(row(&format!("{name}, loopback"), &direct));
+        let upstream = g
+            .endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .expect("addr");
+        for (gbit, prefix) in [(1u64, "remote"), (10, "remote10")] {
+            let proxy = DelayProxy::start(
+                upstream,
+                Duration::from_millis(rtt / 2),
+                Some(gbit * 125_000_000),
+            );
+            let url = format!("s3://lm-bench/{prefix}");
+            let f = run(&s3(&url, proxy.url()), &img, &out);
+            rows.push(row(&format!("{name}, {rtt} ms RTT, {gbit} Gbit/s (proxy)"), &f));
+            let (up, down) = proxy.bytes();
+            notes.push(format!(
+                "{name} at {gbit} Gbit/s: {:.1} MiB up, {:.1} MiB down through the proxy.",
+                up as f64 / 1048576.0,
+                down as f64 / 1048576.0
+            ));
+        }
+    }
     let report = serde_json::json!({
         "bench": "bench-s3",
         "reproduce": "cargo xtask bench-s3",
@@ -145,17 +164,9 @@ fn main() {
                 livemount_store::workers::default_threads()
             ),
             "columns": ["store", "first backup", "unchanged re-backup", "restore"],
-            "rows": [
-                row("local directory", &l),
-                row("Garage, loopback", &direct),
-                row(&format!("Garage, {rtt} ms RTT, 1 Gbit/s (proxy)"), &remote),
-            ],
+            "rows": rows,
         }],
-        "notes": [format!(
-            "Through the proxy: {:.1} MiB up, {:.1} MiB down.",
-            up as f64 / 1048576.0,
-            down as f64 / 1048576.0
-        )],
+        "notes": notes,
     });
     let text = serde_json::to_string_pretty(&report).expect("json");
     match std::env::var_os("LIVEMOUNT_BENCH_OUT") {
