@@ -13,8 +13,8 @@ use livemount_store::ops::backup::{backup, BackupOptions, BackupReport};
 use livemount_store::ops::restore::restore;
 use livemount_store::progress::NoProgress;
 use livemount_store::{Access, Store, StoreLocation};
-use livemount_tests::s3server::{Engine, S3Server};
 use livemount_tests::netem::DelayProxy;
+use livemount_tests::s3server::{Engine, S3Server};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,13 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    let engines = [Engine::Garage, Engine::Rgw];
+    for e in engines {
+        if let Some(why) = e.missing() {
+            eprintln!("bench-s3: {why}");
+            std::process::exit(1);
+        }
+    }
     let mib = env_u64("LIVEMOUNT_BENCH_S3_MIB", 256);
     let rtt = env_u64("LIVEMOUNT_BENCH_S3_RTT_MS", 20);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -114,11 +121,7 @@ fn main() {
     };
     let mut rows = vec![row("local directory", &l)];
     let mut notes = Vec::new();
-    for engine in [Engine::Garage, Engine::Rgw] {
-        if let Some(why) = engine.missing() {
-            eprintln!("bench-s3: {why}");
-            std::process::exit(1);
-        }
+    for engine in engines {
         let g = S3Server::start(engine);
         g.bucket("lm-bench");
         let s3 = |url: &str, endpoint: String| StoreLocation::S3 {
@@ -146,7 +149,10 @@ fn main() {
             );
             let url = format!("s3://lm-bench/{prefix}");
             let f = run(&s3(&url, proxy.url()), &img, &out);
-            rows.push(row(&format!("{name}, {rtt} ms RTT, {gbit} Gbit/s (proxy)"), &f));
+            rows.push(row(
+                &format!("{name}, {rtt} ms RTT, {gbit} Gbit/s (proxy)"),
+                &f,
+            ));
             let (up, down) = proxy.bytes();
             notes.push(format!(
                 "{name} at {gbit} Gbit/s: {:.1} MiB up, {:.1} MiB down through the proxy.",

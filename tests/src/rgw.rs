@@ -99,6 +99,7 @@ impl Rgw {
              mon allow pool size one = true\nmon max pg per osd = 1000\n\
              paxos propose interval = 0.1\nmon data avail warn = 1\nmon data avail crit = 1\n\
              mon warn on pool no redundancy = false\n\
+             rados osd op timeout = 30\nrados mon op timeout = 30\n\
              [mon]\nmon data = {d}/mon.$id\n\
              [osd]\nosd data = {d}/osd.$id\nosd objectstore = memstore\n\
              memstore device bytes = 8589934592\n\
@@ -145,7 +146,7 @@ impl Rgw {
         r.daemons.push(osd);
         r.wait("osd.0 up", || {
             r.ceph("ceph")
-                .args(["osd", "stat", "-f", "json"])
+                .args(["--connect-timeout", "10", "osd", "stat", "-f", "json"])
                 .output()
                 .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"num_up_osds\":1"))
         });
@@ -172,7 +173,9 @@ impl Rgw {
         c
     }
 
-    /// Run a setup command (bounded by the daemons' own timeouts); its stdout.
+    /// Run a setup command; its stdout. Bounded: the CLI's `--connect-timeout`
+    /// and the config's 30 s `rados … op timeout`s (Ceph otherwise waits forever
+    /// on a request no placement group can serve).
     fn run_ok(&self, c: &mut Command) -> String {
         let out = c.stdin(Stdio::null()).output().expect("run a ceph command");
         assert!(
@@ -238,14 +241,9 @@ impl Rgw {
 
     fn s3(&self, args: &[&str], want: &str) {
         let out = Command::new("curl")
-            .args([
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--aws-sigv4",
-            ])
+            // Bounded, and straight to loopback whatever proxy or ~/.curlrc is set.
+            .args(["-q", "-sS", "--max-time", "30", "--noproxy", "*"])
+            .args(["-o", "/dev/null", "-w", "%{http_code}", "--aws-sigv4"])
             .arg(format!("aws:amz:{REGION}:s3"))
             .arg("--user")
             .arg(format!("{}:{}", self.key_id, self.secret))
@@ -328,17 +326,14 @@ fn http_ok(port: u16) -> bool {
 
 /// A random UUID (version 4) in its text form, as Ceph's fsid and OSD uuid want.
 fn uuid() -> String {
-    let h = random_hex(16).into_bytes();
-    let mut s = String::from_utf8(h).unwrap_or_default();
-    // Version and variant nibbles.
-    s.replace_range(12..13, "4");
-    s.replace_range(16..17, "a");
+    let h = random_hex(16);
+    // Version 4, variant 10xx.
     format!(
-        "{}-{}-{}-{}-{}",
-        &s[0..8],
-        &s[8..12],
-        &s[12..16],
-        &s[16..20],
-        &s[20..32]
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
     )
 }

@@ -11,7 +11,7 @@ mod helpers;
 
 use helpers::*;
 use livemount_store::backend::s3::{S3Backend, S3Options};
-use livemount_store::backend::{chunk_key, Backend, PutMode};
+use livemount_store::backend::{chunk_key, Backend, Put, PutMode, ReadClass};
 use livemount_store::{Access, Store, StoreLocation};
 use livemount_tests::garage::{garage_bin, Garage};
 use livemount_tests::httpfault::{FaultPlan, FaultProxy};
@@ -200,6 +200,38 @@ fn every_store_command_works_on_a_bucket() {
     // Nothing of ours is left in leases/ once every command is done.
     let b = backend(&g, url);
     assert!(b.list("leases/").unwrap().is_empty());
+}
+
+/// A conditional create (`If-None-Match: *`) of a key that exists: radosgw refuses
+/// it (the back end reports `Put::Existed` and the object keeps its bytes); Garage
+/// 2.5 ignores the header and replaces the object, which is why snapshot names are
+/// taken under a commit lease (docs/format.md). Pinned per engine, so a server that
+/// changes its behaviour shows up here.
+#[test]
+fn a_conditional_create_of_an_existing_key_is_refused_where_the_server_honours_it() {
+    let Some(g) = server(
+        "a_conditional_create_of_an_existing_key_is_refused_where_the_server_honours_it",
+        "lm-cond",
+    ) else {
+        return;
+    };
+    let b = backend(&g, "s3://lm-cond/c");
+    assert_eq!(
+        b.put("probe", b"first", PutMode::Create).unwrap(),
+        Put::Written
+    );
+    let second = b.put("probe", b"second", PutMode::Create).unwrap();
+    let now = b.get("probe", 1 << 10, ReadClass::Demand).unwrap().unwrap();
+    match g.engine() {
+        Engine::Rgw => {
+            assert_eq!(second, Put::Existed, "radosgw replaced an existing key");
+            assert_eq!(now, b"first");
+        }
+        Engine::Garage => {
+            assert_eq!(second, Put::Written, "Garage now honours If-None-Match");
+            assert_eq!(now, b"second");
+        }
+    }
 }
 
 #[test]
