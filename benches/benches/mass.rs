@@ -194,7 +194,7 @@ fn main() {
         url: "s3://lm-mass/store".into(),
         options: S3Options {
             endpoint: Some(proxy.url()),
-            region: Some("garage".into()),
+            region: Some(livemount_tests::garage::REGION.into()),
             credentials_file: Some(g.credentials_file()),
             ..Default::default()
         },

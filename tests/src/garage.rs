@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The region the test servers are configured with (and requests are signed with).
+pub const REGION: &str = "garage";
+/// The host under which buckets are addressed virtual-host style (`root_domain`).
+pub const VHOST_DOMAIN: &str = "s3.garage.localhost";
+
 /// The garage binary: `$LIVEMOUNT_GARAGE`, the one `cargo xtask setup` built, or PATH.
 pub fn garage_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("LIVEMOUNT_GARAGE") {
@@ -121,8 +126,8 @@ impl Garage {
             "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
              replication_factor = {rf}\ncompression_level = \"none\"\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
              rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
-             [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
-             root_domain = \".s3.garage.localhost\"\n\
+             [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
+             root_domain = \".{VHOST_DOMAIN}\"\n\
              [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
             d = dir.path().display()
         );
@@ -241,7 +246,7 @@ impl Garage {
 
     /// A 0600 credentials file (AWS INI format) holding the test key.
     pub fn credentials_file(&self) -> PathBuf {
-        write_credentials(
+        crate::s3server::write_credentials(
             &self.dir.path().join("credentials"),
             &self.key_id,
             &self.secret,
@@ -250,44 +255,8 @@ impl Garage {
 
     /// The environment a livemount command needs for this server.
     pub fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command {
-        s3_env(c, &self.endpoint, "garage", &self.key_id, &self.secret)
+        crate::s3server::s3_env(c, &self.endpoint, REGION, &self.key_id, &self.secret)
     }
-}
-
-/// Write a 0600 AWS INI credentials file at `path` holding one key; its path.
-pub fn write_credentials(path: &Path, key_id: &str, secret: &str) -> PathBuf {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .expect("credentials file");
-    std::io::Write::write_all(
-        &mut f,
-        format!("[default]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n")
-            .as_bytes(),
-    )
-    .expect("write credentials");
-    path.to_path_buf()
-}
-
-/// Point a livemount command at an S3 server: endpoint, region and key in the
-/// environment, nothing inherited that could name another.
-pub fn s3_env<'a>(
-    c: &'a mut Command,
-    endpoint: &str,
-    region: &str,
-    key_id: &str,
-    secret: &str,
-) -> &'a mut Command {
-    c.env("AWS_ACCESS_KEY_ID", key_id)
-        .env("AWS_SECRET_ACCESS_KEY", secret)
-        .env("LIVEMOUNT_S3_ENDPOINT", endpoint)
-        .env("LIVEMOUNT_S3_REGION", region)
-        .env_remove("AWS_PROFILE")
-        .env_remove("AWS_SESSION_TOKEN")
 }
 
 impl Drop for Garage {

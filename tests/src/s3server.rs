@@ -6,7 +6,7 @@
 
 use crate::garage::{garage_bin, Garage};
 use crate::rgw::Rgw;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The environment variable that selects the engine.
@@ -101,7 +101,7 @@ impl S3Server {
     /// The region to sign requests with.
     pub fn region(&self) -> &'static str {
         match self.inner {
-            Inner::Garage(_) => "garage",
+            Inner::Garage(_) => crate::garage::REGION,
             Inner::Rgw(_) => crate::rgw::REGION,
         }
     }
@@ -109,7 +109,7 @@ impl S3Server {
     /// The domain under which `BUCKET.DOMAIN` addresses a bucket virtual-host style.
     pub fn vhost_domain(&self) -> &'static str {
         match self.inner {
-            Inner::Garage(_) => "s3.garage.localhost",
+            Inner::Garage(_) => crate::garage::VHOST_DOMAIN,
             Inner::Rgw(_) => crate::rgw::VHOST_DOMAIN,
         }
     }
@@ -150,17 +150,15 @@ impl S3Server {
     pub fn credentials_file(&self) -> PathBuf {
         match &self.inner {
             Inner::Garage(g) => g.credentials_file(),
-            Inner::Rgw(r) => crate::garage::write_credentials(
-                &r.dir().join("credentials"),
-                &self.key_id,
-                &self.secret,
-            ),
+            Inner::Rgw(r) => {
+                write_credentials(&r.dir().join("credentials"), &self.key_id, &self.secret)
+            }
         }
     }
 
     /// The environment a livemount command needs for this server.
     pub fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command {
-        crate::garage::s3_env(c, &self.endpoint, self.region(), &self.key_id, &self.secret)
+        s3_env(c, &self.endpoint, self.region(), &self.key_id, &self.secret)
     }
 }
 
@@ -173,4 +171,40 @@ impl From<Garage> for S3Server {
             inner: Inner::Garage(g),
         }
     }
+}
+
+/// Write a 0600 AWS INI credentials file at `path` holding one key; its path.
+pub fn write_credentials(path: &Path, key_id: &str, secret: &str) -> PathBuf {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("credentials file");
+    std::io::Write::write_all(
+        &mut f,
+        format!("[default]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n")
+            .as_bytes(),
+    )
+    .expect("write credentials");
+    path.to_path_buf()
+}
+
+/// Point a livemount command at an S3 server: endpoint, region and key in the
+/// environment, nothing inherited that could name another.
+pub fn s3_env<'a>(
+    c: &'a mut Command,
+    endpoint: &str,
+    region: &str,
+    key_id: &str,
+    secret: &str,
+) -> &'a mut Command {
+    c.env("AWS_ACCESS_KEY_ID", key_id)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("LIVEMOUNT_S3_ENDPOINT", endpoint)
+        .env("LIVEMOUNT_S3_REGION", region)
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN")
 }

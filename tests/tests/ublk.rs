@@ -1606,7 +1606,7 @@ fn ublk_s3_snapshot_reads_exact_and_takes_ext4_writes() {
         os("--s3-endpoint"),
         os(&g.endpoint),
         os("--s3-region"),
-        os("garage"),
+        os(livemount_tests::garage::REGION),
         os("--s3-credentials"),
         creds.as_os_str(),
     ];
@@ -1653,7 +1653,7 @@ fn ublk_s3_snapshot_reads_exact_and_takes_ext4_writes() {
         "s3://lm-vm/site",
         &livemount_store::backend::s3::S3Options {
             endpoint: Some(g.endpoint.clone()),
-            region: Some("garage".into()),
+            region: Some(livemount_tests::garage::REGION.into()),
             credentials_file: Some(creds.clone()),
             ..Default::default()
         },
